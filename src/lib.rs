@@ -1,0 +1,5 @@
+//! imattr: keeps Tencent Cloud Chat user attributes in sync from RabbitMQ events.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod tencent;

@@ -1,0 +1,392 @@
+//! The REST client for the `all_member_push` attribute APIs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use tokio::sync::Semaphore;
+
+use super::errors::{classify, Class, Reply};
+use super::ratelimit::RateLimiter;
+use super::usersig::Signer;
+use crate::config::Config;
+
+/// The API's names under `v4/all_member_push/`.
+pub mod api {
+    /// Sets attributes.
+    pub const SET_ATTR: &str = "im_set_attr";
+    /// Reads attributes.
+    pub const GET_ATTR: &str = "im_get_attr";
+    /// Removes attributes.
+    pub const REMOVE_ATTR: &str = "im_remove_attr";
+    /// Reads the app's attribute names.
+    pub const GET_ATTR_NAME: &str = "im_get_attr_name";
+    /// Registers attribute names.
+    pub const SET_ATTR_NAME: &str = "im_set_attr_name";
+}
+
+/// The common response envelope plus the fields of the sibling APIs.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct ApiResponse {
+    /// `OK` or `FAIL`.
+    #[serde(rename = "ActionStatus", default)]
+    pub action_status: String,
+    /// 0 on success.
+    #[serde(rename = "ErrorCode", default)]
+    pub error_code: i64,
+    /// Human-readable error.
+    #[serde(rename = "ErrorInfo", default)]
+    pub error_info: String,
+    /// `im_get_attr`'s answer.
+    #[serde(rename = "UserAttrs", default, skip_serializing_if = "Option::is_none")]
+    pub user_attrs: Option<Vec<UserAttrs>>,
+    /// `im_get_attr_name`'s answer.
+    #[serde(rename = "AttrNames", default, skip_serializing_if = "Option::is_none")]
+    pub attr_names: Option<BTreeMap<String, String>>,
+}
+
+impl ApiResponse {
+    /// A success envelope.
+    pub fn ok() -> Self {
+        ApiResponse {
+            action_status: "OK".into(),
+            ..Default::default()
+        }
+    }
+    /// A failure envelope.
+    pub fn fail(code: i64, info: impl Into<String>) -> Self {
+        ApiResponse {
+            action_status: "FAIL".into(),
+            error_code: code,
+            error_info: info.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// One account's attributes, as the API spells it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct UserAttrs {
+    /// The account.
+    #[serde(rename = "To_Account")]
+    pub to_account: String,
+    /// Attribute name → value.
+    #[serde(rename = "Attrs", default)]
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// Serialises `[(name, value)]` as a JSON object, without copying.
+pub struct AttrPairs<'a>(pub &'a [(String, String)]);
+
+impl Serialize for AttrPairs<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    #[serde(rename = "To_Account")]
+    to_account: &'a str,
+    #[serde(rename = "Attrs")]
+    attrs: AttrPairs<'a>,
+}
+
+/// Builds an `im_set_attr` body from `(account, attributes)` pairs.
+pub fn set_attr_body<'a>(entries: impl Iterator<Item = (&'a str, &'a [(String, String)])>) -> Vec<u8> {
+    let list: Vec<EntryRef<'a>> = entries
+        .map(|(to_account, attrs)| EntryRef {
+            to_account,
+            attrs: AttrPairs(attrs),
+        })
+        .collect();
+    let mut out = Vec::with_capacity(64 + list.len() * 64);
+    out.extend_from_slice(b"{\"UserAttrs\":");
+    serde_json::to_writer(&mut out, &list).expect("serialising strings cannot fail");
+    out.push(b'}');
+    out
+}
+
+/// The outcome of one call: the raw reply, its class, and the parsed body.
+#[derive(Debug, Clone)]
+pub struct CallResult {
+    /// What came back.
+    pub reply: Reply,
+    /// Its class per CONTRACT §5.
+    pub class: Class,
+    /// The parsed body when there was one.
+    pub body: Option<ApiResponse>,
+    /// How long the request took.
+    pub latency: Duration,
+}
+
+/// An error of the convenience calls used by the operator tools.
+#[derive(Debug, thiserror::Error)]
+#[error("{api} failed ({class}): {info}")]
+pub struct ApiError {
+    /// The API called.
+    pub api: &'static str,
+    /// The class of the answer.
+    pub class: Class,
+    /// ErrorCode, 0 when none.
+    pub code: i64,
+    /// What went wrong.
+    pub info: String,
+}
+
+/// The client. Cheap to clone; all clones share the pool, signer and limiter.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Arc<str>,
+    signer: Arc<Signer>,
+    limiter: Arc<RateLimiter>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Client {
+    /// Builds a client from the configuration (which must pass `validate_api`).
+    pub fn from_config(config: &Config) -> anyhow::Result<Client> {
+        let t = &config.tencent;
+        Client::new(
+            &config.api_base_url(),
+            Arc::new(Signer::from_config(t)),
+            Duration::from_millis(t.timeout_ms),
+            t.rate_limit_per_sec,
+            t.max_in_flight,
+        )
+    }
+
+    /// Builds a client for `base_url` (e.g. `https://console.tim.qq.com`).
+    pub fn new(
+        base_url: &str,
+        signer: Arc<Signer>,
+        timeout: Duration,
+        rate_limit_per_sec: u32,
+        max_in_flight: usize,
+    ) -> anyhow::Result<Client> {
+        use anyhow::Context;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(max_in_flight.max(1) * 2)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            http,
+            base: base_url.trim_end_matches('/').into(),
+            signer,
+            limiter: Arc::new(RateLimiter::new(rate_limit_per_sec)),
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+        })
+    }
+
+    /// The signer.
+    pub fn signer(&self) -> &Arc<Signer> {
+        &self.signer
+    }
+
+    /// The rate limiter.
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+
+    /// The full URL of `api`, with a fresh `random` (carries the usersig: never log it).
+    fn url(&self, api: &str) -> String {
+        let random: u32 = rand::random();
+        let mut u = format!("{}/v4/all_member_push/{api}?", self.base);
+        url::form_urlencoded::Serializer::for_suffix(&mut u, 0)
+            .append_pair("usersig", &self.signer.usersig())
+            .append_pair("identifier", self.signer.identifier())
+            .append_pair("sdkappid", &self.signer.sdkappid().to_string())
+            .append_pair("random", &random.to_string())
+            .append_pair("contenttype", "json")
+            .finish();
+        u
+    }
+
+    /// Sends one request with a JSON body, within the rate limit and the
+    /// in-flight bound. Never fails: every failure is a [`Reply`].
+    pub async fn call(&self, api: &str, body: Vec<u8>) -> CallResult {
+        let _permit = self.in_flight.acquire().await;
+        self.limiter.acquire().await;
+        let started = tokio::time::Instant::now();
+        let sent = self
+            .http
+            .post(self.url(api))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let (reply, parsed) = match sent {
+            Err(e) => (transport_reply(e), None),
+            Ok(resp) if resp.status() != reqwest::StatusCode::OK => {
+                (Reply::HttpStatus(resp.status().as_u16()), None)
+            }
+            Ok(resp) => match resp.bytes().await {
+                Err(e) => (transport_reply(e), None),
+                Ok(bytes) => match serde_json::from_slice::<ApiResponse>(&bytes) {
+                    Ok(r) if r.action_status.is_empty() => (
+                        Reply::Unparseable("the body has no ActionStatus".into()),
+                        None,
+                    ),
+                    Ok(r) => (
+                        Reply::Body {
+                            action_ok: r.action_status == "OK",
+                            code: r.error_code,
+                            info: r.error_info.clone(),
+                        },
+                        Some(r),
+                    ),
+                    Err(e) => (Reply::Unparseable(e.to_string()), None),
+                },
+            },
+        };
+        let class = classify(&reply);
+        if class == Class::RateLimited {
+            self.limiter.on_rate_limited();
+        }
+        CallResult {
+            reply,
+            class,
+            body: parsed,
+            latency: started.elapsed(),
+        }
+    }
+
+    async fn call_json<T: Serialize>(
+        &self,
+        api: &'static str,
+        body: &T,
+    ) -> Result<ApiResponse, ApiError> {
+        let bytes = serde_json::to_vec(body).expect("request types always serialise");
+        let mut renewed = false;
+        loop {
+            let r = self.call(api, bytes.clone()).await;
+            match (r.class, r.body) {
+                (Class::Success, Some(b)) => return Ok(b),
+                (Class::Signature, _) if !renewed && self.signer.invalidate() => renewed = true,
+                (class, _) => {
+                    return Err(ApiError {
+                        api,
+                        class,
+                        code: r.reply.code(),
+                        info: r.reply.info(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// `im_set_attr` for the given accounts.
+    pub async fn set_attr(&self, users: &[UserAttrs]) -> Result<(), ApiError> {
+        self.call_json(api::SET_ATTR, &serde_json::json!({ "UserAttrs": users }))
+            .await
+            .map(|_| ())
+    }
+
+    /// `im_get_attr` for up to any number of accounts (sent 100 at a time).
+    pub async fn get_attr(&self, accounts: &[String]) -> Result<Vec<UserAttrs>, ApiError> {
+        let mut out = Vec::with_capacity(accounts.len());
+        for chunk in accounts.chunks(100) {
+            let r = self
+                .call_json(api::GET_ATTR, &serde_json::json!({ "To_Account": chunk }))
+                .await?;
+            out.extend(r.user_attrs.unwrap_or_default());
+        }
+        Ok(out)
+    }
+
+    /// `im_remove_attr`: removes the named attributes of each account.
+    pub async fn remove_attr(&self, removals: &[(String, Vec<String>)]) -> Result<(), ApiError> {
+        let list: Vec<_> = removals
+            .iter()
+            .map(|(a, names)| serde_json::json!({"To_Account": a, "Attrs": names}))
+            .collect();
+        self.call_json(api::REMOVE_ATTR, &serde_json::json!({ "UserAttrs": list }))
+            .await
+            .map(|_| ())
+    }
+
+    /// `im_get_attr_name`: the app's attribute names by slot ("0" to "9").
+    pub async fn get_attr_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
+        let r = self
+            .call_json(api::GET_ATTR_NAME, &serde_json::json!({}))
+            .await?;
+        Ok(r.attr_names.unwrap_or_default())
+    }
+
+    /// `im_set_attr_name`: registers names by slot ("0" to "9").
+    pub async fn set_attr_names(&self, names: &BTreeMap<String, String>) -> Result<(), ApiError> {
+        self.call_json(api::SET_ATTR_NAME, &serde_json::json!({ "AttrNames": names }))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A transport failure as a [`Reply`], with the URL (and its usersig) stripped.
+fn transport_reply(e: reqwest::Error) -> Reply {
+    if e.is_timeout() {
+        return Reply::Timeout;
+    }
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    Reply::Connection(strip_query(&text))
+}
+
+/// Belt and braces: removes any `?query` that might still be in a message.
+fn strip_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_query = false;
+    for c in text.chars() {
+        if c == '?' {
+            in_query = true;
+            out.push_str("?<redacted>");
+            continue;
+        }
+        if in_query && (c.is_whitespace() || c == ')' || c == '"') {
+            in_query = false;
+        }
+        if !in_query {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_shape() {
+        let a = vec![("sex".to_string(), "m".to_string()), ("city".into(), "x\"y".into())];
+        let b = vec![("city".to_string(), "z".to_string())];
+        let body = set_attr_body([("u1", &a[..]), ("u2", &b[..])].into_iter());
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"UserAttrs":[{"To_Account":"u1","Attrs":{"sex":"m","city":"x\"y"}},{"To_Account":"u2","Attrs":{"city":"z"}}]}"#
+        );
+    }
+
+    #[test]
+    fn strip_query_removes_usersig() {
+        let s = strip_query("error sending request for url (http://h/x?usersig=SECRET&a=b): boom");
+        assert!(!s.contains("SECRET"), "{s}");
+        assert!(s.contains("boom"));
+    }
+}
