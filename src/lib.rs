@@ -3,3 +3,5 @@
 
 pub mod config;
 pub mod tencent;
+pub mod coalesce;
+pub mod update;
