@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -401,7 +401,9 @@ impl Config {
                 }
             },
         };
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        // Defaults come from `#[serde(default)]`, not from a serialised
+        // provider: serialising would redact the secrets they carry.
+        let mut figment = Figment::new();
         if let Some(file) = &file {
             if !file.exists() {
                 return Err(ConfigError::Load(format!(
@@ -835,6 +837,15 @@ mod tests {
         c.validate_api().unwrap();
         c.tencent.usersig = Secret::new("s");
         assert!(c.validate_api().unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
+    fn default_url_keeps_its_password() {
+        Jail::expect_with(|_| {
+            let c = load_in_jail().unwrap();
+            assert_eq!(c.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+            Ok(())
+        });
     }
 
     #[test]

@@ -1,3 +1,46 @@
-fn main() {
-    println!("Hello, world!");
+//! `imattr`: parse the command line, load the configuration, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use imattr::cli::{dispatch, Cli};
+use imattr::config::{Config, ConfigError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("imattr: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut log = config.log.clone();
+    if matches!(cli.command, imattr::cli::Command::Demo | imattr::cli::Command::Bench { .. }) {
+        // The demo and the benchmarks print their own report.
+        log.level = "warn".into();
+    }
+    imattr::telemetry::init(&log);
+    config.log = log;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("imattr: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command, config));
+    // Do not wait for stray background tasks (e.g. an open HTTP pool).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("imattr: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("imattr: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

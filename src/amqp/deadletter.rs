@@ -1,0 +1,252 @@
+//! Dead-letter copies (CONTRACT §8): headers, properties and confirmed publishing.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+
+/// `x-imattr-reason`.
+pub const H_REASON: &str = "x-imattr-reason";
+/// `x-imattr-error-code`.
+pub const H_ERROR_CODE: &str = "x-imattr-error-code";
+/// `x-imattr-error`.
+pub const H_ERROR: &str = "x-imattr-error";
+/// `x-imattr-account`.
+pub const H_ACCOUNT: &str = "x-imattr-account";
+/// `x-imattr-attempts`.
+pub const H_ATTEMPTS: &str = "x-imattr-attempts";
+/// `x-imattr-failed-at`.
+pub const H_FAILED_AT: &str = "x-imattr-failed-at";
+/// `x-imattr-source-queue`.
+pub const H_SOURCE_QUEUE: &str = "x-imattr-source-queue";
+/// `x-imattr-original-routing-key`.
+pub const H_ROUTING_KEY: &str = "x-imattr-original-routing-key";
+/// `x-imattr-replays`: how many times `dlq replay` sent it back.
+pub const H_REPLAYS: &str = "x-imattr-replays";
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// It broke a rule of CONTRACT §3.
+    InvalidMessage,
+    /// The API rejected it.
+    Rejected,
+    /// Transient failures lasted past `retry.max_elapsed_secs`.
+    RetriesExhausted,
+}
+
+impl Reason {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidMessage => "invalid-message",
+            Reason::Rejected => "rejected",
+            Reason::RetriesExhausted => "retries-exhausted",
+        }
+    }
+}
+
+/// What the dead-letter copy says about the failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Why.
+    pub reason: Reason,
+    /// The API's ErrorCode; 0 when imattr refused the message itself.
+    pub code: i64,
+    /// ErrorInfo, or the validation rule.
+    pub error: String,
+    /// The account that failed, when known.
+    pub account: Option<String>,
+    /// Requests made for it.
+    pub attempts: u32,
+}
+
+/// Unix time now in milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// The properties of the dead-letter copy: the original ones, persistent,
+/// with the original headers plus the `x-imattr-*` ones.
+pub fn dead_letter_properties(
+    original: &BasicProperties,
+    failure: &Failure,
+    source_queue: &str,
+    routing_key: &str,
+    failed_at_ms: i64,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(H_REASON.into(), long_string(failure.reason.as_str()));
+    headers.insert(H_ERROR_CODE.into(), AMQPValue::LongLongInt(failure.code));
+    headers.insert(H_ERROR.into(), long_string(&failure.error));
+    if let Some(a) = &failure.account {
+        headers.insert(H_ACCOUNT.into(), long_string(a));
+    }
+    headers.insert(
+        H_ATTEMPTS.into(),
+        AMQPValue::LongLongInt(i64::from(failure.attempts)),
+    );
+    headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at_ms));
+    headers.insert(H_SOURCE_QUEUE.into(), long_string(source_queue));
+    headers.insert(H_ROUTING_KEY.into(), long_string(routing_key));
+    original
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+}
+
+/// Publishes to `exchange` and waits for the broker's confirm (the channel must
+/// be in confirm mode). A nack or a closed channel is an error.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> anyhow::Result<()> {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(exchange),
+            ShortString::try_new(routing_key).unwrap_or_default(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => anyhow::bail!("the broker refused (nacked) the message"),
+    }
+}
+
+/// A header as an integer, whatever integer type carried it.
+pub fn header_i64(headers: &FieldTable, name: &str) -> Option<i64> {
+    match headers.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::Timestamp(v) => i64::try_from(*v).ok(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).parse().ok(),
+        _ => None,
+    }
+}
+
+/// A header as text.
+pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => header_i64(headers, name)
+            .map(|v| v.to_string())
+            .or_else(|| Some(format!("{other:?}"))),
+    }
+}
+
+/// Converts an AMQP value to JSON (for `dlq list --json` and `dlq export`).
+pub fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        AMQPValue::Boolean(b) => J::Bool(*b),
+        AMQPValue::ShortShortInt(x) => J::from(*x),
+        AMQPValue::ShortShortUInt(x) => J::from(*x),
+        AMQPValue::ShortInt(x) => J::from(*x),
+        AMQPValue::ShortUInt(x) => J::from(*x),
+        AMQPValue::LongInt(x) => J::from(*x),
+        AMQPValue::LongUInt(x) => J::from(*x),
+        AMQPValue::LongLongInt(x) => J::from(*x),
+        AMQPValue::Float(x) => J::from(*x),
+        AMQPValue::Double(x) => J::from(*x),
+        AMQPValue::Timestamp(x) => J::from(*x),
+        AMQPValue::ShortString(s) => J::from(s.as_str()),
+        AMQPValue::LongString(s) => J::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::ByteArray(b) => J::from(
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b.as_slice()),
+        ),
+        AMQPValue::Void => J::Null,
+        other => J::from(format!("{other:?}")),
+    }
+}
+
+/// A field table as a JSON object.
+pub fn table_to_json(t: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        t.inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), amqp_to_json(v)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_original_properties_and_headers() {
+        let mut h = FieldTable::default();
+        h.insert("trace".into(), long_string("t-1"));
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m-1".into())
+            .with_correlation_id("c-1".into())
+            .with_timestamp(1700000000)
+            .with_app_id("svc".into())
+            .with_headers(h);
+        let f = Failure {
+            reason: Reason::Rejected,
+            code: 90033,
+            error: "Invalid attribute".into(),
+            account: Some("u1".into()),
+            attempts: 3,
+        };
+        let p = dead_letter_properties(&original, &f, "q", "u1", 1234);
+        assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(p.message_id().as_ref().unwrap().as_str(), "m-1");
+        assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "c-1");
+        assert_eq!(*p.timestamp(), Some(1700000000));
+        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "svc");
+        assert_eq!(*p.delivery_mode(), Some(2));
+        let h = p.headers().as_ref().unwrap();
+        assert_eq!(header_str(h, "trace").unwrap(), "t-1");
+        assert_eq!(header_str(h, H_REASON).unwrap(), "rejected");
+        assert_eq!(header_i64(h, H_ERROR_CODE), Some(90033));
+        assert_eq!(header_str(h, H_ERROR).unwrap(), "Invalid attribute");
+        assert_eq!(header_str(h, H_ACCOUNT).unwrap(), "u1");
+        assert_eq!(header_i64(h, H_ATTEMPTS), Some(3));
+        assert_eq!(header_i64(h, H_FAILED_AT), Some(1234));
+        assert_eq!(header_str(h, H_SOURCE_QUEUE).unwrap(), "q");
+        assert_eq!(header_str(h, H_ROUTING_KEY).unwrap(), "u1");
+        let j = table_to_json(h);
+        assert_eq!(j[H_ERROR_CODE], 90033);
+    }
+
+    #[test]
+    fn account_header_only_when_known() {
+        let f = Failure {
+            reason: Reason::InvalidMessage,
+            code: 0,
+            error: "body is not UTF-8".into(),
+            account: None,
+            attempts: 0,
+        };
+        let p = dead_letter_properties(&BasicProperties::default(), &f, "q", "", 1);
+        let h = p.headers().as_ref().unwrap();
+        assert!(!h.contains_key(H_ACCOUNT));
+        assert_eq!(header_i64(h, H_ERROR_CODE), Some(0));
+    }
+}

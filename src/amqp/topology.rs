@@ -1,0 +1,112 @@
+//! Connecting to RabbitMQ and declaring the topology (CONTRACT §7).
+
+use anyhow::Context;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::AmqpConfig;
+
+/// How to start a broker, for error messages.
+pub const START_HINT: &str =
+    "is RabbitMQ running? Start one with `rabbitmq-server -detached` or `docker compose up -d rabbitmq`";
+
+/// The broker could not be reached or refused us.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to RabbitMQ at {url}: {source}; {hint}", hint = START_HINT)]
+pub struct ConnectError {
+    /// The URL, password redacted.
+    pub url: String,
+    /// What lapin said (shown in the message, so not chained as a source).
+    pub source: lapin::Error,
+}
+
+/// Opens a connection named `name` (shown in the management UI and by
+/// `rabbitmqctl list_connections client_properties`).
+pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(cfg.url.expose(), props)
+        .await
+        .map_err(|source| ConnectError {
+            url: cfg.url.redacted(),
+            source,
+        })
+}
+
+/// Declares both exchanges and queues and their bindings, idempotently.
+pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            cfg.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {}", cfg.dead_letter_exchange))?;
+    channel
+        .queue_declare(
+            cfg.dead_letter_queue.as_str().into(),
+            durable_queue,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring queue {}", cfg.dead_letter_queue))?;
+    channel
+        .queue_bind(
+            cfg.dead_letter_queue.as_str().into(),
+            cfg.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding queue {}", cfg.dead_letter_queue))?;
+
+    channel
+        .exchange_declare(
+            cfg.exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {}", cfg.exchange))?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange.as_str())),
+    );
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
+    );
+    channel
+        .queue_declare(cfg.queue.as_str().into(), durable_queue, args)
+        .await
+        .with_context(|| {
+            format!(
+                "declaring queue {} (if it exists with other arguments, e.g. another x-queue-type, delete it or change amqp.queue)",
+                cfg.queue
+            )
+        })?;
+    channel
+        .queue_bind(
+            cfg.queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding queue {}", cfg.queue))?;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! A throwaway deployment on the local broker: the simulator, uniquely named
+//! exchanges and queues, and the worker in-process. The demo, the benchmarks
+//! and the integration tests all stand on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::topology;
+use crate::config::{Config, Secret};
+use crate::dlq::{DeadLetterView, Dlq};
+use crate::publish::{update_properties, Publisher};
+use crate::simulator::{Faults, SimHandle, SimOptions, Simulator, Store};
+use crate::worker::Health;
+
+/// A sandbox.
+pub struct Sandbox {
+    /// The simulator.
+    pub sim: SimHandle,
+    /// The worker's configuration.
+    pub config: Config,
+    /// The worker's health (readiness, unsettled deliveries).
+    pub health: Arc<Health>,
+    cancel: CancellationToken,
+    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    conn: Connection,
+    channel: Channel,
+    publisher: Mutex<Publisher>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("queue", &self.config.amqp.queue).finish()
+    }
+}
+
+/// A random suffix for names.
+pub fn suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+impl Sandbox {
+    /// Starts the simulator and declares `{prefix}.{random}.updates|dead`;
+    /// `tweak` adjusts the worker's configuration. The worker is not started.
+    pub async fn start(
+        base: &Config,
+        prefix: &str,
+        attr_names: &[&str],
+        faults: Faults,
+        tweak: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Sandbox> {
+        let sim = Simulator::start(SimOptions {
+            attr_names: attr_names.iter().map(|s| s.to_string()).collect(),
+            faults,
+            seed: rand::random(),
+            ..SimOptions::default()
+        })
+        .await
+        .context("starting the simulator")?;
+        let mut config = base.clone();
+        let id = suffix();
+        config.amqp.exchange = format!("{prefix}.{id}.updates");
+        config.amqp.queue = format!("{prefix}.{id}.updates");
+        config.amqp.dead_letter_exchange = format!("{prefix}.{id}.dead");
+        config.amqp.dead_letter_queue = format!("{prefix}.{id}.dead");
+        config.tencent.base_url = sim.url();
+        config.tencent.sdkappid = sim.sdkappid();
+        config.tencent.secret_key = Secret::new(sim.secret_key());
+        config.tencent.usersig = Secret::default();
+        config.admin.listen = String::new();
+        tweak(&mut config);
+        config.validate()?;
+        let conn = topology::connect(&config.amqp, "imattr sandbox").await?;
+        let channel = conn.create_channel().await.context("opening a channel")?;
+        topology::declare(&channel, &config.amqp).await?;
+        let publisher = Publisher::new(conn.create_channel().await?, &config.amqp.exchange).await?;
+        Ok(Sandbox {
+            sim,
+            config,
+            health: Arc::new(Health::default()),
+            cancel: CancellationToken::new(),
+            worker: None,
+            conn,
+            channel,
+            publisher: Mutex::new(publisher),
+        })
+    }
+
+    /// Starts the worker in-process.
+    pub fn start_worker(&mut self) {
+        self.cancel = CancellationToken::new();
+        self.health = Arc::new(Health::default());
+        self.worker = Some(tokio::spawn(crate::worker::run(
+            self.config.clone(),
+            self.cancel.clone(),
+            self.health.clone(),
+        )));
+    }
+
+    /// Stops the worker gracefully (as SIGTERM would) and returns its result.
+    pub async fn stop_worker(&mut self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        match self.worker.take() {
+            Some(h) => h.await.context("the worker task failed")?,
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes one body (routing key: its account when it has one), confirmed later.
+    pub async fn publish(&self, body: impl AsRef<[u8]>) -> anyhow::Result<()> {
+        let body = body.as_ref();
+        let rk = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("To_Account").and_then(|a| a.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        self.publisher
+            .lock()
+            .await
+            .publish(&rk, body, update_properties())
+            .await
+    }
+
+    /// Waits for every publish so far to be confirmed.
+    pub async fn confirm(&self) -> anyhow::Result<u64> {
+        self.publisher.lock().await.finish().await
+    }
+
+    /// Ready (not delivered) messages in a queue.
+    pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("inspecting queue {queue}"))?;
+        Ok(q.message_count())
+    }
+
+    /// Waits until the updates queue is empty and the worker holds nothing
+    /// unsettled (three checks in a row), or `timeout` passes.
+    pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.confirm().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut quiet = 0;
+        while quiet < 3 {
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "not drained after {timeout:?}: {} ready, {} unsettled",
+                    self.depth(&self.config.amqp.queue).await.unwrap_or(u32::MAX),
+                    self.health.unsettled()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let drained = self.depth(&self.config.amqp.queue).await? == 0
+                && self.health.unsettled() == 0
+                && self.health.is_consuming();
+            quiet = if drained { quiet + 1 } else { 0 };
+        }
+        Ok(())
+    }
+
+    /// The dead letters, oldest first, left in place.
+    pub async fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetterView>> {
+        let q = Dlq::open(&self.config).await?;
+        let v = q.peek(None).await;
+        q.close().await;
+        v
+    }
+
+    /// The simulator's attribute store.
+    pub fn state(&self) -> Store {
+        self.sim.state()
+    }
+
+    /// Stops the worker and deletes the queues and exchanges.
+    pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        let _ = self.stop_worker().await;
+        let a = &self.config.amqp;
+        for q in [&a.queue, &a.dead_letter_queue] {
+            self.channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .with_context(|| format!("deleting queue {q}"))?;
+        }
+        for e in [&a.exchange, &a.dead_letter_exchange] {
+            self.channel
+                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .with_context(|| format!("deleting exchange {e}"))?;
+        }
+        let _ = self.conn.close(200, "done".into()).await;
+        self.sim.shutdown().await;
+        Ok(())
+    }
+}
