@@ -22,7 +22,9 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("imattr_api_request_duration_seconds".into()),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ],
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
@@ -43,7 +45,11 @@ struct AdminState {
 }
 
 /// Starts the admin endpoint on `listen` ("" turns it off); it stops with `cancel`.
-pub async fn serve(listen: &str, health: Arc<Health>, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listen: &str,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     if listen.is_empty() {
         return Ok(());
     }
@@ -72,13 +78,19 @@ pub async fn serve(listen: &str, health: Arc<Health>, cancel: CancellationToken)
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     match s.health.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     match &s.prometheus {
         Some(h) => (StatusCode::OK, h.render()),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "metrics recorder unavailable\n".into()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder unavailable\n".into(),
+        ),
     }
 }

@@ -32,10 +32,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT.
-    #[command(after_help = "Example:\n  IMATTR_TENCENT__SDKAPPID=1400000000 IMATTR_TENCENT__SECRET_KEY=… imattr run")]
+    #[command(
+        after_help = "Example:\n  IMATTR_TENCENT__SDKAPPID=1400000000 IMATTR_TENCENT__SECRET_KEY=… imattr run"
+    )]
     Run,
     /// Publish updates to the updates exchange, with publisher confirms.
-    #[command(after_help = "Examples:\n  imattr publish --account xiaojun012 --attr sex=attr1 --attr city=attr2\n  imattr publish --file updates.ndjson\n  cat updates.ndjson | imattr publish --file -")]
+    #[command(
+        after_help = "Examples:\n  imattr publish --account xiaojun012 --attr sex=attr1 --attr city=attr2\n  imattr publish --file updates.ndjson\n  cat updates.ndjson | imattr publish --file -"
+    )]
     Publish(PublishArgs),
     /// Inspect, replay, export or purge the dead-letter queue.
     #[command(subcommand)]
@@ -57,7 +61,9 @@ pub enum Command {
     /// Print the effective configuration, secrets redacted.
     Config,
     /// Run the built-in API simulator.
-    #[command(after_help = "Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fail-rate 0.05 --latency-ms 5..20")]
+    #[command(
+        after_help = "Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fail-rate 0.05 --latency-ms 5..20"
+    )]
     Simulate(SimulateArgs),
     /// Simulator, worker and sample traffic against local RabbitMQ, then a summary.
     Demo,
@@ -94,7 +100,9 @@ pub struct PublishArgs {
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
     /// Show dead-lettered messages without removing them.
-    #[command(after_help = "Example:\n  imattr dlq list --limit 20\n  imattr dlq list --json | jq .error")]
+    #[command(
+        after_help = "Example:\n  imattr dlq list --limit 20\n  imattr dlq list --json | jq .error"
+    )]
     List {
         /// At most this many.
         #[arg(long)]
@@ -104,7 +112,9 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Move matching messages back to the updates exchange.
-    #[command(after_help = "Example:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted")]
+    #[command(
+        after_help = "Example:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted"
+    )]
     Replay {
         /// At most this many.
         #[arg(long)]
@@ -172,7 +182,10 @@ pub fn parse_latency(s: &str) -> anyhow::Result<(u64, u64)> {
     let bad = || anyhow::anyhow!("--latency-ms takes MS or MIN..MAX, e.g. 5..20 (got {s:?})");
     match s.split_once("..") {
         Some((a, b)) => {
-            let (a, b) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            let (a, b) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
             if a > b {
                 return Err(bad());
             }
@@ -277,7 +290,11 @@ async fn simulate(a: SimulateArgs, config: &Config) -> anyhow::Result<()> {
     let t = &config.tencent;
     let opts = SimOptions {
         listen: a.listen,
-        sdkappid: if t.sdkappid != 0 { t.sdkappid } else { crate::simulator::DEFAULT_SDKAPPID },
+        sdkappid: if t.sdkappid != 0 {
+            t.sdkappid
+        } else {
+            crate::simulator::DEFAULT_SDKAPPID
+        },
         identifier: t.identifier.clone(),
         secret_key: if t.secret_key.is_empty() {
             crate::simulator::DEFAULT_SECRET_KEY.to_string()
@@ -327,14 +344,16 @@ async fn publish(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
             attrs.insert(k.to_string(), serde_json::Value::String(v.to_string()));
         }
         let body = serde_json::to_vec(&serde_json::json!({"To_Account": account, "Attrs": attrs}))?;
-        let updates = update::parse(&body, &rules).map_err(|e| anyhow::anyhow!("invalid update: {e}"))?;
+        let updates =
+            update::parse(&body, &rules).map_err(|e| anyhow::anyhow!("invalid update: {e}"))?;
         messages.push((updates[0].account.clone(), body));
     } else if let Some(path) = a.file {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
             Box::new(std::io::BufReader::new(std::io::stdin()))
         } else {
             Box::new(std::io::BufReader::new(
-                std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?,
+                std::fs::File::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?,
             ))
         };
         let mut invalid = Vec::new();
@@ -409,7 +428,11 @@ async fn dlq(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                         writeln!(out, "{}", serde_json::to_string(v)?)?;
                     }
                 } else if views.is_empty() {
-                    writeln!(out, "the dead-letter queue {} is empty", config.amqp.dead_letter_queue)?;
+                    writeln!(
+                        out,
+                        "the dead-letter queue {} is empty",
+                        config.amqp.dead_letter_queue
+                    )?;
                 } else {
                     print_table(&mut out, &views)?;
                 }
@@ -418,7 +441,8 @@ async fn dlq(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                 let views = q.peek(None).await?;
                 let mut w: Box<dyn Write> = match &out {
                     Some(p) => Box::new(std::io::BufWriter::new(
-                        std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+                        std::fs::File::create(p)
+                            .with_context(|| format!("creating {}", p.display()))?,
                     )),
                     None => Box::new(std::io::stdout().lock()),
                 };

@@ -134,8 +134,7 @@ impl Coalescer {
     /// Whether a batch should go out now: `max_accounts` ready, or the oldest
     /// ready update has waited `max_wait`.
     pub fn is_due(&self, now: Instant, max_accounts: usize, max_wait: Duration) -> bool {
-        self.ready.len() >= max_accounts
-            || self.deadline(max_wait).is_some_and(|d| d <= now)
+        self.ready.len() >= max_accounts || self.deadline(max_wait).is_some_and(|d| d <= now)
     }
 
     /// Takes the next batch: up to `max_accounts` ready accounts, oldest
@@ -206,7 +205,10 @@ mod tests {
             b[0].attrs,
             vec![("sex".into(), "2".into()), ("city".into(), "x".into())]
         );
-        assert_eq!(b[0].parts.iter().map(|p| p.tag).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            b[0].parts.iter().map(|p| p.tag).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert_eq!(Entry::from_parts("a".into(), b[0].parts.clone()), b[0]);
     }
 
@@ -215,7 +217,12 @@ mod tests {
         let t = Instant::now();
         let mut c = Coalescer::new();
         for i in 0..250u64 {
-            c.push(&format!("u{}", i % 120), kv("k", &i.to_string()), i, t + Duration::from_millis(i));
+            c.push(
+                &format!("u{}", i % 120),
+                kv("k", &i.to_string()),
+                i,
+                t + Duration::from_millis(i),
+            );
         }
         assert_eq!(c.ready_accounts(), 120);
         let b1 = c.take_batch(100);
@@ -318,7 +325,12 @@ mod tests {
                     let attr = format!("k{}", next() % 3);
                     let val = step.to_string();
                     expected.insert((acc.clone(), attr.clone()), val.clone());
-                    c.push(&acc, vec![(attr, val)], step, t0 + Duration::from_micros(step));
+                    c.push(
+                        &acc,
+                        vec![(attr, val)],
+                        step,
+                        t0 + Duration::from_micros(step),
+                    );
                 }
                 6..=7 => {
                     let max = 1 + (next() % 7) as usize;

@@ -464,10 +464,7 @@ impl Config {
             ));
         }
         if a.prefetch == 0 {
-            return Err(ConfigError::invalid(
-                "amqp.prefetch",
-                "must be 1 to 65535",
-            ));
+            return Err(ConfigError::invalid("amqp.prefetch", "must be 1 to 65535"));
         }
         let t = &self.tencent;
         if t.base_url.is_empty() {
@@ -510,7 +507,10 @@ impl Config {
             }
         }
         if t.identifier.is_empty() {
-            return Err(ConfigError::invalid("tencent.identifier", "must not be empty"));
+            return Err(ConfigError::invalid(
+                "tencent.identifier",
+                "must not be empty",
+            ));
         }
         if t.usersig_ttl_secs < 60 {
             return Err(ConfigError::invalid(
@@ -519,7 +519,10 @@ impl Config {
             ));
         }
         if t.timeout_ms == 0 {
-            return Err(ConfigError::invalid("tencent.timeout_ms", "must be positive"));
+            return Err(ConfigError::invalid(
+                "tencent.timeout_ms",
+                "must be positive",
+            ));
         }
         if t.rate_limit_per_sec == 0 {
             return Err(ConfigError::invalid(
@@ -541,7 +544,10 @@ impl Config {
             ));
         }
         if b.max_wait_ms == 0 {
-            return Err(ConfigError::invalid("batch.max_wait_ms", "must be positive"));
+            return Err(ConfigError::invalid(
+                "batch.max_wait_ms",
+                "must be positive",
+            ));
         }
         let r = &self.retry;
         if r.initial_interval_ms == 0 {
@@ -677,7 +683,9 @@ fn describe_figment_error(e: &figment::Error) -> String {
         .unwrap_or_default();
     let what = match &e.kind {
         Kind::UnknownField(field, expected) => {
+            // figment's path already ends with the unknown field.
             let full = match &key {
+                Some(k) if k == field || k.ends_with(&format!(".{field}")) => k.clone(),
                 Some(k) => format!("{k}.{field}"),
                 None => field.clone(),
             };
@@ -701,6 +709,7 @@ fn describe_figment_error(e: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -766,13 +775,13 @@ mod tests {
             jail.create_dir("config")?;
             jail.create_file("config/imattr.toml", "[batch]\nmax_acounts = 50\n")?;
             let err = load_in_jail().unwrap_err().to_string();
-            assert!(err.contains("batch.max_acounts"), "{err}");
+            assert!(err.contains("unknown key `batch.max_acounts`"), "{err}");
             Ok(())
         });
         Jail::expect_with(|jail| {
             jail.set_env("IMATTR_TENCENT__SECRETKEY", "x");
             let err = load_in_jail().unwrap_err().to_string();
-            assert!(err.contains("tencent.secretkey"), "{err}");
+            assert!(err.contains("unknown key `tencent.secretkey`"), "{err}");
             Ok(())
         });
         Jail::expect_with(|jail| {
@@ -792,16 +801,28 @@ mod tests {
             ("IMATTR_TENCENT__REGION", "mars", "tencent.region"),
             ("IMATTR_TENCENT__BASE_URL", "not a url", "tencent.base_url"),
             ("IMATTR_TENCENT__BASE_URL", "ftp://x", "tencent.base_url"),
-            ("IMATTR_TENCENT__BASE_URL", "http://example.com", "tencent.base_url"),
+            (
+                "IMATTR_TENCENT__BASE_URL",
+                "http://example.com",
+                "tencent.base_url",
+            ),
             ("IMATTR_RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
-            ("IMATTR_RETRY__INITIAL_INTERVAL_MS", "0", "retry.initial_interval_ms"),
+            (
+                "IMATTR_RETRY__INITIAL_INTERVAL_MS",
+                "0",
+                "retry.initial_interval_ms",
+            ),
             ("IMATTR_BATCH__MAX_WAIT_MS", "0", "batch.max_wait_ms"),
             ("IMATTR_TENCENT__TIMEOUT_MS", "0", "tencent.timeout_ms"),
             ("IMATTR_AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
             ("IMATTR_AMQP__URL", "http://x", "amqp.url"),
             ("IMATTR_LOG__FORMAT", "xml", "log.format"),
             ("IMATTR_ADMIN__LISTEN", "nowhere", "admin.listen"),
-            ("IMATTR_RETRY__RANDOMIZATION_FACTOR", "2", "retry.randomization_factor"),
+            (
+                "IMATTR_RETRY__RANDOMIZATION_FACTOR",
+                "2",
+                "retry.randomization_factor",
+            ),
             ("IMATTR_BATCH__MAX_ACCOUNTS", "many", "batch.max_accounts"),
         ];
         for (key, value, field) in cases {
@@ -830,13 +851,25 @@ mod tests {
     #[test]
     fn api_credentials() {
         let mut c = Config::default();
-        assert!(c.validate_api().unwrap_err().to_string().contains("sdkappid"));
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("sdkappid"));
         c.tencent.sdkappid = 1400000000;
-        assert!(c.validate_api().unwrap_err().to_string().contains("secret_key"));
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("secret_key"));
         c.tencent.secret_key = Secret::new("k");
         c.validate_api().unwrap();
         c.tencent.usersig = Secret::new("s");
-        assert!(c.validate_api().unwrap_err().to_string().contains("not both"));
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
     }
 
     #[test]
@@ -859,7 +892,10 @@ mod tests {
         for s in [&debug, &printed] {
             assert!(!s.contains("TOPSECRET"), "{s}");
         }
-        assert!(printed.contains("amqp://user:***@host:5672/%2f"), "{printed}");
+        assert!(
+            printed.contains("amqp://user:***@host:5672/%2f"),
+            "{printed}"
+        );
         assert!(printed.contains("secret_key = \"<redacted>\""), "{printed}");
         // A wrong-typed secret in the environment is reported without its value.
         Jail::expect_with(|jail| {

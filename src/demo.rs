@@ -35,8 +35,14 @@ pub async fn run(base: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
-    println!("  simulator: {} (2% ErrorCode 91000, 2–10 ms latency, rejects \"nickname\")", sb.sim.url());
-    println!("  queues: {} and {}", sb.config.amqp.queue, sb.config.amqp.dead_letter_queue);
+    println!(
+        "  simulator: {} (2% ErrorCode 91000, 2–10 ms latency, rejects \"nickname\")",
+        sb.sim.url()
+    );
+    println!(
+        "  queues: {} and {}",
+        sb.config.amqp.queue, sb.config.amqp.dead_letter_queue
+    );
     let result = drive(&mut sb, started).await;
     let cleanup = sb.cleanup().await;
     let ok = result?;
@@ -60,11 +66,16 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
             attrs.insert("city".to_string(), format!("city-{}", rng.gen_range(0..50)));
         }
         if rng.gen_bool(0.1) {
-            attrs.insert("tier".to_string(), ["gold", "silver", "bronze"][i % 3].to_string());
+            attrs.insert(
+                "tier".to_string(),
+                ["gold", "silver", "bronze"][i % 3].to_string(),
+            );
         }
         let e = expected.entry(account.clone()).or_default();
         e.extend(attrs.clone());
-        bodies.push(serde_json::to_vec(&serde_json::json!({"To_Account": account, "Attrs": attrs}))?);
+        bodies.push(serde_json::to_vec(
+            &serde_json::json!({"To_Account": account, "Attrs": attrs}),
+        )?);
     }
     // A few messages the worker must refuse itself …
     let invalid: Vec<Vec<u8>> = vec![
@@ -76,7 +87,13 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     ];
     // … and a few the API rejects (an attribute the simulator refuses).
     let rejected: Vec<Vec<u8>> = (0..3)
-        .map(|i| format!(r#"{{"To_Account":"user-{:04}","Attrs":{{"nickname":"nick{i}"}}}}"#, i * 7).into_bytes())
+        .map(|i| {
+            format!(
+                r#"{{"To_Account":"user-{:04}","Attrs":{{"nickname":"nick{i}"}}}}"#,
+                i * 7
+            )
+            .into_bytes()
+        })
         .collect();
     for (i, b) in invalid.iter().chain(rejected.iter()).enumerate() {
         let at = (i + 1) * UPDATES / 9;
@@ -125,7 +142,9 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     let dead = sb.dead_letters().await?;
     let mut by_reason: BTreeMap<String, usize> = BTreeMap::new();
     for d in &dead {
-        *by_reason.entry(d.reason.clone().unwrap_or_default()).or_default() += 1;
+        *by_reason
+            .entry(d.reason.clone().unwrap_or_default())
+            .or_default() += 1;
     }
     let state = sb.state();
     let mut mismatched = 0;
@@ -148,13 +167,29 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     println!("Summary");
     println!("  published            {published} messages ({UPDATES} updates, {} invalid, {} rejected by the API)", invalid.len(), rejected.len());
     println!("  API requests         {requests} im_set_attr ({} OK, {retries} answered 91000 and retried)", stats.set_attr_ok);
-    println!("  accounts written     {} (in {} distinct accounts)", stats.accounts_written, state.len());
+    println!(
+        "  accounts written     {} (in {} distinct accounts)",
+        stats.accounts_written,
+        state.len()
+    );
     println!(
         "  mean accounts/request {:.1}",
-        if stats.set_attr_ok > 0 { stats.accounts_written as f64 / stats.set_attr_ok as f64 } else { 0.0 }
+        if stats.set_attr_ok > 0 {
+            stats.accounts_written as f64 / stats.set_attr_ok as f64
+        } else {
+            0.0
+        }
     );
     let reasons: Vec<String> = by_reason.iter().map(|(r, n)| format!("{r}: {n}")).collect();
-    println!("  dead-lettered        {} ({})", dead.len(), if reasons.is_empty() { "none".into() } else { reasons.join(", ") });
+    println!(
+        "  dead-lettered        {} ({})",
+        dead.len(),
+        if reasons.is_empty() {
+            "none".into()
+        } else {
+            reasons.join(", ")
+        }
+    );
     println!("  left in the queue    {left}");
     println!(
         "  elapsed              {:.2} s ({:.0} messages/s), {:.2} s in all",

@@ -61,17 +61,38 @@ impl DeadLetterView {
                 p.insert(k.into(), v);
             }
         };
-        put("content_type", props.content_type().as_ref().map(|v| v.as_str().into()));
-        put("content_encoding", props.content_encoding().as_ref().map(|v| v.as_str().into()));
+        put(
+            "content_type",
+            props.content_type().as_ref().map(|v| v.as_str().into()),
+        );
+        put(
+            "content_encoding",
+            props.content_encoding().as_ref().map(|v| v.as_str().into()),
+        );
         put("delivery_mode", props.delivery_mode().map(Into::into));
         put("priority", props.priority().map(Into::into));
-        put("correlation_id", props.correlation_id().as_ref().map(|v| v.as_str().into()));
-        put("reply_to", props.reply_to().as_ref().map(|v| v.as_str().into()));
-        put("expiration", props.expiration().as_ref().map(|v| v.as_str().into()));
-        put("message_id", props.message_id().as_ref().map(|v| v.as_str().into()));
+        put(
+            "correlation_id",
+            props.correlation_id().as_ref().map(|v| v.as_str().into()),
+        );
+        put(
+            "reply_to",
+            props.reply_to().as_ref().map(|v| v.as_str().into()),
+        );
+        put(
+            "expiration",
+            props.expiration().as_ref().map(|v| v.as_str().into()),
+        );
+        put(
+            "message_id",
+            props.message_id().as_ref().map(|v| v.as_str().into()),
+        );
         put("timestamp", props.timestamp().map(Into::into));
         put("type", props.kind().as_ref().map(|v| v.as_str().into()));
-        put("user_id", props.user_id().as_ref().map(|v| v.as_str().into()));
+        put(
+            "user_id",
+            props.user_id().as_ref().map(|v| v.as_str().into()),
+        );
         put("app_id", props.app_id().as_ref().map(|v| v.as_str().into()));
         DeadLetterView {
             account: header_str(&headers, deadletter::H_ACCOUNT),
@@ -119,7 +140,9 @@ pub struct Dlq {
 
 impl std::fmt::Debug for Dlq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dlq").field("queue", &self.config.amqp.dead_letter_queue).finish()
+        f.debug_struct("Dlq")
+            .field("queue", &self.config.amqp.dead_letter_queue)
+            .finish()
     }
 }
 
@@ -175,7 +198,10 @@ impl Dlq {
         while limit.is_none_or(|l| out.len() < l) {
             let Some(m) = self.get().await? else { break };
             last = Some(m.delivery.delivery_tag);
-            out.push(DeadLetterView::new(&m.delivery.properties, &m.delivery.data));
+            out.push(DeadLetterView::new(
+                &m.delivery.properties,
+                &m.delivery.data,
+            ));
         }
         self.requeue_all(last).await?;
         Ok(out)
@@ -185,8 +211,17 @@ impl Dlq {
     /// without the `x-imattr-*` headers, counting `x-imattr-replays`. Each is
     /// confirmed by the broker before it leaves the DLQ; the others stay in order.
     /// With `dry_run`, nothing moves. Returns how many matched.
-    pub async fn replay(&self, filter: &Filter, limit: Option<usize>, dry_run: bool) -> anyhow::Result<usize> {
-        let publish_ch = self.conn.create_channel().await.context("opening a channel")?;
+    pub async fn replay(
+        &self,
+        filter: &Filter,
+        limit: Option<usize>,
+        dry_run: bool,
+    ) -> anyhow::Result<usize> {
+        let publish_ch = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel")?;
         publish_ch
             .confirm_select(Default::default())
             .await
@@ -207,9 +242,15 @@ impl Dlq {
             let routing_key = header_str(&headers, deadletter::H_ROUTING_KEY)
                 .unwrap_or_else(|| d.routing_key.as_str().to_string());
             let props = replay_properties(&d.properties);
-            publish_confirmed(&publish_ch, &self.config.amqp.exchange, &routing_key, &d.data, props)
-                .await
-                .context("republishing a dead letter")?;
+            publish_confirmed(
+                &publish_ch,
+                &self.config.amqp.exchange,
+                &routing_key,
+                &d.data,
+                props,
+            )
+            .await
+            .context("republishing a dead letter")?;
             self.channel
                 .basic_ack(d.delivery_tag, BasicAckOptions::default())
                 .await
@@ -245,7 +286,10 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
             headers.insert(k.clone(), v.clone());
         }
     }
-    headers.insert(deadletter::H_REPLAYS.into(), AMQPValue::LongLongInt(replays + 1));
+    headers.insert(
+        deadletter::H_REPLAYS.into(),
+        AMQPValue::LongLongInt(replays + 1),
+    );
     p.clone().with_headers(headers).with_delivery_mode(2)
 }
 
@@ -259,13 +303,23 @@ pub fn print_table(out: &mut impl Write, views: &[DeadLetterView]) -> std::io::R
                 v.reason.clone().unwrap_or_else(|| "-".into()),
                 v.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
                 cut(v.error.as_deref().unwrap_or("-"), 60),
-                v.attempts.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                v.attempts
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 v.failed_at_ms.map(local_time).unwrap_or_else(|| "-".into()),
                 cut(&v.body.replace('\n', " "), 60),
             ]
         })
         .collect();
-    let heads = ["ACCOUNT", "REASON", "CODE", "ERROR", "ATTEMPTS", "FAILED AT", "BODY"];
+    let heads = [
+        "ACCOUNT",
+        "REASON",
+        "CODE",
+        "ERROR",
+        "ATTEMPTS",
+        "FAILED AT",
+        "BODY",
+    ];
     let mut widths: Vec<usize> = heads.iter().map(|h| h.chars().count()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -317,9 +371,14 @@ mod tests {
     fn replay_strips_imattr_headers_and_counts() {
         let mut h = FieldTable::default();
         h.insert("trace".into(), AMQPValue::LongString("t".into()));
-        h.insert(deadletter::H_REASON.into(), AMQPValue::LongString("rejected".into()));
+        h.insert(
+            deadletter::H_REASON.into(),
+            AMQPValue::LongString("rejected".into()),
+        );
         h.insert(deadletter::H_REPLAYS.into(), AMQPValue::LongLongInt(2));
-        let p = BasicProperties::default().with_message_id("m".into()).with_headers(h);
+        let p = BasicProperties::default()
+            .with_message_id("m".into())
+            .with_headers(h);
         let r = replay_properties(&p);
         let rh = r.headers().as_ref().unwrap();
         assert_eq!(header_i64(rh, deadletter::H_REPLAYS), Some(3));
@@ -331,12 +390,30 @@ mod tests {
     #[test]
     fn filter_and_view() {
         let mut h = FieldTable::default();
-        h.insert(deadletter::H_REASON.into(), AMQPValue::LongString("rejected".into()));
-        h.insert(deadletter::H_ERROR_CODE.into(), AMQPValue::LongLongInt(90033));
+        h.insert(
+            deadletter::H_REASON.into(),
+            AMQPValue::LongString("rejected".into()),
+        );
+        h.insert(
+            deadletter::H_ERROR_CODE.into(),
+            AMQPValue::LongLongInt(90033),
+        );
         assert!(Filter::default().matches(&h));
-        assert!(Filter { code: Some(90033), reason: Some("rejected".into()) }.matches(&h));
-        assert!(!Filter { code: Some(1), reason: None }.matches(&h));
-        assert!(!Filter { code: None, reason: Some("invalid-message".into()) }.matches(&h));
+        assert!(Filter {
+            code: Some(90033),
+            reason: Some("rejected".into())
+        }
+        .matches(&h));
+        assert!(!Filter {
+            code: Some(1),
+            reason: None
+        }
+        .matches(&h));
+        assert!(!Filter {
+            code: None,
+            reason: Some("invalid-message".into())
+        }
+        .matches(&h));
         let v = DeadLetterView::new(&BasicProperties::default().with_headers(h), &[0xff, 0]);
         assert_eq!(v.body_encoding, "base64");
         assert_eq!(v.code, Some(90033));

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
         }
     };
     let mut log = config.log.clone();
-    if matches!(cli.command, imattr::cli::Command::Demo | imattr::cli::Command::Bench { .. }) {
+    if matches!(
+        cli.command,
+        imattr::cli::Command::Demo | imattr::cli::Command::Bench { .. }
+    ) {
         // The demo and the benchmarks print their own report.
         log.level = "warn".into();
     }

@@ -37,7 +37,9 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("queue", &self.config.amqp.queue).finish()
+        f.debug_struct("Sandbox")
+            .field("queue", &self.config.amqp.queue)
+            .finish()
     }
 }
 
@@ -118,7 +120,11 @@ impl Sandbox {
         let body = body.as_ref();
         let rk = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
-            .and_then(|v| v.get("To_Account").and_then(|a| a.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("To_Account")
+                    .and_then(|a| a.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_default();
         self.publisher
             .lock()
@@ -159,7 +165,9 @@ impl Sandbox {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
                     "not drained after {timeout:?}: {} ready, {} unsettled",
-                    self.depth(&self.config.amqp.queue).await.unwrap_or(u32::MAX),
+                    self.depth(&self.config.amqp.queue)
+                        .await
+                        .unwrap_or(u32::MAX),
                     self.health.unsettled()
                 );
             }

@@ -123,7 +123,10 @@ impl Stats {
     }
     /// All requests to `api`.
     pub fn total(&self, api: &str) -> u64 {
-        self.requests.get(api).map(|m| m.values().sum()).unwrap_or(0)
+        self.requests
+            .get(api)
+            .map(|m| m.values().sum())
+            .unwrap_or(0)
     }
 }
 
@@ -158,7 +161,9 @@ pub struct SimHandle {
 
 impl std::fmt::Debug for SimHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimHandle").field("addr", &self.addr).finish()
+        f.debug_struct("SimHandle")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -298,8 +303,15 @@ async fn get_stats(State(s): State<Arc<Shared>>) -> Json<Stats> {
     Json(lock(&s.stats).clone())
 }
 
-async fn get_state(State(s): State<Arc<Shared>>) -> Json<BTreeMap<String, BTreeMap<String, String>>> {
-    Json(lock(&s.store).iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+async fn get_state(
+    State(s): State<Arc<Shared>>,
+) -> Json<BTreeMap<String, BTreeMap<String, String>>> {
+    Json(
+        lock(&s.store)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    )
 }
 
 const APIS: &[&str] = &[
@@ -400,8 +412,12 @@ async fn answer(s: &Shared, api: &str, query: &str, body: &[u8]) -> Answer {
         unix_now(),
     ) {
         Ok(_) => {}
-        Err(UserSigError::Undecodable(e)) => return Answer::fail(70003, format!("usersig invalid: {e}")),
-        Err(UserSigError::BadSignature) => return Answer::fail(70005, "usersig signature mismatch"),
+        Err(UserSigError::Undecodable(e)) => {
+            return Answer::fail(70003, format!("usersig invalid: {e}"))
+        }
+        Err(UserSigError::BadSignature) => {
+            return Answer::fail(70005, "usersig signature mismatch")
+        }
         Err(UserSigError::Expired { .. }) => return Answer::fail(70001, "usersig expired"),
         Err(UserSigError::IdentifierMismatch { .. }) => {
             return Answer::fail(70013, "usersig identifier does not match the request")
@@ -521,7 +537,10 @@ fn parse_user_attrs(json: &serde_json::Value) -> Result<Vec<UserAttrs>, Answer> 
         let mut m = BTreeMap::new();
         for (k, v) in attrs {
             let Some(v) = v.as_str() else {
-                return Err(Answer::fail(90033, format!("attribute {k} must be a string")));
+                return Err(Answer::fail(
+                    90033,
+                    format!("attribute {k} must be a string"),
+                ));
             };
             m.insert(k.clone(), v.to_string());
         }
@@ -537,7 +556,11 @@ fn set_attr(s: &Shared, faults: &Faults, list: Vec<UserAttrs>) -> Answer {
     if list.len() > faults.max_accounts {
         return Answer::fail(
             90018,
-            format!("{} accounts, over the limit of {}", list.len(), faults.max_accounts),
+            format!(
+                "{} accounts, over the limit of {}",
+                list.len(),
+                faults.max_accounts
+            ),
         );
     }
     let names: HashSet<String> = lock(&s.names).values().cloned().collect();
@@ -553,7 +576,10 @@ fn set_attr(s: &Shared, faults: &Faults, list: Vec<UserAttrs>) -> Answer {
                 return Answer::fail(90033, format!("invalid attribute: {k} is not registered"));
             }
             if v.len() > 50 {
-                return Answer::fail(90033, format!("invalid attribute: value of {k} over 50 bytes"));
+                return Answer::fail(
+                    90033,
+                    format!("invalid attribute: value of {k} over 50 bytes"),
+                );
             }
         }
     }
@@ -624,7 +650,9 @@ fn other_api(s: &Shared, api: &str, json: &serde_json::Value) -> Answer {
             let mut names = lock(&s.names);
             for (slot, name) in m {
                 let valid_slot = slot.parse::<u8>().is_ok_and(|n| n <= 9);
-                let Some(name) = name.as_str().filter(|n| valid_slot && !n.is_empty() && n.len() <= 50)
+                let Some(name) = name
+                    .as_str()
+                    .filter(|n| valid_slot && !n.is_empty() && n.len() <= 50)
                 else {
                     return Answer::fail(90033, format!("invalid attribute name slot {slot}"));
                 };

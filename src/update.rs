@@ -475,7 +475,9 @@ mod tests {
     }
 
     fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
-        p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -524,37 +526,112 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![0xff, 0xfe, b'{'], "not UTF-8"),
             (b"{\"To_Account\":".to_vec(), "not valid JSON"),
-            (b"{\"To_Account\":\"a\",\"Attrs\":{\"k\":\"v\"}} trailing".to_vec(), "not valid JSON"),
-            (vec![b' '; MAX_BODY_BYTES + 1], "over the 1048576-byte limit"),
+            (
+                b"{\"To_Account\":\"a\",\"Attrs\":{\"k\":\"v\"}} trailing".to_vec(),
+                "not valid JSON",
+            ),
+            (
+                vec![b' '; MAX_BODY_BYTES + 1],
+                "over the 1048576-byte limit",
+            ),
             (b"[1,2]".to_vec(), "neither"),
             (b"\"str\"".to_vec(), "neither"),
             (b"{}".to_vec(), "neither"),
             (b"{\"foo\":1}".to_vec(), "neither"),
             (br#"{"Attrs":{"k":"v"}}"#.to_vec(), "To_Account is missing"),
-            (br#"{"To_Account":"","Attrs":{"k":"v"}}"#.to_vec(), "To_Account is empty"),
-            (br#"{"To_Account":5,"Attrs":{"k":"v"}}"#.to_vec(), "To_Account is a number, not a string"),
-            (br#"{"To_Account":null,"Attrs":{"k":"v"}}"#.to_vec(), "To_Account is null"),
-            (format!(r#"{{"To_Account":"{a33}","Attrs":{{"k":"v"}}}}"#).into_bytes(), "To_Account is 33 bytes"),
+            (
+                br#"{"To_Account":"","Attrs":{"k":"v"}}"#.to_vec(),
+                "To_Account is empty",
+            ),
+            (
+                br#"{"To_Account":5,"Attrs":{"k":"v"}}"#.to_vec(),
+                "To_Account is a number, not a string",
+            ),
+            (
+                br#"{"To_Account":null,"Attrs":{"k":"v"}}"#.to_vec(),
+                "To_Account is null",
+            ),
+            (
+                format!(r#"{{"To_Account":"{a33}","Attrs":{{"k":"v"}}}}"#).into_bytes(),
+                "To_Account is 33 bytes",
+            ),
             (br#"{"To_Account":"a"}"#.to_vec(), "Attrs is missing"),
-            (br#"{"To_Account":"a","Attrs":[1]}"#.to_vec(), "Attrs is an array, not an object"),
-            (br#"{"To_Account":"a","Attrs":"x"}"#.to_vec(), "Attrs is a string, not an object"),
-            (br#"{"To_Account":"a","Attrs":{}}"#.to_vec(), "Attrs is empty"),
-            (br#"{"To_Account":"a","Attrs":{"k":1}}"#.to_vec(), "Attrs.k is a number, not a string"),
-            (br#"{"To_Account":"a","Attrs":{"k":{"x":1}}}"#.to_vec(), "Attrs.k is an object"),
-            (format!(r#"{{"To_Account":"a","Attrs":{{"k":"{v51}"}}}}"#).into_bytes(), "Attrs.k is 51 bytes, over the 50-byte limit"),
-            (br#"{"To_Account":"a","Attrs":{"":"v"}}"#.to_vec(), "empty attribute name"),
-            (format!(r#"{{"To_Account":"a","Attrs":{{"{n51}":"v"}}}}"#).into_bytes(), "is 51 bytes, over the 50-byte limit"),
-            (format!(r#"{{"To_Account":"a","Attrs":{{{eleven}}}}}"#).into_bytes(), "more than 10 attributes"),
-            (br#"{"To_Account":"a","Attrs":{"k":"v","k":"w"}}"#.to_vec(), "Attrs.k appears twice"),
-            (br#"{"To_Account":"a","To_Account":"b","Attrs":{"k":"v"}}"#.to_vec(), "duplicate field"),
-            (format!(r#"{{"UserAttrs":[{many}]}}"#).into_bytes(), "UserAttrs holds 1001 entries"),
+            (
+                br#"{"To_Account":"a","Attrs":[1]}"#.to_vec(),
+                "Attrs is an array, not an object",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":"x"}"#.to_vec(),
+                "Attrs is a string, not an object",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":{}}"#.to_vec(),
+                "Attrs is empty",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":{"k":1}}"#.to_vec(),
+                "Attrs.k is a number, not a string",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":{"k":{"x":1}}}"#.to_vec(),
+                "Attrs.k is an object",
+            ),
+            (
+                format!(r#"{{"To_Account":"a","Attrs":{{"k":"{v51}"}}}}"#).into_bytes(),
+                "Attrs.k is 51 bytes, over the 50-byte limit",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":{"":"v"}}"#.to_vec(),
+                "empty attribute name",
+            ),
+            (
+                format!(r#"{{"To_Account":"a","Attrs":{{"{n51}":"v"}}}}"#).into_bytes(),
+                "is 51 bytes, over the 50-byte limit",
+            ),
+            (
+                format!(r#"{{"To_Account":"a","Attrs":{{{eleven}}}}}"#).into_bytes(),
+                "more than 10 attributes",
+            ),
+            (
+                br#"{"To_Account":"a","Attrs":{"k":"v","k":"w"}}"#.to_vec(),
+                "Attrs.k appears twice",
+            ),
+            (
+                br#"{"To_Account":"a","To_Account":"b","Attrs":{"k":"v"}}"#.to_vec(),
+                "duplicate field",
+            ),
+            (
+                format!(r#"{{"UserAttrs":[{many}]}}"#).into_bytes(),
+                "UserAttrs holds 1001 entries",
+            ),
             (br#"{"UserAttrs":[]}"#.to_vec(), "UserAttrs is empty"),
-            (br#"{"UserAttrs":{}}"#.to_vec(), "UserAttrs is an object, not an array"),
-            (br#"{"UserAttrs":[1]}"#.to_vec(), "UserAttrs[0] is a number, not an object"),
-            (br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":"v"}},{"Attrs":{"k":"v"}}]}"#.to_vec(), "UserAttrs[1].To_Account is missing"),
-            (br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":2}}]}"#.to_vec(), "UserAttrs[0].Attrs.k is a number"),
-            (br#"{"UserAttrs":[{"To_Account":"a","To_Account":"b","Attrs":{"k":"v"}}]}"#.to_vec(), "UserAttrs[0].To_Account appears twice"),
-            (br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":"v"}}],"To_Account":"a"}"#.to_vec(), "mixes"),
+            (
+                br#"{"UserAttrs":{}}"#.to_vec(),
+                "UserAttrs is an object, not an array",
+            ),
+            (
+                br#"{"UserAttrs":[1]}"#.to_vec(),
+                "UserAttrs[0] is a number, not an object",
+            ),
+            (
+                br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":"v"}},{"Attrs":{"k":"v"}}]}"#
+                    .to_vec(),
+                "UserAttrs[1].To_Account is missing",
+            ),
+            (
+                br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":2}}]}"#.to_vec(),
+                "UserAttrs[0].Attrs.k is a number",
+            ),
+            (
+                br#"{"UserAttrs":[{"To_Account":"a","To_Account":"b","Attrs":{"k":"v"}}]}"#
+                    .to_vec(),
+                "UserAttrs[0].To_Account appears twice",
+            ),
+            (
+                br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":"v"}}],"To_Account":"a"}"#
+                    .to_vec(),
+                "mixes",
+            ),
         ];
         for (body, expected) in cases {
             let e = err(&body);
@@ -568,8 +645,14 @@ mod tests {
 
     #[test]
     fn more_than_ten_after_merging_entries() {
-        let a: String = (0..6).map(|i| format!("\"a{i}\":\"v\"")).collect::<Vec<_>>().join(",");
-        let b: String = (0..6).map(|i| format!("\"b{i}\":\"v\"")).collect::<Vec<_>>().join(",");
+        let a: String = (0..6)
+            .map(|i| format!("\"a{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let b: String = (0..6)
+            .map(|i| format!("\"b{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
         let body = format!(
             r#"{{"UserAttrs":[{{"To_Account":"x","Attrs":{{{a}}}}},{{"To_Account":"x","Attrs":{{{b}}}}}]}}"#
         );
@@ -595,7 +678,10 @@ mod tests {
             allowed: Some(&allowed),
         };
         let e = parse(br#"{"To_Account":"a","Attrs":{"age":"1"}}"#, &rules).unwrap_err();
-        assert_eq!(e.0, "Attrs.age is not one of the app's attribute names (city, sex)");
+        assert_eq!(
+            e.0,
+            "Attrs.age is not one of the app's attribute names (city, sex)"
+        );
         let e = parse(br#"{"To_Account":"a","Attrs":{"sex":"1234"}}"#, &rules).unwrap_err();
         assert_eq!(e.0, "Attrs.sex is 4 bytes, over the 3-byte limit");
         parse(br#"{"To_Account":"a","Attrs":{"sex":"123"}}"#, &rules).unwrap();
@@ -606,8 +692,13 @@ mod tests {
         let v50 = "v".repeat(50);
         let a32 = "a".repeat(32);
         let n50 = "n".repeat(50);
-        let ten: String = (0..10).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
-        ok(&format!(r#"{{"To_Account":"{a32}","Attrs":{{"{n50}":"{v50}"}}}}"#));
+        let ten: String = (0..10)
+            .map(|i| format!("\"k{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        ok(&format!(
+            r#"{{"To_Account":"{a32}","Attrs":{{"{n50}":"{v50}"}}}}"#
+        ));
         ok(&format!(r#"{{"To_Account":"a","Attrs":{{{ten}}}}}"#));
         let thousand: String = (0..1000)
             .map(|i| format!("{{\"To_Account\":\"u{i}\",\"Attrs\":{{\"k\":\"v\"}}}}"))

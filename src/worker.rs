@@ -16,7 +16,9 @@ use anyhow::Context;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
@@ -166,7 +168,11 @@ impl BatchCap {
 }
 
 /// Runs the daemon until `cancel`, reconnecting to the broker as needed.
-pub async fn run(config: Config, cancel: CancellationToken, health: Arc<Health>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
     config.validate_api()?;
     let client = Client::from_config(&config)?;
     let names = if config.attributes.allowed.is_empty() {
@@ -218,13 +224,24 @@ pub async fn run(config: Config, cancel: CancellationToken, health: Arc<Health>)
             }
             Ok(conn) => {
                 if let Some(since) = failing_since.take() {
-                    info!(down_secs = since.elapsed().as_secs(), "Connected to RabbitMQ again");
+                    info!(
+                        down_secs = since.elapsed().as_secs(),
+                        "Connected to RabbitMQ again"
+                    );
                 } else {
                     info!(url = %config.amqp.url, queue = %config.amqp.queue, "Connected to RabbitMQ");
                 }
                 reconnect.reset();
                 health.set_connected(true);
-                let session = Session::start(&config, &conn, client.clone(), names.clone(), cap.clone(), health.clone()).await;
+                let session = Session::start(
+                    &config,
+                    &conn,
+                    client.clone(),
+                    names.clone(),
+                    cap.clone(),
+                    health.clone(),
+                )
+                .await;
                 let end = match session {
                     Ok(s) => s.run(cancel.clone()).await,
                     Err(e) => Err(e),
@@ -247,7 +264,10 @@ pub async fn run(config: Config, cancel: CancellationToken, health: Arc<Health>)
             }
             Some(Err(e)) => {
                 metrics::counter!("imattr_broker_reconnects_total").increment(1);
-                error!(error = format!("{e:#}"), "Broker session failed; reconnecting");
+                error!(
+                    error = format!("{e:#}"),
+                    "Broker session failed; reconnecting"
+                );
             }
             None => {}
         }
@@ -343,7 +363,10 @@ impl<'a> Session<'a> {
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
             .context("setting the prefetch count")?;
-        let dl_ch = conn.create_channel().await.context("opening the dead-letter channel")?;
+        let dl_ch = conn
+            .create_channel()
+            .await
+            .context("opening the dead-letter channel")?;
         dl_ch
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -408,15 +431,23 @@ impl<'a> Session<'a> {
         loop {
             self.dispatch(draining.is_some());
             let flush_all = draining.is_some();
-            if let Err(e) = self.flush_acks(if flush_all { 0 } else { ack_backlog }).await {
+            if let Err(e) = self
+                .flush_acks(if flush_all { 0 } else { ack_backlog })
+                .await
+            {
                 return Ok(End::Lost(format!("acknowledging failed: {e}")));
             }
-            metrics::gauge!("imattr_pending_accounts").set(self.coalescer.pending_accounts() as f64);
-            self.health.unsettled.store(self.messages.len() + self.acks.waiting(), Ordering::Relaxed);
+            metrics::gauge!("imattr_pending_accounts")
+                .set(self.coalescer.pending_accounts() as f64);
+            self.health
+                .unsettled
+                .store(self.messages.len() + self.acks.waiting(), Ordering::Relaxed);
             if draining.is_some() && self.messages.is_empty() && self.tasks.is_empty() {
                 return Ok(End::Shutdown);
             }
-            let batch_deadline = if self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
+            let batch_deadline = if self.paused_by == 0
+                && self.batches_in_flight < self.config.tencent.max_in_flight
+            {
                 self.coalescer.deadline(max_wait)
             } else {
                 None
@@ -640,7 +671,12 @@ impl<'a> Session<'a> {
     async fn flush_acks(&mut self, max_waiting: usize) -> Result<(), lapin::Error> {
         for op in self.acks.take_acks(max_waiting) {
             self.consume_ch
-                .basic_ack(op.tag, BasicAckOptions { multiple: op.multiple })
+                .basic_ack(
+                    op.tag,
+                    BasicAckOptions {
+                        multiple: op.multiple,
+                    },
+                )
                 .await?;
         }
         Ok(())
@@ -678,7 +714,13 @@ async fn execute_batch(entries: Vec<Entry>, ctx: &BatchCtx) -> Vec<PartOutcome> 
                     error = %reply.info(),
                     "Retries exhausted; dead-lettering the batch's messages"
                 );
-                fail_all(&mut outcomes, entries, Reason::RetriesExhausted, &reply, prior + attempts);
+                fail_all(
+                    &mut outcomes,
+                    entries,
+                    Reason::RetriesExhausted,
+                    &reply,
+                    prior + attempts,
+                );
             }
             Sent::Split { attempts } => {
                 let (a, b) = split_half(entries);
@@ -696,7 +738,10 @@ async fn execute_batch(entries: Vec<Entry>, ctx: &BatchCtx) -> Vec<PartOutcome> 
                     // one by one, in order, to find the bad ones.
                     let e = entries.into_iter().next().expect("one entry");
                     for p in e.parts.into_iter().rev() {
-                        work.push_front((vec![Entry::from_parts(e.account.clone(), vec![p])], attempts));
+                        work.push_front((
+                            vec![Entry::from_parts(e.account.clone(), vec![p])],
+                            attempts,
+                        ));
                     }
                 } else {
                     fail_all(&mut outcomes, entries, Reason::Rejected, &reply, attempts);
@@ -713,7 +758,13 @@ fn split_half(mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>) {
     (entries, b)
 }
 
-fn fail_all(out: &mut Vec<PartOutcome>, entries: Vec<Entry>, reason: Reason, reply: &Reply, attempts: u32) {
+fn fail_all(
+    out: &mut Vec<PartOutcome>,
+    entries: Vec<Entry>,
+    reason: Reason,
+    reply: &Reply,
+    attempts: u32,
+) {
     for e in entries {
         for p in e.parts {
             out.push(PartOutcome {
@@ -781,7 +832,12 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Sent {
                     metrics::counter!("imattr_retries_total").increment(1);
                     Some(d)
                 }
-                None => break Sent::Exhausted { reply: r.reply, attempts },
+                None => {
+                    break Sent::Exhausted {
+                        reply: r.reply,
+                        attempts,
+                    }
+                }
             },
             Class::RateLimited => rate_backoff.next_backoff(),
             Class::Signature if !renewed && ctx.client.signer().invalidate() => {
@@ -795,7 +851,12 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Sent {
                 warn!(accounts = entries.len(), "Too many accounts for the API (90018); splitting and lowering the batch size for a while");
                 break Sent::Split { attempts };
             }
-            Class::TooManyAccounts | Class::Rejected => break Sent::Rejected { reply: r.reply, attempts },
+            Class::TooManyAccounts | Class::Rejected => {
+                break Sent::Rejected {
+                    reply: r.reply,
+                    attempts,
+                }
+            }
             Class::Signature | Class::Misconfigured => {
                 if !paused {
                     paused = true;

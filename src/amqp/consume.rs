@@ -93,10 +93,22 @@ mod tests {
         for tag in [3, 1, 2] {
             t.settle(tag);
         }
-        assert_eq!(t.take_acks(100), vec![AckOp { tag: 3, multiple: true }]);
+        assert_eq!(
+            t.take_acks(100),
+            vec![AckOp {
+                tag: 3,
+                multiple: true
+            }]
+        );
         assert!(t.take_acks(100).is_empty());
         t.settle(4);
-        assert_eq!(t.take_acks(100), vec![AckOp { tag: 4, multiple: true }]);
+        assert_eq!(
+            t.take_acks(100),
+            vec![AckOp {
+                tag: 4,
+                multiple: true
+            }]
+        );
     }
 
     #[test]
@@ -105,22 +117,49 @@ mod tests {
         t.settle(1);
         t.settle(3);
         t.settle(4);
-        assert_eq!(t.take_acks(2), vec![AckOp { tag: 1, multiple: true }]);
+        assert_eq!(
+            t.take_acks(2),
+            vec![AckOp {
+                tag: 1,
+                multiple: true
+            }]
+        );
         assert_eq!(t.waiting(), 2);
         t.settle(5);
         assert_eq!(
             t.take_acks(2),
             vec![
-                AckOp { tag: 3, multiple: false },
-                AckOp { tag: 4, multiple: false },
-                AckOp { tag: 5, multiple: false }
+                AckOp {
+                    tag: 3,
+                    multiple: false
+                },
+                AckOp {
+                    tag: 4,
+                    multiple: false
+                },
+                AckOp {
+                    tag: 5,
+                    multiple: false
+                }
             ]
         );
         // The gap fills: the multiple ack must end on a tag not yet acked.
         t.settle(2);
-        assert_eq!(t.take_acks(2), vec![AckOp { tag: 2, multiple: true }]);
+        assert_eq!(
+            t.take_acks(2),
+            vec![AckOp {
+                tag: 2,
+                multiple: true
+            }]
+        );
         t.settle(6);
-        assert_eq!(t.take_acks(2), vec![AckOp { tag: 6, multiple: true }]);
+        assert_eq!(
+            t.take_acks(2),
+            vec![AckOp {
+                tag: 6,
+                multiple: true
+            }]
+        );
         // Settling an already acked tag again is ignored.
         t.settle(4);
         assert!(t.take_acks(0).is_empty());
@@ -133,16 +172,43 @@ mod tests {
         t.settle(5);
         assert_eq!(
             t.take_acks(0),
-            vec![AckOp { tag: 2, multiple: false }, AckOp { tag: 5, multiple: false }]
+            vec![
+                AckOp {
+                    tag: 2,
+                    multiple: false
+                },
+                AckOp {
+                    tag: 5,
+                    multiple: false
+                }
+            ]
         );
         t.settle(1);
-        assert_eq!(t.take_acks(0), vec![AckOp { tag: 1, multiple: true }]);
+        assert_eq!(
+            t.take_acks(0),
+            vec![AckOp {
+                tag: 1,
+                multiple: true
+            }]
+        );
         t.settle(3);
         t.settle(4);
         // 3 and 4 end the run; 5 was acked alone, so the run stops at 4... and 5 is absorbed.
-        assert_eq!(t.take_acks(0), vec![AckOp { tag: 4, multiple: true }]);
+        assert_eq!(
+            t.take_acks(0),
+            vec![AckOp {
+                tag: 4,
+                multiple: true
+            }]
+        );
         t.settle(6);
-        assert_eq!(t.take_acks(0), vec![AckOp { tag: 6, multiple: true }]);
+        assert_eq!(
+            t.take_acks(0),
+            vec![AckOp {
+                tag: 6,
+                multiple: true
+            }]
+        );
     }
 
     /// Every settled tag is acknowledged exactly once, whatever the order.
@@ -153,7 +219,9 @@ mod tests {
             let n = 1 + round % 60;
             let mut tags: Vec<u64> = (1..=n).collect();
             for i in (1..tags.len()).rev() {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 tags.swap(i, (seed >> 33) as usize % (i + 1));
             }
             let mut t = AckTracker::new();
@@ -161,7 +229,7 @@ mod tests {
             let mut floor = 0;
             for (i, tag) in tags.iter().enumerate() {
                 t.settle(*tag);
-                for op in t.take_acks((i % 4) as usize) {
+                for op in t.take_acks(i % 4) {
                     if op.multiple {
                         assert!(op.tag > floor);
                         assert!(!acked.contains(&op.tag), "multiple ack on an acked tag");

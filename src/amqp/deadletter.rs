@@ -97,10 +97,7 @@ pub fn dead_letter_properties(
     headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at_ms));
     headers.insert(H_SOURCE_QUEUE.into(), long_string(source_queue));
     headers.insert(H_ROUTING_KEY.into(), long_string(routing_key));
-    original
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
+    original.clone().with_headers(headers).with_delivery_mode(2)
 }
 
 /// Publishes to `exchange` and waits for the broker's confirm (the channel must
@@ -174,9 +171,10 @@ pub fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
         AMQPValue::LongString(s) => J::from(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::FieldArray(a) => J::Array(a.as_slice().iter().map(amqp_to_json).collect()),
         AMQPValue::FieldTable(t) => table_to_json(t),
-        AMQPValue::ByteArray(b) => J::from(
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b.as_slice()),
-        ),
+        AMQPValue::ByteArray(b) => J::from(base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            b.as_slice(),
+        )),
         AMQPValue::Void => J::Null,
         other => J::from(format!("{other:?}")),
     }
@@ -215,7 +213,10 @@ mod tests {
             attempts: 3,
         };
         let p = dead_letter_properties(&original, &f, "q", "u1", 1234);
-        assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), "m-1");
         assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "c-1");
         assert_eq!(*p.timestamp(), Some(1700000000));

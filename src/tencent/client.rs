@@ -99,7 +99,9 @@ struct EntryRef<'a> {
 }
 
 /// Builds an `im_set_attr` body from `(account, attributes)` pairs.
-pub fn set_attr_body<'a>(entries: impl Iterator<Item = (&'a str, &'a [(String, String)])>) -> Vec<u8> {
+pub fn set_attr_body<'a>(
+    entries: impl Iterator<Item = (&'a str, &'a [(String, String)])>,
+) -> Vec<u8> {
     let list: Vec<EntryRef<'a>> = entries
         .map(|(to_account, attrs)| EntryRef {
             to_account,
@@ -326,9 +328,12 @@ impl Client {
 
     /// `im_set_attr_name`: registers names by slot ("0" to "9").
     pub async fn set_attr_names(&self, names: &BTreeMap<String, String>) -> Result<(), ApiError> {
-        self.call_json(api::SET_ATTR_NAME, &serde_json::json!({ "AttrNames": names }))
-            .await
-            .map(|_| ())
+        self.call_json(
+            api::SET_ATTR_NAME,
+            &serde_json::json!({ "AttrNames": names }),
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -374,8 +379,11 @@ mod tests {
 
     #[test]
     fn body_shape() {
-        let a = vec![("sex".to_string(), "m".to_string()), ("city".into(), "x\"y".into())];
-        let b = vec![("city".to_string(), "z".to_string())];
+        let a = [
+            ("sex".to_string(), "m".to_string()),
+            ("city".into(), "x\"y".into()),
+        ];
+        let b = [("city".to_string(), "z".to_string())];
         let body = set_attr_body([("u1", &a[..]), ("u2", &b[..])].into_iter());
         assert_eq!(
             String::from_utf8(body).unwrap(),

@@ -161,9 +161,15 @@ mod tests {
     #[test]
     fn every_code_of_the_contract_table() {
         let table: &[(&[i64], Class)] = &[
-            (&[91000, 60008, 60013, 60014, 70169, 70500], Class::Transient),
+            (
+                &[91000, 60008, 60013, 60014, 70169, 70500],
+                Class::Transient,
+            ),
             (&[60007, 60011, 60018, 60019], Class::RateLimited),
-            (&[70001, 70052, 60004, 60005, 70003, 70005], Class::Signature),
+            (
+                &[70001, 70052, 60004, 60005, 70003, 70005],
+                Class::Signature,
+            ),
             (&[90018], Class::TooManyAccounts),
             (&[90033, 90001, 60003, 60015, 70107, 70402], Class::Rejected),
             (

@@ -90,7 +90,13 @@ pub fn hmac_sig(key: &str, identifier: &str, sdkappid: u64, time: u64, expire: u
 }
 
 /// Generates a UserSig signed at `time` (Unix seconds) valid for `expire` seconds.
-pub fn gen_usersig_at(key: &str, sdkappid: u64, identifier: &str, time: u64, expire: u64) -> String {
+pub fn gen_usersig_at(
+    key: &str,
+    sdkappid: u64,
+    identifier: &str,
+    time: u64,
+    expire: u64,
+) -> String {
     let doc = SigDoc {
         ver: "2.0".into(),
         identifier: identifier.into(),
@@ -263,9 +269,16 @@ impl Signer {
                         return sig.clone();
                     }
                 }
-                let sig = gen_usersig_at(key.expose(), self.sdkappid, &self.identifier, now, self.ttl_secs);
+                let sig = gen_usersig_at(
+                    key.expose(),
+                    self.sdkappid,
+                    &self.identifier,
+                    now,
+                    self.ttl_secs,
+                );
                 *cache = Some((sig.clone(), now));
-                self.renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.renewals
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 sig
             }
         }

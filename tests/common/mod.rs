@@ -1,0 +1,67 @@
+//! The shared integration-test helper: a sandbox (simulator + uniquely named
+//! queues on the local RabbitMQ + the worker) with test-friendly settings.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use imattr::config::Config;
+pub use imattr::sandbox::Sandbox;
+pub use imattr::simulator::Faults;
+
+/// How long a test waits for the worker to drain before failing.
+pub const DRAIN: Duration = Duration::from_secs(60);
+
+/// Test settings: fast retries and batches, no admin port.
+pub fn base_config() -> Config {
+    let mut c = Config::default();
+    if let Ok(url) = std::env::var("IMATTR_TEST_AMQP_URL") {
+        c.amqp.url = imattr::config::AmqpUrl::new(url);
+    }
+    c.retry.initial_interval_ms = 20;
+    c.retry.max_interval_ms = 500;
+    c.retry.max_elapsed_secs = 60;
+    c.batch.max_wait_ms = 50;
+    c.shutdown.timeout_secs = 10;
+    c.tencent.timeout_ms = 2000;
+    c
+}
+
+/// Logs to the test output when RUST_LOG is set.
+pub fn init_logs() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+}
+
+/// A sandbox with the test settings, `tweak` applied, the worker not started.
+pub async fn sandbox(
+    attr_names: &[&str],
+    faults: Faults,
+    tweak: impl FnOnce(&mut Config),
+) -> Sandbox {
+    init_logs();
+    Sandbox::start(&base_config(), "imattr.test", attr_names, faults, tweak)
+        .await
+        .expect("RabbitMQ must run on 127.0.0.1:5672 (rabbitmq-server -detached)")
+}
+
+/// `{"To_Account":a,"Attrs":{k:v,…}}`
+pub fn update(account: &str, attrs: &[(&str, &str)]) -> Vec<u8> {
+    let m: serde_json::Map<String, serde_json::Value> = attrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"To_Account": account, "Attrs": m})).unwrap()
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
