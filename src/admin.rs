@@ -44,14 +44,15 @@ struct AdminState {
     prometheus: Option<PrometheusHandle>,
 }
 
-/// Starts the admin endpoint on `listen` ("" turns it off); it stops with `cancel`.
+/// Starts the admin endpoint on `listen` ("" turns it off); it stops with
+/// `cancel`. Returns the address it listens on.
 pub async fn serve(
     listen: &str,
     health: Arc<Health>,
     cancel: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if listen.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -72,7 +73,7 @@ pub async fn serve(
             .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await;
     });
-    Ok(())
+    Ok(Some(addr))
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

@@ -1,0 +1,322 @@
+//! Production readiness (issue 6): each fault-injection test proves that every
+//! published update is applied or dead-lettered, and that the final state is
+//! last-value-wins.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+type Expected = HashMap<String, BTreeMap<String, String>>;
+
+/// Publishes `n` updates over `accounts` accounts with increasing values.
+async fn publish_stream(sb: &Sandbox, n: usize, accounts: usize, from: usize, expected: &mut Expected) {
+    for i in from..from + n {
+        let a = format!("acc{}", (i * 7919) % accounts);
+        let v = i.to_string();
+        expected.entry(a.clone()).or_default().insert("n".into(), v.clone());
+        sb.publish(update(&a, &[("n", &v)])).await.unwrap();
+    }
+}
+
+async fn assert_final(sb: &Sandbox, expected: &Expected) {
+    assert_eq!(&sb.state(), expected, "final state is last-value-wins");
+    assert!(sb.dead_letters().await.unwrap().is_empty());
+}
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be on PATH for this test");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Closes the broker connections whose name contains `name`; returns how many.
+fn close_connections(name: &str) -> usize {
+    let list = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
+    let mut n = 0;
+    for line in list.lines().filter(|l| l.contains(name)) {
+        let pid = line.split_whitespace().next().unwrap();
+        rabbitmqctl(&["close_connection", pid, "closed by the resilience test"]);
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_closing_the_connection_twice() {
+    let mut sb = sandbox(&["n"], Faults { latency_ms: (2, 8), ..Faults::default() }, |c| {
+        c.batch.max_accounts = 20;
+    })
+    .await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    let name = format!("imattr run {}", sb.config.amqp.queue);
+    for round in 0..2 {
+        publish_stream(&sb, 1500, 300, round * 1500, &mut expected).await;
+        let sim = &sb.sim;
+        let before = sim.stats().accounts_written;
+        eventually(DRAIN, "some progress", || sim.stats().accounts_written > before + 50).await;
+        assert_eq!(close_connections(&name), 1, "the worker's connection is named {name:?}");
+        let health = sb.health.clone();
+        eventually(DRAIN, "reconnected", || health.is_consuming()).await;
+    }
+    publish_stream(&sb, 500, 300, 3000, &mut expected).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_final(&sb, &expected).await;
+    assert_eq!(sb.sim.stats().overlapping_account_requests, 0);
+    sb.stop_worker().await.unwrap();
+    assert_eq!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap(), 0);
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_with_sigkill_then_restarted() {
+    let mut sb = sandbox(&["n"], Faults { latency_ms: (5, 10), ..Faults::default() }, |c| {
+        c.batch.max_accounts = 10;
+        c.tencent.max_in_flight = 2;
+    })
+    .await;
+    let mut expected = Expected::new();
+    publish_stream(&sb, 3000, 500, 0, &mut expected).await;
+    sb.confirm().await.unwrap();
+    let mut child = imattr(&sb.config).arg("run").stderr(std::process::Stdio::null()).spawn().unwrap();
+    let sim = &sb.sim;
+    eventually(Duration::from_secs(30), "some progress", || sim.stats().accounts_written >= 200).await;
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    assert!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap() > 0);
+    sb.start_worker();
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_final(&sb, &expected).await;
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refusing_connections_for_a_while() {
+    let mut sb = sandbox(&["n"], Faults::default(), |c| {
+        c.retry.max_interval_ms = 300;
+    })
+    .await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    publish_stream(&sb, 500, 100, 0, &mut expected).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    sb.sim.pause().await;
+    publish_stream(&sb, 1000, 100, 500, &mut expected).await;
+    sb.confirm().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(sb.health.unsettled() > 0, "updates wait while the API is down");
+    sb.sim.resume().await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_final(&sb, &expected).await;
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_slower_than_the_timeout_for_a_while() {
+    let faults = Faults {
+        latency_ms: (400, 400),
+        ..Faults::default()
+    };
+    let mut sb = sandbox(&["n"], faults, |c| {
+        c.tencent.timeout_ms = 100;
+        c.retry.max_interval_ms = 200;
+    })
+    .await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    publish_stream(&sb, 300, 50, 0, &mut expected).await;
+    sb.confirm().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sb.sim.update_faults(|f| f.latency_ms = (0, 5));
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_final(&sb, &expected).await;
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_91000_and_five_percent_http_500() {
+    let faults = Faults {
+        fail_rate: 0.3,
+        http_error_rate: 0.05,
+        rate_limit: 0,
+        ..Faults::default()
+    };
+    let mut sb = sandbox(&["n"], faults, |c| {
+        c.batch.max_accounts = 10;
+        c.retry.initial_interval_ms = 5;
+        c.retry.max_interval_ms = 50;
+        c.retry.max_elapsed_secs = 0;
+    })
+    .await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    publish_stream(&sb, 3000, 400, 0, &mut expected).await;
+    sb.wait_drained(Duration::from_secs(120)).await.unwrap();
+    let stats = sb.sim.stats();
+    assert!(stats.count("im_set_attr", 91000) > 10, "{stats:?}");
+    assert!(stats.count("im_set_attr", -500) > 0, "{stats:?}");
+    assert_final(&sb, &expected).await;
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_queue_is_declared_again_and_consumed() {
+    let mut sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    publish_stream(&sb, 100, 10, 0, &mut expected).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    rabbitmqctl(&["delete_queue", &sb.config.amqp.queue]);
+    let health = sb.health.clone();
+    eventually(DRAIN, "consuming again", || health.is_consuming() && health.readiness().is_ok()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(DRAIN, "consuming again", || health.is_consuming()).await;
+    publish_stream(&sb, 100, 10, 100, &mut expected).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_final(&sb, &expected).await;
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
+    let mut c = base_config();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"));
+    let sim = imattr::simulator::Simulator::start(Default::default()).await.unwrap();
+    c.tencent.base_url = sim.url();
+    c.tencent.sdkappid = sim.sdkappid();
+    c.tencent.secret_key = imattr::config::Secret::new(sim.secret_key());
+    c.attributes.allowed = vec!["n".into()];
+    let health = std::sync::Arc::new(imattr::worker::Health::default());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(imattr::worker::run(c, cancel.clone(), health.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!task.is_finished(), "it keeps trying");
+    assert!(health.readiness().unwrap_err().contains("not connected"));
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_reports_health_readiness_and_metrics() {
+    let mut sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    sb.start_worker();
+    let cancel = CancellationToken::new();
+    let addr = imattr::admin::serve("127.0.0.1:0", sb.health.clone(), cancel.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    let health = sb.health.clone();
+    eventually(DRAIN, "ready", || health.readiness().is_ok()).await;
+    assert_eq!(get("/readyz").await, (200, "ready\n".to_string()));
+    let mut expected = Expected::new();
+    publish_stream(&sb, 200, 20, 0, &mut expected).await;
+    sb.publish(b"not json").await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "imattr_messages_received_total",
+        "imattr_messages_acked_total",
+        "imattr_messages_dead_lettered_total{reason=\"invalid-message\"}",
+        "imattr_api_requests_total{class=\"success\",code=\"0\"}",
+        "imattr_api_request_duration_seconds_bucket",
+        "imattr_request_accounts_bucket",
+        "imattr_pending_accounts",
+        "imattr_in_flight_requests",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    // Misconfigured: not ready, with the reason.
+    sb.sim.update_faults(|f| f.misconfigured = true);
+    sb.publish(update("acc1", &[("n", "x")])).await.unwrap();
+    eventually(DRAIN, "paused", || health.is_paused()).await;
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("90009"), "{body}");
+    assert!(get("/metrics").await.1.contains("imattr_paused 1"));
+    sb.sim.update_faults(|f| f.misconfigured = false);
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(get("/readyz").await.0, 200);
+    cancel.cancel();
+    sb.cleanup().await.unwrap();
+}
+
+/// A run at trace level with a known secret key, AMQP password and usersig
+/// never prints any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_appear_in_trace_logs() {
+    let user = "imattr_secret_test";
+    let password = "AmqpPw-7f3c9e1d";
+    if rabbitmqctl(&["list_users", "-q"]).lines().all(|l| !l.starts_with(user)) {
+        rabbitmqctl(&["add_user", user, password]);
+    } else {
+        rabbitmqctl(&["change_password", user, password]);
+    }
+    rabbitmqctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
+
+    let mut sb = sandbox(&["n"], Faults { fail_rate: 0.2, ..Faults::default() }, |c| {
+        c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"));
+    })
+    .await;
+    let key = sb.config.tencent.secret_key.expose().to_string();
+    let fixed_sig = imattr::tencent::usersig::gen_usersig_at(
+        &key,
+        sb.config.tencent.sdkappid,
+        "administrator",
+        imattr::tencent::usersig::unix_now(),
+        86400,
+    );
+    let mut expected = Expected::new();
+    // Once with the secret key, once with a fixed usersig.
+    for (round, use_fixed) in [false, true].into_iter().enumerate() {
+        let mut cfg = sb.config.clone();
+        if use_fixed {
+            cfg.tencent.secret_key = imattr::config::Secret::default();
+            cfg.tencent.usersig = imattr::config::Secret::new(fixed_sig.clone());
+        }
+        publish_stream(&sb, 200, 30, round * 200, &mut expected).await;
+        sb.confirm().await.unwrap();
+        sb.publish(b"{\"bad\":1}").await.unwrap();
+        // To a file: an unread pipe would fill up and block the worker.
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("trace.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = imattr(&cfg)
+            .arg("run")
+            .env("RUST_LOG", "trace")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap().to_string();
+        let sim = &sb.sim;
+        let want = expected.clone();
+        eventually(DRAIN, "applied", || sim.state() == want).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(0));
+        let logs = String::from_utf8_lossy(&std::fs::read(&log_path).unwrap()).into_owned();
+        assert!(logs.len() > 10_000, "trace logging was on ({} bytes)", logs.len());
+        assert!(logs.contains("TRACE"), "trace logging was on");
+        for secret in [password, key.as_str(), fixed_sig.as_str()] {
+            assert!(!logs.contains(secret), "a secret leaked into the logs");
+        }
+        assert!(!logs.contains("usersig="), "a URL with its usersig leaked into the logs");
+    }
+    sb.cleanup().await.unwrap();
+}
