@@ -13,7 +13,10 @@ async fn bad_configuration_exits_2_naming_the_key_and_never_shows_secrets() {
     c.amqp.url = imattr::config::AmqpUrl::new("amqp://user:TOPSECRETPW@127.0.0.1:5672/%2f");
     let (code, out, err) = imattr_output(&c, &["config"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(!out.contains("TOPSECRET") && !err.contains("TOPSECRET"), "{out}{err}");
+    assert!(
+        !out.contains("TOPSECRET") && !err.contains("TOPSECRET"),
+        "{out}{err}"
+    );
     assert!(out.contains("amqp://user:***@127.0.0.1:5672/%2f"), "{out}");
 
     let mut cmd = imattr(&c);
@@ -39,7 +42,10 @@ async fn bad_configuration_exits_2_naming_the_key_and_never_shows_secrets() {
 #[tokio::test]
 async fn unreachable_broker_says_how_to_start_one() {
     let mut c = base_config();
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"));
     let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
     assert_eq!(code, 1, "{err}");
@@ -51,29 +57,50 @@ async fn unreachable_broker_says_how_to_start_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
-    let mut sb = sandbox(&["n"], Faults { latency_ms: (5, 15), ..Faults::default() }, |c| {
-        c.batch.max_accounts = 10;
-        c.tencent.max_in_flight = 2;
-    })
+    let mut sb = sandbox(
+        &["n"],
+        Faults {
+            latency_ms: (5, 15),
+            ..Faults::default()
+        },
+        |c| {
+            c.batch.max_accounts = 10;
+            c.tencent.max_in_flight = 2;
+        },
+    )
     .await;
     let mut expected = std::collections::HashMap::new();
     for i in 0..3000 {
         let a = format!("u{}", i % 400);
         expected.insert(a.clone(), i.to_string());
-        sb.publish(update(&a, &[("n", &i.to_string())])).await.unwrap();
+        sb.publish(update(&a, &[("n", &i.to_string())]))
+            .await
+            .unwrap();
     }
     sb.confirm().await.unwrap();
     let mut child = imattr(&sb.config).arg("run").spawn().unwrap();
     let sim = &sb.sim;
-    eventually(Duration::from_secs(30), "some progress", || sim.stats().accounts_written >= 200).await;
+    eventually(Duration::from_secs(30), "some progress", || {
+        sim.stats().accounts_written >= 200
+    })
+    .await;
     let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
     assert!(kill.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let left = sb.depth(&sb.config.amqp.queue.clone()).await.unwrap();
     assert!(left < 3000, "progress was made and acked");
-    assert!(left > 0, "stopped mid-stream (raise the message count if this machine is fast)");
+    assert!(
+        left > 0,
+        "stopped mid-stream (raise the message count if this machine is fast)"
+    );
     sb.start_worker();
     sb.wait_drained(DRAIN).await.unwrap();
     let state = sb.state();
@@ -91,8 +118,19 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
 async fn publish_from_the_command_line_and_files() {
     let mut sb = sandbox(&["sex", "city"], Faults::default(), |_| {}).await;
     sb.start_worker();
-    let (code, out, err) =
-        imattr_output(&sb.config, &["publish", "--account", "xiaojun012", "--attr", "sex=attr1", "--attr", "city=attr2"]).await;
+    let (code, out, err) = imattr_output(
+        &sb.config,
+        &[
+            "publish",
+            "--account",
+            "xiaojun012",
+            "--attr",
+            "sex=attr1",
+            "--attr",
+            "city=attr2",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "published 1");
 
@@ -100,20 +138,31 @@ async fn publish_from_the_command_line_and_files() {
     let file = dir.path().join("u.ndjson");
     let mut lines = String::new();
     for i in 0..500 {
-        lines.push_str(&format!("{{\"To_Account\":\"f{i}\",\"Attrs\":{{\"city\":\"c{i}\"}}}}\n"));
+        lines.push_str(&format!(
+            "{{\"To_Account\":\"f{i}\",\"Attrs\":{{\"city\":\"c{i}\"}}}}\n"
+        ));
     }
     lines.push_str("{\"To_Account\":\"bad\"}\n");
     lines.push_str("not json\n");
     std::fs::write(&file, &lines).unwrap();
-    let (code, out, err) = imattr_output(&sb.config, &["publish", "--file", file.to_str().unwrap()]).await;
+    let (code, out, err) =
+        imattr_output(&sb.config, &["publish", "--file", file.to_str().unwrap()]).await;
     assert_eq!(code, 1, "invalid lines refuse the whole file");
     assert!(err.contains("line 501: Attrs is missing"), "{err}");
     assert!(err.contains("line 502: body is not valid JSON"), "{err}");
     assert!(out.is_empty(), "{out}");
     assert_eq!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap(), 0);
 
-    let (code, out, err) =
-        imattr_output(&sb.config, &["publish", "--file", file.to_str().unwrap(), "--skip-invalid"]).await;
+    let (code, out, err) = imattr_output(
+        &sb.config,
+        &[
+            "publish",
+            "--file",
+            file.to_str().unwrap(),
+            "--skip-invalid",
+        ],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "published 500");
     sb.wait_drained(DRAIN).await.unwrap();
@@ -130,12 +179,19 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
         reject_attrs: vec!["city".into()],
         ..Faults::default()
     };
-    let mut sb = sandbox(&["sex", "city"], faults, |c| c.attributes.allowed = vec!["sex".into(), "city".into()]).await;
+    let mut sb = sandbox(&["sex", "city"], faults, |c| {
+        c.attributes.allowed = vec!["sex".into(), "city".into()]
+    })
+    .await;
     sb.start_worker();
     for i in 0..3 {
-        sb.publish(update(&format!("r{i}"), &[("city", &format!("c{i}"))])).await.unwrap();
+        sb.publish(update(&format!("r{i}"), &[("city", &format!("c{i}"))]))
+            .await
+            .unwrap();
     }
-    sb.publish(br#"{"To_Account":"x","Attrs":{"age":"1"}}"#).await.unwrap();
+    sb.publish(br#"{"To_Account":"x","Attrs":{"age":"1"}}"#)
+        .await
+        .unwrap();
     sb.publish(update("ok", &[("sex", "m")])).await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
     let cfg = sb.config.clone();
@@ -145,19 +201,31 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
     assert_eq!(code, 0, "{err}");
     assert!(table.starts_with("ACCOUNT"), "{table}");
     assert_eq!(table.lines().count(), 5, "{table}");
-    assert!(table.contains("rejected") && table.contains("90033") && table.contains("invalid-message"), "{table}");
+    assert!(
+        table.contains("rejected") && table.contains("90033") && table.contains("invalid-message"),
+        "{table}"
+    );
     let (_, table2, _) = imattr_output(&cfg, &["dlq", "list"]).await;
     assert_eq!(table, table2);
     let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json", "--limit", "2"]).await;
     assert_eq!(json.lines().count(), 2);
     let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json"]).await;
-    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 4);
-    let rejected: Vec<_> = rows.iter().filter(|r| r["headers"]["x-imattr-reason"] == "rejected").collect();
+    let rejected: Vec<_> = rows
+        .iter()
+        .filter(|r| r["headers"]["x-imattr-reason"] == "rejected")
+        .collect();
     assert_eq!(rejected.len(), 3);
     assert_eq!(rejected[0]["headers"]["x-imattr-error-code"], 90033);
     assert_eq!(rejected[0]["body_encoding"], "utf8");
-    let invalid: Vec<_> = rows.iter().filter(|r| r["reason"] == "invalid-message").collect();
+    let invalid: Vec<_> = rows
+        .iter()
+        .filter(|r| r["reason"] == "invalid-message")
+        .collect();
     assert_eq!(invalid.len(), 1);
     assert!(invalid[0]["error"].as_str().unwrap().contains("Attrs.age"));
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
@@ -165,7 +233,8 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
     // export leaves everything in place.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dead.ndjson");
-    let (code, _, err) = imattr_output(&cfg, &["dlq", "export", "--out", out.to_str().unwrap()]).await;
+    let (code, _, err) =
+        imattr_output(&cfg, &["dlq", "export", "--out", out.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
@@ -174,12 +243,17 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
     let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--dry-run"]).await;
     assert_eq!(out.trim(), "would replay 3");
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
-    let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--reason", "invalid-message", "--dry-run"]).await;
+    let (_, out, _) = imattr_output(
+        &cfg,
+        &["dlq", "replay", "--reason", "invalid-message", "--dry-run"],
+    )
+    .await;
     assert_eq!(out.trim(), "would replay 1");
 
     // Fix the cause, replay: applied, and only the invalid one stays.
     sb.sim.update_faults(|f| f.reject_attrs.clear());
-    let (code, out, err) = imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--limit", "2"]).await;
+    let (code, out, err) =
+        imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--limit", "2"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "replayed 2");
     let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--reason", "rejected"]).await;

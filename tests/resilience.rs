@@ -13,11 +13,20 @@ use tokio_util::sync::CancellationToken;
 type Expected = HashMap<String, BTreeMap<String, String>>;
 
 /// Publishes `n` updates over `accounts` accounts with increasing values.
-async fn publish_stream(sb: &Sandbox, n: usize, accounts: usize, from: usize, expected: &mut Expected) {
+async fn publish_stream(
+    sb: &Sandbox,
+    n: usize,
+    accounts: usize,
+    from: usize,
+    expected: &mut Expected,
+) {
     for i in from..from + n {
         let a = format!("acc{}", (i * 7919) % accounts);
         let v = i.to_string();
-        expected.entry(a.clone()).or_default().insert("n".into(), v.clone());
+        expected
+            .entry(a.clone())
+            .or_default()
+            .insert("n".into(), v.clone());
         sb.publish(update(&a, &[("n", &v)])).await.unwrap();
     }
 }
@@ -32,13 +41,23 @@ fn rabbitmqctl(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("rabbitmqctl must be on PATH for this test");
-    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Closes the broker connections whose name contains `name`; returns how many.
 fn close_connections(name: &str) -> usize {
-    let list = rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "pid", "client_properties"]);
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
     let mut n = 0;
     for line in list.lines().filter(|l| l.contains(name)) {
         let pid = line.split_whitespace().next().unwrap();
@@ -50,9 +69,16 @@ fn close_connections(name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_the_connection_twice() {
-    let mut sb = sandbox(&["n"], Faults { latency_ms: (2, 8), ..Faults::default() }, |c| {
-        c.batch.max_accounts = 20;
-    })
+    let mut sb = sandbox(
+        &["n"],
+        Faults {
+            latency_ms: (2, 8),
+            ..Faults::default()
+        },
+        |c| {
+            c.batch.max_accounts = 20;
+        },
+    )
     .await;
     sb.start_worker();
     let mut expected = Expected::new();
@@ -61,8 +87,15 @@ async fn broker_closing_the_connection_twice() {
         publish_stream(&sb, 1500, 300, round * 1500, &mut expected).await;
         let sim = &sb.sim;
         let before = sim.stats().accounts_written;
-        eventually(DRAIN, "some progress", || sim.stats().accounts_written > before + 50).await;
-        assert_eq!(close_connections(&name), 1, "the worker's connection is named {name:?}");
+        eventually(DRAIN, "some progress", || {
+            sim.stats().accounts_written > before + 50
+        })
+        .await;
+        assert_eq!(
+            close_connections(&name),
+            1,
+            "the worker's connection is named {name:?}"
+        );
         let health = sb.health.clone();
         eventually(DRAIN, "reconnected", || health.is_consuming()).await;
     }
@@ -77,17 +110,31 @@ async fn broker_closing_the_connection_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_with_sigkill_then_restarted() {
-    let mut sb = sandbox(&["n"], Faults { latency_ms: (5, 10), ..Faults::default() }, |c| {
-        c.batch.max_accounts = 10;
-        c.tencent.max_in_flight = 2;
-    })
+    let mut sb = sandbox(
+        &["n"],
+        Faults {
+            latency_ms: (5, 10),
+            ..Faults::default()
+        },
+        |c| {
+            c.batch.max_accounts = 10;
+            c.tencent.max_in_flight = 2;
+        },
+    )
     .await;
     let mut expected = Expected::new();
     publish_stream(&sb, 3000, 500, 0, &mut expected).await;
     sb.confirm().await.unwrap();
-    let mut child = imattr(&sb.config).arg("run").stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = imattr(&sb.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let sim = &sb.sim;
-    eventually(Duration::from_secs(30), "some progress", || sim.stats().accounts_written >= 200).await;
+    eventually(Duration::from_secs(30), "some progress", || {
+        sim.stats().accounts_written >= 200
+    })
+    .await;
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
@@ -112,7 +159,10 @@ async fn api_refusing_connections_for_a_while() {
     publish_stream(&sb, 1000, 100, 500, &mut expected).await;
     sb.confirm().await.unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(sb.health.unsettled() > 0, "updates wait while the API is down");
+    assert!(
+        sb.health.unsettled() > 0,
+        "updates wait while the API is down"
+    );
     sb.sim.resume().await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final(&sb, &expected).await;
@@ -176,7 +226,10 @@ async fn deleted_queue_is_declared_again_and_consumed() {
     sb.wait_drained(DRAIN).await.unwrap();
     rabbitmqctl(&["delete_queue", &sb.config.amqp.queue]);
     let health = sb.health.clone();
-    eventually(DRAIN, "consuming again", || health.is_consuming() && health.readiness().is_ok()).await;
+    eventually(DRAIN, "consuming again", || {
+        health.is_consuming() && health.readiness().is_ok()
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     eventually(DRAIN, "consuming again", || health.is_consuming()).await;
     publish_stream(&sb, 100, 10, 100, &mut expected).await;
@@ -188,9 +241,14 @@ async fn deleted_queue_is_declared_again_and_consumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
     let mut c = base_config();
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"));
-    let sim = imattr::simulator::Simulator::start(Default::default()).await.unwrap();
+    let sim = imattr::simulator::Simulator::start(Default::default())
+        .await
+        .unwrap();
     c.tencent.base_url = sim.url();
     c.tencent.sdkappid = sim.sdkappid();
     c.tencent.secret_key = imattr::config::Secret::new(sim.secret_key());
@@ -202,7 +260,11 @@ async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
     assert!(!task.is_finished(), "it keeps trying");
     assert!(health.readiness().unwrap_err().contains("not connected"));
     cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,16 +323,28 @@ async fn admin_endpoint_reports_health_readiness_and_metrics() {
 async fn secrets_never_appear_in_trace_logs() {
     let user = "imattr_secret_test";
     let password = "AmqpPw-7f3c9e1d";
-    if rabbitmqctl(&["list_users", "-q"]).lines().all(|l| !l.starts_with(user)) {
+    if rabbitmqctl(&["list_users", "-q"])
+        .lines()
+        .all(|l| !l.starts_with(user))
+    {
         rabbitmqctl(&["add_user", user, password]);
     } else {
         rabbitmqctl(&["change_password", user, password]);
     }
     rabbitmqctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
 
-    let mut sb = sandbox(&["n"], Faults { fail_rate: 0.2, ..Faults::default() }, |c| {
-        c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"));
-    })
+    let mut sb = sandbox(
+        &["n"],
+        Faults {
+            fail_rate: 0.2,
+            ..Faults::default()
+        },
+        |c| {
+            c.amqp.url = imattr::config::AmqpUrl::new(format!(
+                "amqp://{user}:{password}@127.0.0.1:5672/%2f"
+            ));
+        },
+    )
     .await;
     let key = sb.config.tencent.secret_key.expose().to_string();
     let fixed_sig = imattr::tencent::usersig::gen_usersig_at(
@@ -307,16 +381,26 @@ async fn secrets_never_appear_in_trace_logs() {
         let want = expected.clone();
         eventually(DRAIN, "applied", || sim.state() == want).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         let status = child.wait().await.unwrap();
         assert_eq!(status.code(), Some(0));
         let logs = String::from_utf8_lossy(&std::fs::read(&log_path).unwrap()).into_owned();
-        assert!(logs.len() > 10_000, "trace logging was on ({} bytes)", logs.len());
+        assert!(
+            logs.len() > 10_000,
+            "trace logging was on ({} bytes)",
+            logs.len()
+        );
         assert!(logs.contains("TRACE"), "trace logging was on");
         for secret in [password, key.as_str(), fixed_sig.as_str()] {
             assert!(!logs.contains(secret), "a secret leaked into the logs");
         }
-        assert!(!logs.contains("usersig="), "a URL with its usersig leaked into the logs");
+        assert!(
+            !logs.contains("usersig="),
+            "a URL with its usersig leaked into the logs"
+        );
     }
     sb.cleanup().await.unwrap();
 }
