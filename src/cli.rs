@@ -76,6 +76,9 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run only this scenario (1 to 5).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        only: Option<u8>,
     },
 }
 
@@ -282,7 +285,7 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Publish(a) => publish(a, &config).await,
         Command::Dlq(c) => dlq(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
-        Command::Bench { quick, json } => crate::bench::run(config, quick, json).await,
+        Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
     }
 }
 

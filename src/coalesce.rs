@@ -24,35 +24,38 @@ pub struct Part {
     pub attrs: Vec<(String, String)>,
 }
 
-/// One account in a batch: the merged attributes and the parts behind them.
+/// One account in a batch: the parts behind it, merged when the request is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// The account.
     pub account: String,
-    /// Merged attributes, later values winning.
-    pub attrs: Vec<(String, String)>,
     /// The contributing deliveries, in arrival order.
     pub parts: Vec<Part>,
 }
 
 impl Entry {
-    /// An entry made of the given parts (merged in order).
+    /// An entry made of the given parts.
     pub fn from_parts(account: String, parts: Vec<Part>) -> Entry {
-        let mut attrs = Vec::new();
-        for p in &parts {
-            merge_attrs(&mut attrs, p.attrs.clone());
+        Entry { account, parts }
+    }
+
+    /// The parts merged in order, later values winning (borrowed, no copies).
+    pub fn merged(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for p in &self.parts {
+            for (k, v) in &p.attrs {
+                match out.iter_mut().find(|(name, _)| name == k) {
+                    Some(slot) => slot.1 = v,
+                    None => out.push((k, v)),
+                }
+            }
         }
-        Entry {
-            account,
-            attrs,
-            parts,
-        }
+        out
     }
 }
 
 #[derive(Debug)]
 struct Pending {
-    attrs: Vec<(String, String)>,
     parts: Vec<Part>,
     /// Key in `ready` (arrival of the oldest pending update, sequence).
     key: (Instant, u64),
@@ -77,7 +80,6 @@ impl Coalescer {
     /// Adds one delivery's update for one account.
     pub fn push(&mut self, account: &str, attrs: Vec<(String, String)>, tag: Tag, now: Instant) {
         if let Some(p) = self.pending.get_mut(account) {
-            merge_attrs(&mut p.attrs, attrs.clone());
             match p.parts.last_mut() {
                 // The same delivery touching the account again (cannot happen
                 // after parsing merges entries, but stay exact).
@@ -94,7 +96,6 @@ impl Coalescer {
         self.pending.insert(
             account.to_string(),
             Pending {
-                attrs: attrs.clone(),
                 parts: vec![Part { tag, attrs }],
                 key,
             },
@@ -152,7 +153,6 @@ impl Coalescer {
             self.in_flight.insert(account.clone());
             batch.push(Entry {
                 account,
-                attrs: p.attrs,
                 parts: p.parts,
             });
         }
@@ -201,10 +201,7 @@ mod tests {
         assert_eq!(c.ready_accounts(), 1);
         let b = c.take_batch(100);
         assert_eq!(b.len(), 1);
-        assert_eq!(
-            b[0].attrs,
-            vec![("sex".into(), "2".into()), ("city".into(), "x".into())]
-        );
+        assert_eq!(b[0].merged(), vec![("sex", "2"), ("city", "x")]);
         assert_eq!(
             b[0].parts.iter().map(|p| p.tag).collect::<Vec<_>>(),
             [1, 2, 3]
@@ -231,7 +228,7 @@ mod tests {
         let distinct: HashSet<_> = b1.iter().map(|e| &e.account).collect();
         assert_eq!(distinct.len(), 100);
         // u0 got values 0, 120, 240: the last wins.
-        assert_eq!(b1[0].attrs, kv("k", "240"));
+        assert_eq!(b1[0].merged(), vec![("k", "240")]);
         let b2 = c.take_batch(100);
         assert_eq!(b2.len(), 20);
         assert!(c.take_batch(100).is_empty());
@@ -259,7 +256,7 @@ mod tests {
         assert_eq!(c.oldest_ready(), Some(t0 + Duration::from_millis(5)));
         let b = c.take_batch(10);
         assert_eq!(b[0].account, "a");
-        assert_eq!(b[0].attrs, kv("k", "2"));
+        assert_eq!(b[0].merged(), vec![("k", "2")]);
         assert_eq!(b[0].parts.len(), 1);
         c.complete(["a", "b"]);
         assert!(c.is_idle());
@@ -348,8 +345,8 @@ mod tests {
                         let i = (next() as usize) % in_flight.len();
                         let b = in_flight.swap_remove(i);
                         for e in &b {
-                            for (k, v) in &e.attrs {
-                                applied.insert((e.account.clone(), k.clone()), v.clone());
+                            for (k, v) in e.merged() {
+                                applied.insert((e.account.clone(), k.to_string()), v.to_string());
                             }
                             locked.remove(&e.account);
                         }
@@ -362,8 +359,8 @@ mod tests {
         loop {
             for b in in_flight.drain(..) {
                 for e in &b {
-                    for (k, v) in &e.attrs {
-                        applied.insert((e.account.clone(), k.clone()), v.clone());
+                    for (k, v) in e.merged() {
+                        applied.insert((e.account.clone(), k.to_string()), v.to_string());
                     }
                 }
                 c.complete(b.iter().map(|e| e.account.as_str()));

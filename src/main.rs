@@ -25,7 +25,19 @@ fn main() -> ExitCode {
     }
     imattr::telemetry::init(&log);
     config.log = log;
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One worker thread unless TOKIO_WORKER_THREADS says otherwise: the work
+    // is I/O-bound, and on small machines shared with the broker fewer
+    // cross-thread wake-ups measure faster (see BENCHMARKS.md).
+    let threads = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("imattr: cannot start the async runtime: {e}");

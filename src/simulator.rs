@@ -145,7 +145,12 @@ struct Shared {
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
     busy_accounts: Mutex<HashSet<String>>,
     concurrent: Mutex<usize>,
+    /// When recording: (account, attributes written, when).
+    applies: Mutex<Option<Vec<Applied>>>,
 }
+
+/// One account written by a successful `im_set_attr`, and when.
+pub type Applied = (String, BTreeMap<String, String>, Instant);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -193,6 +198,7 @@ impl Simulator {
             buckets: Mutex::default(),
             busy_accounts: Mutex::default(),
             concurrent: Mutex::new(0),
+            applies: Mutex::new(None),
         });
         let mut handle = SimHandle {
             addr: opts.listen,
@@ -263,6 +269,19 @@ impl SimHandle {
     /// Changes some faults.
     pub fn update_faults(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut lock(&self.shared.faults));
+    }
+
+    /// Starts (or stops) recording every account written, with the time.
+    pub fn record_applies(&self, on: bool) {
+        *lock(&self.shared.applies) = on.then(Vec::new);
+    }
+
+    /// Takes what was recorded so far.
+    pub fn take_applies(&self) -> Vec<Applied> {
+        lock(&self.shared.applies)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Stops listening (connections are refused) but keeps the state.
@@ -584,6 +603,13 @@ fn set_attr(s: &Shared, faults: &Faults, list: Vec<UserAttrs>) -> Answer {
         }
     }
     let n = list.len() as u64;
+    if let Some(rec) = lock(&s.applies).as_mut() {
+        let now = Instant::now();
+        rec.extend(
+            list.iter()
+                .map(|u| (u.to_account.clone(), u.attrs.clone(), now)),
+        );
+    }
     {
         let mut store = lock(&s.store);
         for u in list {

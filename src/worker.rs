@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
@@ -126,6 +126,9 @@ impl AttrNames {
         }
     }
 }
+
+/// Deliveries taken from the consumer's buffer per turn of the event loop.
+const DELIVERY_BURST: usize = 256;
 
 /// How often the attribute names are read again.
 const NAMES_REFRESH: Duration = Duration::from_secs(300);
@@ -291,7 +294,7 @@ enum End {
 struct Msg {
     body: Vec<u8>,
     props: BasicProperties,
-    routing_key: String,
+    routing_key: lapin::types::ShortString,
     /// Accounts not yet settled.
     remaining: usize,
     /// The first failure, if any: the message is dead-lettered once settled.
@@ -486,11 +489,23 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
-                d = self.consumer.next(), if draining.is_none() && self.paused_by == 0 => match d {
-                    Some(Ok(delivery)) => self.on_delivery(delivery),
-                    Some(Err(e)) => return Ok(End::Lost(format!("consumer error: {e}"))),
-                    None => return Ok(End::Lost("the broker cancelled the consumer".into())),
-                },
+                d = self.consumer.next(), if draining.is_none() && self.paused_by == 0 => {
+                    // Take what is already buffered in one go: the loop's
+                    // bookkeeping then runs once per burst, not per message.
+                    let mut next = Some(d);
+                    let mut taken = 0;
+                    while let Some(d) = next.take() {
+                        match d {
+                            Some(Ok(delivery)) => self.on_delivery(delivery),
+                            Some(Err(e)) => return Ok(End::Lost(format!("consumer error: {e}"))),
+                            None => return Ok(End::Lost("the broker cancelled the consumer".into())),
+                        }
+                        taken += 1;
+                        if taken < DELIVERY_BURST {
+                            next = self.consumer.next().now_or_never();
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)), if batch_deadline.is_some() => {}
             }
         }
@@ -508,7 +523,7 @@ impl<'a> Session<'a> {
         let mut msg = Msg {
             body: d.data,
             props: d.properties,
-            routing_key: d.routing_key.as_str().to_string(),
+            routing_key: d.routing_key,
             remaining: 0,
             failure: None,
         };
@@ -599,11 +614,11 @@ impl<'a> Session<'a> {
             &m.props,
             &failure,
             &self.config.amqp.queue,
-            &m.routing_key,
+            m.routing_key.as_str(),
             deadletter::now_ms(),
         );
         let body = m.body.clone();
-        let routing_key = m.routing_key.clone();
+        let routing_key = m.routing_key.as_str().to_string();
         let ch = self.dl_ch.clone();
         let exchange = self.config.amqp.dead_letter_exchange.clone();
         let events = self.ctx.events.clone();
@@ -785,7 +800,12 @@ fn fail_all(
 /// dead-lettering; handles transient, rate-limited, signature and
 /// misconfigured answers itself.
 async fn send(entries: &[Entry], ctx: &BatchCtx) -> Sent {
-    let body = set_attr_body(entries.iter().map(|e| (e.account.as_str(), &e.attrs[..])));
+    let merged: Vec<(&str, Vec<(&str, &str)>)> = entries
+        .iter()
+        .map(|e| (e.account.as_str(), e.merged()))
+        .collect();
+    let body = set_attr_body(&merged);
+    drop(merged);
     let messages: usize = entries.iter().map(|e| e.parts.len()).sum();
     let mut retry = ctx.retry.backoff();
     let mut rate_backoff = ExponentialBackoff {

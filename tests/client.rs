@@ -66,11 +66,7 @@ fn client(base: &str, timeout: Duration) -> Client {
 async fn exact_path_query_and_body() {
     let (base, seen) = recording_server(vec![]).await;
     let c = client(&base, Duration::from_secs(5));
-    let attrs = vec![
-        ("sex".to_string(), "attr1".to_string()),
-        ("city".to_string(), "attr2".to_string()),
-    ];
-    let body = set_attr_body([("xiaojun012", &attrs[..])].into_iter());
+    let body = set_attr_body(&[("xiaojun012", vec![("sex", "attr1"), ("city", "attr2")])]);
     let r = c.call(api::SET_ATTR, body.clone()).await;
     assert_eq!(r.class, Class::Success);
     let r2 = c.call(api::SET_ATTR, body.clone()).await;

@@ -333,7 +333,7 @@ async fn secrets_never_appear_in_trace_logs() {
     }
     rabbitmqctl(&["set_permissions", "-p", "/", user, ".*", ".*", ".*"]);
 
-    let mut sb = sandbox(
+    let sb = sandbox(
         &["n"],
         Faults {
             fail_rate: 0.2,

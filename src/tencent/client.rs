@@ -78,7 +78,7 @@ pub struct UserAttrs {
 }
 
 /// Serialises `[(name, value)]` as a JSON object, without copying.
-pub struct AttrPairs<'a>(pub &'a [(String, String)]);
+pub struct AttrPairs<'a>(pub &'a [(&'a str, &'a str)]);
 
 impl Serialize for AttrPairs<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -99,10 +99,9 @@ struct EntryRef<'a> {
 }
 
 /// Builds an `im_set_attr` body from `(account, attributes)` pairs.
-pub fn set_attr_body<'a>(
-    entries: impl Iterator<Item = (&'a str, &'a [(String, String)])>,
-) -> Vec<u8> {
+pub fn set_attr_body<'a>(entries: &'a [(&'a str, Vec<(&'a str, &'a str)>)]) -> Vec<u8> {
     let list: Vec<EntryRef<'a>> = entries
+        .iter()
         .map(|(to_account, attrs)| EntryRef {
             to_account,
             attrs: AttrPairs(attrs),
@@ -379,12 +378,10 @@ mod tests {
 
     #[test]
     fn body_shape() {
-        let a = [
-            ("sex".to_string(), "m".to_string()),
-            ("city".into(), "x\"y".into()),
-        ];
-        let b = [("city".to_string(), "z".to_string())];
-        let body = set_attr_body([("u1", &a[..]), ("u2", &b[..])].into_iter());
+        let body = set_attr_body(&[
+            ("u1", vec![("sex", "m"), ("city", "x\"y")]),
+            ("u2", vec![("city", "z")]),
+        ]);
         assert_eq!(
             String::from_utf8(body).unwrap(),
             r#"{"UserAttrs":[{"To_Account":"u1","Attrs":{"sex":"m","city":"x\"y"}},{"To_Account":"u2","Attrs":{"city":"z"}}]}"#
