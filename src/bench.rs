@@ -113,8 +113,8 @@ pub async fn run(base: Config, quick: bool, json: bool, only: Option<u8>) -> any
 
 fn print_table(figures: &[Figure]) {
     println!(
-        "{:<24} {:<44} {:>14}  {:<12} {:<18} {}",
-        "scenario", "metric", "value", "unit", "target", "met"
+        "{:<24} {:<44} {:>14}  {:<12} {:<18} met",
+        "scenario", "metric", "value", "unit", "target"
     );
     for f in figures {
         println!(
