@@ -16,13 +16,14 @@ use imattr::tencent::{Class, Client, Reply, Signer};
 const KEY: &str = "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
 
 type Seen = Arc<Mutex<Vec<(String, String, Vec<u8>, String)>>>;
+type Replies = Arc<Mutex<std::vec::IntoIter<(u16, &'static str)>>>;
 
 /// A recording server answering each request with the next canned reply.
 async fn recording_server(replies: Vec<(u16, &'static str)>) -> (String, Seen) {
     let seen: Seen = Arc::default();
     let replies = Arc::new(Mutex::new(replies.into_iter()));
     async fn handle(
-        State((seen, replies)): State<(Seen, Arc<Mutex<std::vec::IntoIter<(u16, &'static str)>>>)>,
+        State((seen, replies)): State<(Seen, Replies)>,
         Path(api): Path<String>,
         RawQuery(q): RawQuery,
         headers: axum::http::HeaderMap,
