@@ -339,14 +339,21 @@ async fn publish(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
     // (routing key, body)
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(account) = a.account {
-        let mut attrs = serde_json::Map::new();
+        let mut attrs: Vec<(&str, &str)> = Vec::new();
         for kv in &a.attr {
             let (k, v) = kv
                 .split_once('=')
                 .with_context(|| format!("--attr takes NAME=VALUE (got {kv:?})"))?;
-            attrs.insert(k.to_string(), serde_json::Value::String(v.to_string()));
+            attrs.push((k, v));
         }
-        let body = serde_json::to_vec(&serde_json::json!({"To_Account": account, "Attrs": attrs}))?;
+        // In the documented field order, attributes in the order given.
+        let mut body = format!(
+            "{{\"To_Account\":{},\"Attrs\":",
+            serde_json::to_string(&account)?
+        )
+        .into_bytes();
+        serde_json::to_writer(&mut body, &crate::tencent::client::AttrPairs(&attrs))?;
+        body.push(b'}');
         let updates =
             update::parse(&body, &rules).map_err(|e| anyhow::anyhow!("invalid update: {e}"))?;
         messages.push((updates[0].account.clone(), body));

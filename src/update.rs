@@ -146,6 +146,24 @@ pub fn parse(body: &[u8], rules: &Rules<'_>) -> Result<Vec<AccountUpdate>, Inval
     }
 }
 
+/// The account an invalid body names, when it names one plainly (a
+/// top-level `To_Account` string of 1 to 32 bytes), for `x-imattr-account`.
+pub fn guess_account(body: &[u8]) -> Option<String> {
+    if body.len() > MAX_BODY_BYTES {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "To_Account")]
+        to_account: Option<serde_json::Value>,
+    }
+    let probe: Probe = serde_json::from_slice(body).ok()?;
+    match probe.to_account? {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_ACCOUNT_BYTES => Some(s),
+        _ => None,
+    }
+}
+
 /// Merges `newer` into `into`: a later value for the same name wins, new
 /// names are appended in order.
 pub fn merge_attrs(into: &mut Vec<(String, String)>, newer: Vec<(String, String)>) {
@@ -705,6 +723,24 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert_eq!(ok(&format!(r#"{{"UserAttrs":[{thousand}]}}"#)).len(), 1000);
+    }
+
+    #[test]
+    fn guesses_the_account_of_invalid_bodies() {
+        assert_eq!(
+            guess_account(br#"{"To_Account":"u1","Attrs":{"age":"1"}}"#).as_deref(),
+            Some("u1")
+        );
+        assert_eq!(
+            guess_account(br#"{"To_Account":"u1"}"#).as_deref(),
+            Some("u1")
+        );
+        assert_eq!(guess_account(br#"{"To_Account":5}"#), None);
+        assert_eq!(guess_account(b"not json"), None);
+        assert_eq!(
+            guess_account(format!(r#"{{"To_Account":"{}"}}"#, "a".repeat(33)).as_bytes()),
+            None
+        );
     }
 
     #[test]

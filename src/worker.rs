@@ -534,7 +534,7 @@ impl<'a> Session<'a> {
                     reason: Reason::InvalidMessage,
                     code: 0,
                     error: invalid.0,
-                    account: None,
+                    account: update::guess_account(&msg.body),
                     attempts: 0,
                 });
                 self.messages.insert(tag, msg);

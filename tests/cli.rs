@@ -228,6 +228,10 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
         .collect();
     assert_eq!(invalid.len(), 1);
     assert!(invalid[0]["error"].as_str().unwrap().contains("Attrs.age"));
+    assert_eq!(
+        invalid[0]["account"], "x",
+        "the account of an invalid message, when readable"
+    );
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
 
     // export leaves everything in place.
