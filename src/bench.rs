@@ -83,25 +83,26 @@ pub async fn run(base: Config, quick: bool, json: bool, only: Option<u8>) -> any
             eprintln!("{s}");
         }
     };
-    if only.is_none_or(|o| o == 1) {
-        say("1. broker-bound drain");
-        figures.extend(broker_bound(&base, &sizes).await.context("scenario 1")?);
-    }
-    if only.is_none_or(|o| o == 2) {
-        say("2. API-bound");
-        figures.extend(api_bound(&base, &sizes).await.context("scenario 2")?);
-    }
-    if only.is_none_or(|o| o == 3) {
-        say("3. hot accounts");
-        figures.extend(hot_accounts(&base, &sizes).await.context("scenario 3")?);
-    }
-    if only.is_none_or(|o| o == 4) {
-        say("4. memory");
-        figures.extend(memory(&base, &sizes).await.context("scenario 4")?);
-    }
-    if only.is_none_or(|o| o == 5) {
-        say("5. latency");
-        figures.extend(latency(&base, &sizes).await.context("scenario 5")?);
+    const NAMES: [&str; 5] = [
+        "broker-bound drain",
+        "API-bound",
+        "hot accounts",
+        "memory",
+        "latency",
+    ];
+    for n in 1..=5u8 {
+        if only.is_some_and(|o| o != n) {
+            continue;
+        }
+        say(&format!("{n}. {}", NAMES[usize::from(n - 1)]));
+        let scenario = match n {
+            1 => broker_bound(&base, &sizes).await,
+            2 => api_bound(&base, &sizes).await,
+            3 => hot_accounts(&base, &sizes).await,
+            4 => memory(&base, &sizes).await,
+            _ => latency(&base, &sizes).await,
+        };
+        figures.extend(scenario.with_context(|| format!("scenario {n}"))?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&figures)?);

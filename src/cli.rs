@@ -401,7 +401,7 @@ async fn publish(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
     let conn = crate::amqp::topology::connect(&config.amqp, "imattr publish").await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     crate::amqp::topology::declare(&ch, &config.amqp).await?;
-    let mut p = crate::publish::Publisher::new(ch, &config.amqp.exchange).await?;
+    let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;
     let bar = if messages.len() > 1000 {
         indicatif::ProgressBar::new(messages.len() as u64)
     } else {

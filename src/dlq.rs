@@ -217,15 +217,7 @@ impl Dlq {
         limit: Option<usize>,
         dry_run: bool,
     ) -> anyhow::Result<usize> {
-        let publish_ch = self
-            .conn
-            .create_channel()
-            .await
-            .context("opening a channel")?;
-        publish_ch
-            .confirm_select(Default::default())
-            .await
-            .context("enabling publisher confirms")?;
+        let publish_ch = topology::confirm_channel(&self.conn).await?;
         let mut matched = 0usize;
         let mut kept_last: Option<u64> = None;
         while limit.is_none_or(|l| matched < l) {

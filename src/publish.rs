@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use anyhow::Context;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 /// How many publishes may await their confirm at once.
@@ -37,14 +37,10 @@ impl std::fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// Puts `channel` in confirm mode and publishes to `exchange`.
-    pub async fn new(channel: Channel, exchange: &str) -> anyhow::Result<Publisher> {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("enabling publisher confirms")?;
+    /// Publishes to `exchange` on a new confirm-mode channel of `conn`.
+    pub async fn new(conn: &lapin::Connection, exchange: &str) -> anyhow::Result<Publisher> {
         Ok(Publisher {
-            channel,
+            channel: crate::amqp::topology::confirm_channel(conn).await?,
             exchange: exchange.to_string(),
             pending: VecDeque::new(),
             confirmed: 0,

@@ -145,7 +145,7 @@ impl Sandbox {
         let conn = topology::connect(&config.amqp, "imattr sandbox").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
         topology::declare(&channel, &config.amqp).await?;
-        let publisher = Publisher::new(conn.create_channel().await?, &config.amqp.exchange).await?;
+        let publisher = Publisher::new(&conn, &config.amqp.exchange).await?;
         Ok(Sandbox {
             sim,
             config,

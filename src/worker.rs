@@ -16,9 +16,7 @@ use anyhow::Context;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
@@ -366,14 +364,9 @@ impl<'a> Session<'a> {
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
             .context("setting the prefetch count")?;
-        let dl_ch = conn
-            .create_channel()
+        let dl_ch = topology::confirm_channel(conn)
             .await
             .context("opening the dead-letter channel")?;
-        dl_ch
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("enabling publisher confirms")?;
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(

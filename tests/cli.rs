@@ -57,33 +57,7 @@ async fn unreachable_broker_says_how_to_start_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
-    let mut sb = sandbox(
-        &["n"],
-        Faults {
-            latency_ms: (5, 15),
-            ..Faults::default()
-        },
-        |c| {
-            c.batch.max_accounts = 10;
-            c.tencent.max_in_flight = 2;
-        },
-    )
-    .await;
-    let mut expected = std::collections::HashMap::new();
-    for i in 0..3000 {
-        let a = format!("u{}", i % 400);
-        expected.insert(a.clone(), i.to_string());
-        sb.publish(update(&a, &[("n", &i.to_string())]))
-            .await
-            .unwrap();
-    }
-    sb.confirm().await.unwrap();
-    let mut child = imattr(&sb.config).arg("run").spawn().unwrap();
-    let sim = &sb.sim;
-    eventually(Duration::from_secs(30), "some progress", || {
-        sim.stats().accounts_written >= 200
-    })
-    .await;
+    let (mut sb, mut child, expected) = child_worker_mid_stream(3000, 400).await;
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -103,12 +77,7 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
     );
     sb.start_worker();
     sb.wait_drained(DRAIN).await.unwrap();
-    let state = sb.state();
-    assert_eq!(state.len(), expected.len());
-    for (a, v) in &expected {
-        assert_eq!(&state[a]["n"], v);
-    }
-    assert!(sb.dead_letters().await.unwrap().is_empty());
+    assert_final(&sb, &expected).await;
     sb.stop_worker().await.unwrap();
     assert_eq!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap(), 0);
     sb.cleanup().await.unwrap();

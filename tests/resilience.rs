@@ -4,37 +4,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-type Expected = HashMap<String, BTreeMap<String, String>>;
-
-/// Publishes `n` updates over `accounts` accounts with increasing values.
-async fn publish_stream(
-    sb: &Sandbox,
-    n: usize,
-    accounts: usize,
-    from: usize,
-    expected: &mut Expected,
-) {
-    for i in from..from + n {
-        let a = format!("acc{}", (i * 7919) % accounts);
-        let v = i.to_string();
-        expected
-            .entry(a.clone())
-            .or_default()
-            .insert("n".into(), v.clone());
-        sb.publish(update(&a, &[("n", &v)])).await.unwrap();
-    }
-}
-
-async fn assert_final(sb: &Sandbox, expected: &Expected) {
-    assert_eq!(&sb.state(), expected, "final state is last-value-wins");
-    assert!(sb.dead_letters().await.unwrap().is_empty());
-}
 
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = std::process::Command::new("rabbitmqctl")
@@ -110,31 +83,7 @@ async fn broker_closing_the_connection_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_with_sigkill_then_restarted() {
-    let mut sb = sandbox(
-        &["n"],
-        Faults {
-            latency_ms: (5, 10),
-            ..Faults::default()
-        },
-        |c| {
-            c.batch.max_accounts = 10;
-            c.tencent.max_in_flight = 2;
-        },
-    )
-    .await;
-    let mut expected = Expected::new();
-    publish_stream(&sb, 3000, 500, 0, &mut expected).await;
-    sb.confirm().await.unwrap();
-    let mut child = imattr(&sb.config)
-        .arg("run")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let sim = &sb.sim;
-    eventually(Duration::from_secs(30), "some progress", || {
-        sim.stats().accounts_written >= 200
-    })
-    .await;
+    let (mut sb, mut child, expected) = child_worker_mid_stream(3000, 500).await;
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
     assert_eq!(status.code(), None, "killed by a signal");

@@ -33,6 +33,15 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
         })
 }
 
+/// Opens a channel in publisher-confirm mode.
+pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(ch)
+}
+
 /// Declares both exchanges and queues and their bindings, idempotently.
 pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {

@@ -2,6 +2,7 @@
 //! queues on the local RabbitMQ + the worker) with test-friendly settings.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use imattr::config::Config;
@@ -95,4 +96,63 @@ pub async fn imattr_output(config: &Config, args: &[&str]) -> (i32, String, Stri
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The expected final state: account → attribute → value.
+pub type Expected = HashMap<String, BTreeMap<String, String>>;
+
+/// Publishes `n` updates over `accounts` accounts with increasing values.
+pub async fn publish_stream(
+    sb: &Sandbox,
+    n: usize,
+    accounts: usize,
+    from: usize,
+    expected: &mut Expected,
+) {
+    for i in from..from + n {
+        let a = format!("acc{}", (i * 7919) % accounts);
+        let v = i.to_string();
+        expected
+            .entry(a.clone())
+            .or_default()
+            .insert("n".into(), v.clone());
+        sb.publish(update(&a, &[("n", &v)])).await.unwrap();
+    }
+}
+
+/// The final state is last-value-wins and nothing was dead-lettered.
+pub async fn assert_final(sb: &Sandbox, expected: &Expected) {
+    assert_eq!(&sb.state(), expected, "final state is last-value-wins");
+    assert!(sb.dead_letters().await.unwrap().is_empty());
+}
+
+/// A sandbox holding `n` updates over `accounts` accounts, with `imattr run`
+/// draining it slowly as a child process; returned once some are applied.
+pub async fn child_worker_mid_stream(
+    n: usize,
+    accounts: usize,
+) -> (Sandbox, tokio::process::Child, Expected) {
+    let faults = Faults {
+        latency_ms: (5, 15),
+        ..Faults::default()
+    };
+    let sb = sandbox(&["n"], faults, |c| {
+        c.batch.max_accounts = 10;
+        c.tencent.max_in_flight = 2;
+    })
+    .await;
+    let mut expected = Expected::new();
+    publish_stream(&sb, n, accounts, 0, &mut expected).await;
+    sb.confirm().await.unwrap();
+    let child = imattr(&sb.config)
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sim = &sb.sim;
+    eventually(Duration::from_secs(30), "some progress", || {
+        sim.stats().accounts_written >= 200
+    })
+    .await;
+    (sb, child, expected)
 }
