@@ -33,6 +33,7 @@ pub struct Sandbox {
     conn: Connection,
     channel: Channel,
     publisher: Mutex<Publisher>,
+    cleaned: bool,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -155,6 +156,7 @@ impl Sandbox {
             conn,
             channel,
             publisher: Mutex::new(publisher),
+            cleaned: false,
         })
     }
 
@@ -259,21 +261,56 @@ impl Sandbox {
     /// Stops the worker and deletes the queues and exchanges.
     pub async fn cleanup(mut self) -> anyhow::Result<()> {
         let _ = self.stop_worker().await;
-        let a = &self.config.amqp;
-        for q in [&a.queue, &a.dead_letter_queue] {
-            self.channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .with_context(|| format!("deleting queue {q}"))?;
-        }
-        for e in [&a.exchange, &a.dead_letter_exchange] {
-            self.channel
-                .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .with_context(|| format!("deleting exchange {e}"))?;
-        }
+        delete_topology(&self.channel, &self.config.amqp).await?;
+        self.cleaned = true;
         let _ = self.conn.close(200, "done".into()).await;
-        self.sim.shutdown().await;
+        self.sim.pause().await;
         Ok(())
+    }
+}
+
+async fn delete_topology(channel: &Channel, a: &crate::config::AmqpConfig) -> anyhow::Result<()> {
+    for q in [&a.queue, &a.dead_letter_queue] {
+        channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {q}"))?;
+    }
+    for e in [&a.exchange, &a.dead_letter_exchange] {
+        channel
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting exchange {e}"))?;
+    }
+    Ok(())
+}
+
+impl Drop for Sandbox {
+    /// A sandbox dropped without `cleanup` (a failing test, say) still
+    /// leaves nothing behind: its topology is deleted on a fresh connection.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cancel.cancel();
+        let amqp = self.config.amqp.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(conn) = topology::connect(&amqp, "imattr sandbox cleanup").await else {
+                    return;
+                };
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = delete_topology(&ch, &amqp).await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            });
+        })
+        .join();
     }
 }

@@ -429,3 +429,27 @@ async fn ordering_holds_under_random_failures_and_latency() {
     assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.cleanup().await.unwrap();
 }
+
+/// A test that fails before `cleanup` still leaves no queues behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sandbox_deletes_its_queues() {
+    let mut sb = sandbox(&["k"], Faults::default(), |_| {}).await;
+    sb.start_worker();
+    sb.publish(update("a", &[("k", "v")])).await.unwrap();
+    let config = sb.config.clone();
+    drop(sb);
+    let conn = imattr::amqp::topology::connect(&config.amqp, "test")
+        .await
+        .unwrap();
+    for q in [&config.amqp.queue, &config.amqp.dead_letter_queue] {
+        let ch = conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let r = ch
+            .queue_declare(q.as_str().into(), passive, Default::default())
+            .await;
+        assert!(r.is_err(), "queue {q} still exists");
+    }
+}
