@@ -441,6 +441,15 @@ impl<'a> Session<'a> {
             if draining.is_some() && self.messages.is_empty() && self.tasks.is_empty() {
                 return Ok(End::Shutdown);
             }
+            if draining.is_some() && self.paused_by > 0 {
+                // Nothing can be flushed while the API refuses us: do not
+                // wait out the timeout; the broker redelivers what is unacked.
+                warn!(
+                    unsettled_messages = self.messages.len(),
+                    "Shutting down while paused (misconfigured); unsettled messages stay unacked for redelivery"
+                );
+                return Ok(End::Shutdown);
+            }
             let batch_deadline = if self.paused_by == 0
                 && self.batches_in_flight < self.config.tencent.max_in_flight
             {

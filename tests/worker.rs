@@ -453,3 +453,51 @@ async fn a_dropped_sandbox_deletes_its_queues() {
         assert!(r.is_err(), "queue {q} still exists");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_work_too() {
+    let faults = Faults {
+        reject_attrs: vec!["bad".into()],
+        ..Faults::default()
+    };
+    let mut sb = sandbox(&["k", "bad"], faults, |c| {
+        c.amqp.queue_type = "quorum".into()
+    })
+    .await;
+    sb.start_worker();
+    for i in 0..200 {
+        sb.publish(update(&format!("q{}", i % 20), &[("k", &i.to_string())]))
+            .await
+            .unwrap();
+    }
+    sb.publish(update("q0", &[("bad", "x")])).await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    let state = sb.state();
+    assert_eq!(state.len(), 20);
+    assert_eq!(state["q19"]["k"], "199");
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason.as_deref(), Some("rejected"));
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_key_pauses_instead_of_dead_lettering() {
+    let mut sb = sandbox(&["k"], Faults::default(), |c| {
+        c.tencent.secret_key = imattr::config::Secret::new("not-the-app-key");
+        c.attributes.allowed = vec!["k".into()];
+    })
+    .await;
+    sb.start_worker();
+    sb.publish(update("a", &[("k", "v")])).await.unwrap();
+    sb.confirm().await.unwrap();
+    let health = sb.health.clone();
+    eventually(DRAIN, "paused", || health.is_paused()).await;
+    assert!(health.readiness().unwrap_err().contains("70005"));
+    let stats = sb.sim.stats();
+    // The first refusal renews the usersig and retries at once; the second pauses.
+    assert!(stats.count("im_set_attr", 70005) >= 2, "{stats:?}");
+    assert!(sb.dead_letters().await.unwrap().is_empty());
+    assert!(sb.state().is_empty());
+    sb.cleanup().await.unwrap();
+}
