@@ -166,7 +166,11 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     println!();
     println!("Summary");
     println!("  published            {published} messages ({UPDATES} updates, {} invalid, {} rejected by the API)", invalid.len(), rejected.len());
-    println!("  API requests         {requests} im_set_attr ({} OK, {retries} answered 91000 and retried)", stats.set_attr_ok);
+    println!(
+        "  API requests         {requests} im_set_attr ({} OK, {retries} answered 91000 and retried, {} answered 90033 while isolating the rejected messages)",
+        stats.set_attr_ok,
+        stats.count("im_set_attr", 90033)
+    );
     println!(
         "  accounts written     {} (in {} distinct accounts)",
         stats.accounts_written,

@@ -53,6 +53,11 @@ async fn unreachable_broker_says_how_to_start_one() {
     assert!(err.contains("rabbitmq-server -detached"), "{err}");
     assert!(!err.contains("guest:guest"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(
+        err.matches("Connection refused").count(),
+        1,
+        "said once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,12 +13,13 @@ pub const START_HINT: &str =
 
 /// The broker could not be reached or refused us.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to RabbitMQ at {url}: {source}; {hint}", hint = START_HINT)]
+#[error("cannot connect to RabbitMQ at {url}: {cause}; {hint}", hint = START_HINT)]
 pub struct ConnectError {
     /// The URL, password redacted.
     pub url: String,
-    /// What lapin said (shown in the message, so not chained as a source).
-    pub source: lapin::Error,
+    /// What lapin said (shown in the message; not named `source`, which
+    /// thiserror would chain and anyhow print a second time).
+    pub cause: lapin::Error,
 }
 
 /// Opens a connection named `name` (shown in the management UI and by
@@ -27,9 +28,9 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(cfg.url.expose(), props)
         .await
-        .map_err(|source| ConnectError {
+        .map_err(|cause| ConnectError {
             url: cfg.url.redacted(),
-            source,
+            cause,
         })
 }
 
