@@ -176,6 +176,30 @@ async fn prefill(sb: &Sandbox, updates: usize, accounts: usize) -> anyhow::Resul
     Ok(())
 }
 
+/// What a timed drain measured.
+struct Drain {
+    secs: f64,
+    stats: crate::simulator::Stats,
+    correct: bool,
+}
+
+/// Prefills `updates` over `accounts`, then starts the worker and times the
+/// drain; checks the final state and deletes the sandbox.
+async fn timed_drain(mut sb: Sandbox, updates: usize, accounts: usize) -> anyhow::Result<Drain> {
+    prefill(&sb, updates, accounts).await?;
+    let started = Instant::now();
+    sb.start_worker();
+    let done = drained_at(&sb, Duration::from_secs(900)).await?;
+    let stats = sb.sim.stats();
+    let correct = sb.state() == expected_state(updates, accounts);
+    sb.cleanup().await?;
+    Ok(Drain {
+        secs: (done - started).as_secs_f64(),
+        stats,
+        correct,
+    })
+}
+
 /// Polls every 5 ms until the queue is empty and nothing is unsettled.
 async fn drained_at(sb: &Sandbox, timeout: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
@@ -232,19 +256,17 @@ async fn broker_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
     sb.cleanup().await?;
 
     // (b) imattr into the simulator with no latency and no rate limit.
-    let mut sb = Sandbox::start(base, "imattr.bench", &["n"], no_limit, |c| {
+    let sb = Sandbox::start(base, "imattr.bench", &["n"], no_limit, |c| {
         bench_tweak(c);
         c.tencent.rate_limit_per_sec = 1_000_000;
     })
     .await?;
-    prefill(&sb, s.drain_updates, s.drain_accounts).await?;
-    let started = Instant::now();
-    sb.start_worker();
-    let done = drained_at(&sb, Duration::from_secs(600)).await?;
-    let rate = s.drain_updates as f64 / (done - started).as_secs_f64();
-    let stats = sb.sim.stats();
-    let correct = sb.state() == expected_state(s.drain_updates, s.drain_accounts);
-    sb.cleanup().await?;
+    let Drain {
+        secs,
+        stats,
+        correct,
+    } = timed_drain(sb, s.drain_updates, s.drain_accounts).await?;
+    let rate = s.drain_updates as f64 / secs;
     let ratio = rate / bare_rate;
     Ok(vec![
         fig(name, "bare lapin consumer (acks only)", bare_rate, "msgs/s"),
@@ -284,15 +306,12 @@ fn api_faults() -> Faults {
 
 async fn api_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
     let name = "2 API-bound";
-    let mut sb = Sandbox::start(base, "imattr.bench", &["n"], api_faults(), bench_tweak).await?;
-    prefill(&sb, s.api_updates, s.api_accounts).await?;
-    let started = Instant::now();
-    sb.start_worker();
-    let done = drained_at(&sb, Duration::from_secs(900)).await?;
-    let secs = (done - started).as_secs_f64();
-    let stats = sb.sim.stats();
-    let correct = sb.state() == expected_state(s.api_updates, s.api_accounts);
-    sb.cleanup().await?;
+    let sb = Sandbox::start(base, "imattr.bench", &["n"], api_faults(), bench_tweak).await?;
+    let Drain {
+        secs,
+        stats,
+        correct,
+    } = timed_drain(sb, s.api_updates, s.api_accounts).await?;
     let total = stats.total("im_set_attr") as f64;
     let ok = stats.set_attr_ok as f64;
     let accounts_per_sec = stats.accounts_written as f64 / secs;
@@ -347,19 +366,17 @@ async fn api_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
 
 async fn hot_accounts(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
     let name = "3 hot accounts";
-    let mut sb = Sandbox::start(base, "imattr.bench", &["n"], api_faults(), |c| {
+    let sb = Sandbox::start(base, "imattr.bench", &["n"], api_faults(), |c| {
         bench_tweak(c);
         c.amqp.prefetch = HOT_PREFETCH;
     })
     .await?;
-    prefill(&sb, s.hot_updates, s.hot_accounts).await?;
-    let started = Instant::now();
-    sb.start_worker();
-    let done = drained_at(&sb, Duration::from_secs(600)).await?;
-    let rate = s.hot_updates as f64 / (done - started).as_secs_f64();
-    let stats = sb.sim.stats();
-    let correct = sb.state() == expected_state(s.hot_updates, s.hot_accounts);
-    sb.cleanup().await?;
+    let Drain {
+        secs,
+        stats,
+        correct,
+    } = timed_drain(sb, s.hot_updates, s.hot_accounts).await?;
+    let rate = s.hot_updates as f64 / secs;
     Ok(vec![
         target(
             fig(

@@ -42,11 +42,7 @@ async fn bad_configuration_exits_2_naming_the_key_and_never_shows_secrets() {
 #[tokio::test]
 async fn unreachable_broker_says_how_to_start_one() {
     let mut c = base_config();
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"));
+    c.amqp.url = unreachable_amqp_url();
     let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot connect to RabbitMQ"), "{err}");

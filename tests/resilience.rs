@@ -190,11 +190,7 @@ async fn deleted_queue_is_declared_again_and_consumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
     let mut c = base_config();
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"));
+    c.amqp.url = unreachable_amqp_url();
     let sim = imattr::simulator::Simulator::start(Default::default())
         .await
         .unwrap();

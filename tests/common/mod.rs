@@ -27,6 +27,15 @@ pub fn base_config() -> Config {
     c
 }
 
+/// An AMQP URL on which nothing listens.
+pub fn unreachable_amqp_url() -> imattr::config::AmqpUrl {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{free}/%2f"))
+}
+
 /// Logs to the test output when RUST_LOG is set.
 pub fn init_logs() {
     if std::env::var("RUST_LOG").is_ok() {
