@@ -59,6 +59,7 @@ pub enum Command {
         identifier: Option<String>,
     },
     /// Print the effective configuration, secrets redacted.
+    #[command(after_help = "Example:\n  IMATTR_BATCH__MAX_WAIT_MS=100 imattr --config prod.toml config")]
     Config,
     /// Run the built-in API simulator.
     #[command(
@@ -66,6 +67,7 @@ pub enum Command {
     )]
     Simulate(SimulateArgs),
     /// Simulator, worker and sample traffic against local RabbitMQ, then a summary.
+    #[command(after_help = "Example:\n  cargo run --release -- demo")]
     Demo,
     /// Measure throughput, latency and memory against local RabbitMQ and the simulator.
     #[command(after_help = "Example:\n  imattr bench --quick")]
