@@ -59,7 +59,9 @@ pub enum Command {
         identifier: Option<String>,
     },
     /// Print the effective configuration, secrets redacted.
-    #[command(after_help = "Example:\n  IMATTR_BATCH__MAX_WAIT_MS=100 imattr --config prod.toml config")]
+    #[command(
+        after_help = "Example:\n  IMATTR_BATCH__MAX_WAIT_MS=100 imattr --config prod.toml config"
+    )]
     Config,
     /// Run the built-in API simulator.
     #[command(
