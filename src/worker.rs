@@ -42,6 +42,7 @@ pub struct Health {
     paused: AtomicBool,
     paused_code: AtomicI64,
     unsettled: std::sync::atomic::AtomicUsize,
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 impl Health {
@@ -70,6 +71,12 @@ impl Health {
     /// Deliveries received and not yet acknowledged by the current session.
     pub fn unsettled(&self) -> usize {
         self.unsettled.load(Ordering::Relaxed)
+    }
+
+    /// Broker sessions started so far (1 after the first connect; each
+    /// reconnect adds one).
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
     }
 
     /// Whether the worker is consuming.
@@ -378,6 +385,7 @@ impl<'a> Session<'a> {
             .await
             .with_context(|| format!("consuming from queue {}", a.queue))?;
         health.consuming.store(true, Ordering::Relaxed);
+        health.sessions.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(BatchCtx {
             client,

@@ -57,9 +57,9 @@ async fn broker_closing_the_connection_twice() {
     let mut expected = Expected::new();
     let name = format!("imattr run {}", sb.config.amqp.queue);
     for round in 0..2 {
-        publish_stream(&sb, 1500, 300, round * 1500, &mut expected).await;
         let sim = &sb.sim;
         let before = sim.stats().accounts_written;
+        publish_stream(&sb, 1500, 300, round * 1500, &mut expected).await;
         eventually(DRAIN, "some progress", || {
             sim.stats().accounts_written > before + 50
         })
@@ -70,7 +70,11 @@ async fn broker_closing_the_connection_twice() {
             "the worker's connection is named {name:?}"
         );
         let health = sb.health.clone();
-        eventually(DRAIN, "reconnected", || health.is_consuming()).await;
+        let session = round as u64 + 2;
+        eventually(DRAIN, "reconnected", || {
+            health.sessions() == session && health.is_consuming()
+        })
+        .await;
     }
     publish_stream(&sb, 500, 300, 3000, &mut expected).await;
     sb.wait_drained(DRAIN).await.unwrap();
@@ -173,14 +177,14 @@ async fn deleted_queue_is_declared_again_and_consumed() {
     let mut expected = Expected::new();
     publish_stream(&sb, 100, 10, 0, &mut expected).await;
     sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(sb.health.sessions(), 1);
     rabbitmqctl(&["delete_queue", &sb.config.amqp.queue]);
     let health = sb.health.clone();
+    // A new session has declared the queue again and consumes from it.
     eventually(DRAIN, "consuming again", || {
-        health.is_consuming() && health.readiness().is_ok()
+        health.sessions() == 2 && health.is_consuming()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    eventually(DRAIN, "consuming again", || health.is_consuming()).await;
     publish_stream(&sb, 100, 10, 100, &mut expected).await;
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final(&sb, &expected).await;
