@@ -151,6 +151,20 @@ fn target(mut f: Figure, text: &str, pass: bool) -> Figure {
     f
 }
 
+/// Whether the final state was last-value-wins, as a figure with its target.
+fn state_figure(scenario: &str, correct: bool) -> Figure {
+    target(
+        fig(
+            scenario,
+            "final state correct",
+            f64::from(u8::from(correct)),
+            "bool",
+        ),
+        "1",
+        correct,
+    )
+}
+
 /// Sequential updates: update `i` sets `n` of account `i % accounts` to `i`.
 fn body(i: usize, accounts: usize) -> (String, Vec<u8>) {
     let account = format!("acc{:06}", i % accounts);
@@ -282,16 +296,7 @@ async fn broker_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
             ">= 0.8",
             ratio >= 0.8,
         ),
-        target(
-            fig(
-                name,
-                "final state correct",
-                f64::from(u8::from(correct)),
-                "bool",
-            ),
-            "1",
-            correct,
-        ),
+        state_figure(name, correct),
     ])
 }
 
@@ -351,16 +356,7 @@ async fn api_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
             "<= 1%",
             refused <= 0.01,
         ),
-        target(
-            fig(
-                name,
-                "final state correct",
-                f64::from(u8::from(correct)),
-                "bool",
-            ),
-            "1",
-            correct,
-        ),
+        state_figure(name, correct),
     ])
 }
 
@@ -389,16 +385,7 @@ async fn hot_accounts(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
             rate >= 50_000.0,
         ),
         fig(name, "API requests", stats.set_attr_ok as f64, "requests"),
-        target(
-            fig(
-                name,
-                "final state correct",
-                f64::from(u8::from(correct)),
-                "bool",
-            ),
-            "1",
-            correct,
-        ),
+        state_figure(name, correct),
     ])
 }
 
