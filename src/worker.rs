@@ -175,6 +175,18 @@ impl BatchCap {
     }
 }
 
+/// An exponential backoff (with the crate's default jitter and factor) from
+/// `initial` up to `max` between attempts, that never gives up.
+fn backoff_forever(initial: Duration, max: Duration) -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: initial,
+        current_interval: initial,
+        max_interval: max,
+        max_elapsed_time: None,
+        ..Default::default()
+    }
+}
+
 /// Runs the daemon until `cancel`, reconnecting to the broker as needed.
 pub async fn run(
     config: Config,
@@ -204,13 +216,7 @@ pub async fn run(
     };
     let cap = Arc::new(BatchCap::new(config.batch.max_accounts));
     let conn_name = format!("imattr run {}", config.amqp.queue);
-    let mut reconnect = ExponentialBackoff {
-        initial_interval: Duration::from_millis(500),
-        current_interval: Duration::from_millis(500),
-        max_interval: Duration::from_secs(30),
-        max_elapsed_time: None,
-        ..Default::default()
-    };
+    let mut reconnect = backoff_forever(Duration::from_millis(500), Duration::from_secs(30));
     let mut failing_since: Option<Instant> = None;
     loop {
         if cancel.is_cancelled() {
@@ -642,10 +648,7 @@ impl<'a> Session<'a> {
             "Dead-lettering a message"
         );
         self.tasks.spawn(async move {
-            let mut backoff = ExponentialBackoff {
-                max_elapsed_time: None,
-                ..Default::default()
-            };
+            let mut backoff = backoff_forever(Duration::from_millis(500), Duration::from_secs(60));
             loop {
                 match deadletter::publish_confirmed(&ch, &exchange, &routing_key, &body, props.clone()).await {
                     Ok(()) => {
@@ -818,20 +821,8 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Sent {
     drop(merged);
     let messages: usize = entries.iter().map(|e| e.parts.len()).sum();
     let mut retry = ctx.retry.backoff();
-    let mut rate_backoff = ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        current_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(10),
-        max_elapsed_time: None,
-        ..Default::default()
-    };
-    let mut probe = ExponentialBackoff {
-        initial_interval: Duration::from_secs(1),
-        current_interval: Duration::from_secs(1),
-        max_interval: Duration::from_secs(60),
-        max_elapsed_time: None,
-        ..Default::default()
-    };
+    let mut rate_backoff = backoff_forever(Duration::from_millis(200), Duration::from_secs(10));
+    let mut probe = backoff_forever(Duration::from_secs(1), Duration::from_secs(60));
     let mut renewed = false;
     let mut paused = false;
     let mut attempts = 0u32;
