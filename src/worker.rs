@@ -818,7 +818,6 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Sent {
         .map(|e| (e.account.as_str(), e.merged()))
         .collect();
     let body = set_attr_body(&merged);
-    drop(merged);
     let messages: usize = entries.iter().map(|e| e.parts.len()).sum();
     let mut retry = ctx.retry.backoff();
     let mut rate_backoff = backoff_forever(Duration::from_millis(200), Duration::from_secs(10));
