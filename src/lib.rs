@@ -3,16 +3,19 @@
 
 pub mod admin;
 pub mod amqp;
+pub mod attrnames;
 pub mod bench;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod dlq;
+pub mod health;
 pub mod publish;
 pub mod sandbox;
 pub mod simulator;
 pub mod telemetry;
 pub mod tencent;
 pub mod update;
+pub(crate) mod wait;
 pub mod worker;

@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::topology;
 use crate::config::{Config, Secret};
 use crate::dlq::{DeadLetterView, Dlq};
+use crate::health::Health;
 use crate::publish::{update_properties, Publisher};
 use crate::simulator::{Faults, SimHandle, SimOptions, Simulator, Store};
-use crate::worker::Health;
 
 /// A sandbox.
 pub struct Sandbox {

@@ -125,6 +125,39 @@ pub async fn publish_confirmed(
     }
 }
 
+/// Publishes a dead-letter copy until the broker confirms it, backing off
+/// (0.5 s up to 60 s) between failures: the original stays unacked meanwhile,
+/// so nothing is lost however long the broker refuses. True once confirmed;
+/// false if `stop` fired first (the original is then redelivered).
+pub(crate) async fn publish_until_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    use backoff::backoff::Backoff;
+    let mut backoff = crate::wait::backoff_forever(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(60),
+    );
+    loop {
+        match publish_confirmed(channel, exchange, routing_key, body, props.clone()).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(routing_key, error = %e, "Dead-letter publish failed; the message stays unacked; retrying");
+                let wait = backoff
+                    .next_backoff()
+                    .unwrap_or(std::time::Duration::from_secs(10));
+                if !crate::wait::sleep_unless_cancelled(wait, stop).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// A header as an integer, whatever integer type carried it.
 pub fn header_i64(headers: &FieldTable, name: &str) -> Option<i64> {
     match headers.inner().get(name)? {

@@ -284,6 +284,11 @@ impl Signer {
         }
     }
 
+    /// Whether [`Signer::invalidate`] can get a fresh usersig (false for a fixed one).
+    pub fn is_renewable(&self) -> bool {
+        matches!(self.source, SigSource::Key(_))
+    }
+
     /// Drops the cached usersig so that the next request gets a fresh one
     /// (after a signature-class answer). Returns false for a fixed usersig,
     /// which cannot be renewed.

@@ -1,0 +1,72 @@
+//! The app's attribute names (CONTRACT §6): fixed by configuration, or read
+//! from the API at start and every 5 minutes. Updates naming another
+//! attribute are invalid; while the names are unknown nothing is checked.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::tencent::Client;
+
+/// How often the attribute names are read again.
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+
+/// The app's attribute names, when known. Cheap to clone; clones share the set.
+#[derive(Debug, Clone, Default)]
+pub struct AttrNames(Arc<RwLock<Option<Arc<HashSet<String>>>>>);
+
+impl AttrNames {
+    /// Fixed names.
+    pub fn fixed(names: &[String]) -> Self {
+        let n = AttrNames::default();
+        n.set(Some(names.iter().cloned().collect()));
+        n
+    }
+
+    /// Names read from the API now and then every 5 minutes until `cancel`;
+    /// None when cancelled before the first read finished.
+    pub(crate) async fn from_api(client: &Client, cancel: &CancellationToken) -> Option<Self> {
+        let names = AttrNames::default();
+        tokio::select! {
+            _ = names.refresh(client) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        let (n, c, stop) = (names.clone(), client.clone(), cancel.clone());
+        tokio::spawn(async move {
+            while crate::wait::sleep_unless_cancelled(REFRESH_EVERY, &stop).await {
+                n.refresh(&c).await;
+            }
+        });
+        Some(names)
+    }
+
+    /// The current set (None: not known, check nothing).
+    pub fn get(&self) -> Option<Arc<HashSet<String>>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, names: Option<HashSet<String>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = names.map(Arc::new);
+    }
+
+    /// Asks the API; on failure warns and keeps what it had (nothing, at start).
+    pub async fn refresh(&self, client: &Client) {
+        match client.get_attr_names().await {
+            Ok(m) if m.is_empty() => {
+                warn!("The app has no attribute names registered; not checking names locally");
+                self.set(None);
+            }
+            Ok(m) => {
+                let names: HashSet<String> = m.into_values().collect();
+                debug!(count = names.len(), "Attribute names loaded");
+                self.set(Some(names));
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot read the app's attribute names; not checking names locally until it works");
+            }
+        }
+    }
+}

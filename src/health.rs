@@ -1,0 +1,125 @@
+//! What the worker tells the admin endpoint (`/readyz`, `/healthz`) and the
+//! tools that wait on it. The worker changes it only through the named
+//! setters below, so every state it can be in is one of theirs.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+/// The worker's readiness, shared with the admin endpoint behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Health {
+    connected: AtomicBool,
+    consuming: AtomicBool,
+    paused: AtomicBool,
+    paused_code: AtomicI64,
+    unsettled: AtomicUsize,
+    sessions: AtomicU64,
+}
+
+impl Health {
+    /// Ok when connected, consuming and not paused; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err("not connected to RabbitMQ".into());
+        }
+        if self.paused.load(Ordering::Relaxed) {
+            return Err(format!(
+                "paused: the API answers ErrorCode {} (misconfigured)",
+                self.paused_code.load(Ordering::Relaxed)
+            ));
+        }
+        if !self.consuming.load(Ordering::Relaxed) {
+            return Err("not consuming".into());
+        }
+        Ok(())
+    }
+
+    /// Whether consuming is paused by a misconfigured answer.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received and not yet acknowledged by the current session.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::Relaxed)
+    }
+
+    /// Broker sessions started so far (1 after the first connect; each
+    /// reconnect adds one).
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker is consuming.
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+
+    /// Connected to the broker (true) or not; a lost connection also stops consuming.
+    pub(crate) fn set_connected(&self, v: bool) {
+        self.connected.store(v, Ordering::Relaxed);
+        if !v {
+            self.consuming.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// A session's consumer is registered: count the session and report consuming.
+    pub(crate) fn session_started(&self) {
+        self.consuming.store(true, Ordering::Relaxed);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Consuming stopped for shutdown (the connection may still be up).
+    pub(crate) fn stopped_consuming(&self) {
+        self.consuming.store(false, Ordering::Relaxed);
+    }
+
+    /// The API answered a misconfigured `code`: not ready until [`Health::resumed`].
+    pub(crate) fn paused(&self, code: i64) {
+        self.paused_code.store(code, Ordering::Relaxed);
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// The API accepts requests again.
+    pub(crate) fn resumed(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Deliveries the current session holds unacknowledged.
+    pub(crate) fn set_unsettled(&self, n: usize) {
+        self.unsettled.store(n, Ordering::Relaxed);
+    }
+
+    /// A session ended: nothing of it is paused or unsettled any more.
+    pub(crate) fn session_ended(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+        self.unsettled.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_reasons() {
+        let h = Health::default();
+        assert!(h.readiness().unwrap_err().contains("not connected"));
+        h.set_connected(true);
+        assert!(h.readiness().unwrap_err().contains("not consuming"));
+        h.session_started();
+        assert!(h.readiness().is_ok());
+        assert_eq!(h.sessions(), 1);
+        h.paused(90009);
+        assert!(h.readiness().unwrap_err().contains("90009"));
+        h.resumed();
+        assert!(h.readiness().is_ok());
+        h.stopped_consuming();
+        assert!(h.readiness().unwrap_err().contains("not consuming"));
+        h.set_unsettled(3);
+        assert_eq!(h.unsettled(), 3);
+        h.session_ended();
+        assert_eq!(h.unsettled(), 0);
+        h.set_connected(false);
+        assert!(h.readiness().unwrap_err().contains("not connected"));
+    }
+}

@@ -1,0 +1,136 @@
+//! `imattr run`: RabbitMQ → validated, coalesced batches → `im_set_attr`,
+//! with each delivery acknowledged only after its outcome (CONTRACT §3–§8).
+//!
+//! - this module: the run loop — connect, run one [`session`], learn how it
+//!   ended, reconnect with backoff;
+//! - [`session`]: one broker session's event loop, which owns all mutable
+//!   state (deliveries, coalescer, ack tracker) and only moves data;
+//! - [`batch`]: one batch run to its end (send, retry, split, bisect), in its
+//!   own task, reporting one outcome per (delivery, account).
+//!
+//! The decisions live in pure code: [`crate::update`], [`crate::coalesce`],
+//! [`crate::amqp::consume`], [`crate::tencent::errors`] and [`batch::next_step`].
+
+mod batch;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::amqp::topology;
+use crate::attrnames::AttrNames;
+use crate::coalesce::BatchCap;
+use crate::config::Config;
+use crate::tencent::Client;
+use crate::wait::{backoff_forever, sleep_unless_cancelled};
+
+pub use crate::health::Health;
+use session::Session;
+
+/// Runs the daemon until `cancel`, reconnecting to the broker as needed.
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
+    config.validate_api()?;
+    let client = Client::from_config(&config)?;
+    let names = if config.attributes.allowed.is_empty() {
+        match AttrNames::from_api(&client, &cancel).await {
+            Some(names) => names,
+            None => return Ok(()),
+        }
+    } else {
+        AttrNames::fixed(&config.attributes.allowed)
+    };
+    let cap = Arc::new(BatchCap::new(config.batch.max_accounts));
+    let conn_name = format!("imattr run {}", config.amqp.queue);
+    let mut reconnect = backoff_forever(Duration::from_millis(500), Duration::from_secs(30));
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let conn = tokio::select! {
+            c = topology::connect(&config.amqp, &conn_name) => c,
+            _ = cancel.cancelled() => return Ok(()),
+        };
+        let outcome = match conn {
+            Err(e) => {
+                if failing_since.is_none() {
+                    warn!(error = %e, "Cannot reach RabbitMQ; retrying with backoff");
+                    failing_since = Some(Instant::now());
+                } else {
+                    debug!(error = %e, "Still cannot reach RabbitMQ");
+                }
+                None
+            }
+            Ok(conn) => {
+                if let Some(since) = failing_since.take() {
+                    info!(
+                        down_secs = since.elapsed().as_secs(),
+                        "Connected to RabbitMQ again"
+                    );
+                } else {
+                    info!(url = %config.amqp.url, queue = %config.amqp.queue, "Connected to RabbitMQ");
+                }
+                reconnect.reset();
+                health.set_connected(true);
+                let session = Session::start(
+                    &config,
+                    &conn,
+                    client.clone(),
+                    names.clone(),
+                    cap.clone(),
+                    health.clone(),
+                )
+                .await;
+                let end = match session {
+                    Ok(s) => s.run(cancel.clone()).await,
+                    Err(e) => Err(e),
+                };
+                health.set_connected(false);
+                if conn.status().connected() {
+                    let _ = conn.close(200, "imattr stopping".into()).await;
+                }
+                Some(end)
+            }
+        };
+        match outcome {
+            Some(Ok(End::Shutdown)) => {
+                info!("Stopped");
+                return Ok(());
+            }
+            Some(Ok(End::Lost(why))) => {
+                metrics::counter!("imattr_broker_reconnects_total").increment(1);
+                warn!(reason = %why, "Lost the broker session; unacked messages will be redelivered; reconnecting");
+            }
+            Some(Err(e)) => {
+                metrics::counter!("imattr_broker_reconnects_total").increment(1);
+                error!(
+                    error = format!("{e:#}"),
+                    "Broker session failed; reconnecting"
+                );
+            }
+            None => {}
+        }
+        let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(30));
+        if !sleep_unless_cancelled(wait, &cancel).await {
+            return Ok(());
+        }
+    }
+}
+
+/// How a session ended (an `Err` from the session: it could not start, or
+/// the broker refused something on the way; both reconnect).
+enum End {
+    /// Shutdown requested and done (or timed out).
+    Shutdown,
+    /// The channel, connection or consumer went away.
+    Lost(String),
+}

@@ -1,0 +1,448 @@
+//! One broker session: the event loop and the state it owns alone.
+//!
+//! Deliveries come in, are parsed and pushed into the coalescer; batches go
+//! out when due and a send slot is free; their outcomes, dead-letter confirms
+//! and pause reports come back as [`Event`]s on one channel. Nothing here
+//! waits on the API: batch tasks do, so the loop keeps consuming, merging
+//! and acknowledging while requests are in flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::batch::{execute_batch, BatchCtx, PartOutcome};
+use super::End;
+use crate::amqp::consume::AckTracker;
+use crate::amqp::deadletter::{self, Failure, Reason};
+use crate::amqp::topology;
+use crate::attrnames::AttrNames;
+use crate::coalesce::{BatchCap, Coalescer, Tag};
+use crate::config::Config;
+use crate::health::Health;
+use crate::tencent::Client;
+use crate::update::{self, Rules};
+
+/// Deliveries taken from the consumer's buffer per turn of the event loop.
+const DELIVERY_BURST: usize = 256;
+
+/// A delivery being worked on: kept whole until it is acked or its
+/// dead-letter copy is confirmed, because the copy is the original body.
+struct Msg {
+    body: Vec<u8>,
+    props: BasicProperties,
+    routing_key: lapin::types::ShortString,
+    /// Accounts of this delivery without an outcome yet; at 0 it is finished.
+    remaining: usize,
+    /// The first failure among its accounts: once all are settled, the whole
+    /// delivery is dead-lettered (with this failure) instead of acked.
+    failure: Option<Failure>,
+}
+
+/// What the session's tasks report back; the loop applies each to its state.
+pub(super) enum Event {
+    /// A batch ran to its end: unlock `accounts` in the coalescer and settle
+    /// one (delivery, account) per outcome. Parts without an outcome (the
+    /// session stopped) stay unacked.
+    BatchDone {
+        accounts: Vec<String>,
+        outcomes: Vec<PartOutcome>,
+    },
+    /// The broker confirmed the dead-letter copy of `tag`: the original may be acked.
+    DeadLettered { tag: Tag, reason: Reason },
+    /// A batch got a misconfigured answer and is now probing.
+    Paused { code: i64, info: String },
+    /// A batch that reported [`Event::Paused`] finished (applied or stopped).
+    Resumed,
+}
+
+/// The state of one broker session, owned by its event loop alone.
+///
+/// Invariants: every delivery received and not yet acked is in `acks`;
+/// it is in `messages` until its accounts are all settled and it is acked or
+/// dead-lettered; each of its accounts is in the coalescer (pending or in
+/// flight) until that account's outcome comes back.
+pub(super) struct Session<'a> {
+    config: &'a Config,
+    health: Arc<Health>,
+    names: AttrNames,
+    consume_ch: Channel,
+    /// A confirm-mode channel for dead-letter copies.
+    dl_ch: Channel,
+    consumer: lapin::Consumer,
+    consumer_tag: String,
+    coalescer: Coalescer,
+    /// Decides which acks may go out without passing an older unacked
+    /// delivery that touches the same accounts.
+    acks: AckTracker,
+    messages: HashMap<Tag, Msg>,
+    /// Batch tasks and dead-letter publishes; all end before the session does.
+    tasks: JoinSet<()>,
+    batches_in_flight: usize,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    ctx: Arc<BatchCtx>,
+    /// Batches currently probing after a misconfigured answer (each reports
+    /// [`Event::Paused`] once and [`Event::Resumed`] once). While it is above
+    /// zero no batch is formed and nothing is consumed; the counter, not a
+    /// flag, so one batch recovering does not resume while another still fails.
+    paused_by: usize,
+}
+
+impl<'a> Session<'a> {
+    /// Declares the topology, opens the channels and starts consuming.
+    pub(super) async fn start(
+        config: &'a Config,
+        conn: &Connection,
+        client: Client,
+        names: AttrNames,
+        cap: Arc<BatchCap>,
+        health: Arc<Health>,
+    ) -> anyhow::Result<Session<'a>> {
+        let a = &config.amqp;
+        let consume_ch = conn.create_channel().await.context("opening a channel")?;
+        topology::declare(&consume_ch, a).await?;
+        consume_ch
+            .basic_qos(a.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting the prefetch count")?;
+        let dl_ch = topology::confirm_channel(conn)
+            .await
+            .context("opening the dead-letter channel")?;
+        let consumer_tag = format!("imattr-{}", std::process::id());
+        let consumer = consume_ch
+            .basic_consume(
+                a.queue.as_str().into(),
+                consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from queue {}", a.queue))?;
+        health.session_started();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let ctx = Arc::new(BatchCtx {
+            client,
+            retry: config.retry.clone(),
+            cap,
+            stop: CancellationToken::new(),
+            events: events_tx,
+        });
+        Ok(Session {
+            config,
+            health,
+            names,
+            consume_ch,
+            dl_ch,
+            consumer,
+            consumer_tag,
+            coalescer: Coalescer::new(),
+            acks: AckTracker::new(),
+            messages: HashMap::new(),
+            tasks: JoinSet::new(),
+            batches_in_flight: 0,
+            events_rx,
+            ctx,
+            paused_by: 0,
+        })
+    }
+
+    /// Runs until shutdown or until the broker session is lost; then stops
+    /// every task of this session before returning.
+    pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<End> {
+        let end = self.event_loop(cancel).await;
+        // Nothing from this session may still be in flight when the next one
+        // starts: stop retries and wait for requests under way to finish.
+        self.ctx.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        metrics::gauge!("imattr_pending_accounts").set(0.0);
+        metrics::gauge!("imattr_in_flight_requests").set(0.0);
+        metrics::gauge!("imattr_paused").set(0.0);
+        self.health.session_ended();
+        end
+    }
+
+    async fn event_loop(&mut self, cancel: CancellationToken) -> anyhow::Result<End> {
+        let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
+        let shutdown_timeout = Duration::from_secs(self.config.shutdown.timeout_secs);
+        let ack_backlog = usize::from(self.config.amqp.prefetch) / 2;
+        let mut draining: Option<Instant> = None;
+        loop {
+            self.dispatch(draining.is_some());
+            let flush_all = draining.is_some();
+            if let Err(e) = self
+                .flush_acks(if flush_all { 0 } else { ack_backlog })
+                .await
+            {
+                return Ok(End::Lost(format!("acknowledging failed: {e}")));
+            }
+            metrics::gauge!("imattr_pending_accounts")
+                .set(self.coalescer.pending_accounts() as f64);
+            self.health
+                .set_unsettled(self.messages.len() + self.acks.waiting());
+            if draining.is_some() && self.messages.is_empty() && self.tasks.is_empty() {
+                return Ok(End::Shutdown);
+            }
+            if draining.is_some() && self.paused_by > 0 {
+                // Nothing can be flushed while the API refuses us: do not
+                // wait out the timeout; the broker redelivers what is unacked.
+                warn!(
+                    unsettled_messages = self.messages.len(),
+                    "Shutting down while paused (misconfigured); unsettled messages stay unacked for redelivery"
+                );
+                return Ok(End::Shutdown);
+            }
+            let batch_deadline = if self.paused_by == 0
+                && self.batches_in_flight < self.config.tencent.max_in_flight
+            {
+                self.coalescer.deadline(max_wait)
+            } else {
+                None
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if draining.is_none() => {
+                    info!(
+                        pending_messages = self.messages.len(),
+                        timeout_secs = shutdown_timeout.as_secs(),
+                        "Shutting down: stopped consuming, flushing pending updates"
+                    );
+                    draining = Some(Instant::now() + shutdown_timeout);
+                    self.health.stopped_consuming();
+                    let _ = self
+                        .consume_ch
+                        .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now)), if draining.is_some() => {
+                    warn!(
+                        unsettled_messages = self.messages.len(),
+                        "Shutdown timeout reached; unsettled messages stay unacked and will be redelivered"
+                    );
+                    self.ctx.stop.cancel();
+                    self.tasks.abort_all();
+                    let _ = self.flush_acks(0).await;
+                    return Ok(End::Shutdown);
+                }
+                Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                Some(res) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Err(e) = res {
+                        if e.is_panic() {
+                            error!(error = %e, "A batch task panicked; its messages stay unacked until the session restarts");
+                            return Ok(End::Lost("a batch task panicked".into()));
+                        }
+                    }
+                }
+                d = self.consumer.next(), if draining.is_none() && self.paused_by == 0 => {
+                    // Take what is already buffered in one go: the loop's
+                    // bookkeeping then runs once per burst, not per message.
+                    let mut next = Some(d);
+                    let mut taken = 0;
+                    while let Some(d) = next.take() {
+                        match d {
+                            Some(Ok(delivery)) => self.on_delivery(delivery),
+                            Some(Err(e)) => return Ok(End::Lost(format!("consumer error: {e}"))),
+                            None => return Ok(End::Lost("the broker cancelled the consumer".into())),
+                        }
+                        taken += 1;
+                        if taken < DELIVERY_BURST {
+                            next = self.consumer.next().now_or_never();
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)), if batch_deadline.is_some() => {}
+            }
+        }
+    }
+    /// Parses a delivery: an invalid one is dead-lettered at once, a valid
+    /// one's updates join the coalescer.
+    fn on_delivery(&mut self, d: lapin::message::Delivery) {
+        metrics::counter!("imattr_messages_received_total").increment(1);
+        let tag = d.delivery_tag;
+        let names = self.names.get();
+        let rules = Rules {
+            max_value_bytes: self.config.attributes.max_value_bytes,
+            allowed: names.as_deref(),
+        };
+        let parsed = update::parse(&d.data, &rules);
+        let mut msg = Msg {
+            body: d.data,
+            props: d.properties,
+            routing_key: d.routing_key,
+            remaining: 0,
+            failure: None,
+        };
+        match parsed {
+            Err(invalid) => {
+                debug!(tag, rule = %invalid, "Invalid message; dead-lettering it");
+                msg.failure = Some(Failure {
+                    reason: Reason::InvalidMessage,
+                    code: 0,
+                    error: invalid.0,
+                    account: update::guess_account(&msg.body),
+                    attempts: 0,
+                });
+                self.messages.insert(tag, msg);
+                self.finish(tag);
+            }
+            Ok(updates) => {
+                let now = Instant::now();
+                msg.remaining = updates.len();
+                self.messages.insert(tag, msg);
+                for u in updates {
+                    self.coalescer.push(&u.account, u.attrs, tag, now);
+                }
+            }
+        }
+    }
+
+    /// Applies what a task reported.
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::BatchDone { accounts, outcomes } => {
+                self.batches_in_flight -= 1;
+                metrics::gauge!("imattr_in_flight_requests").set(self.batches_in_flight as f64);
+                self.coalescer.complete(accounts.iter().map(String::as_str));
+                for o in outcomes {
+                    let Some(m) = self.messages.get_mut(&o.tag) else {
+                        continue;
+                    };
+                    m.remaining = m.remaining.saturating_sub(1);
+                    if let Err(f) = o.result {
+                        m.failure.get_or_insert(f);
+                    }
+                    if m.remaining == 0 {
+                        self.finish(o.tag);
+                    }
+                }
+            }
+            Event::DeadLettered { tag, reason } => {
+                metrics::counter!("imattr_messages_dead_lettered_total", "reason" => reason.as_str()).increment(1);
+                self.messages.remove(&tag);
+                self.acks.settle(tag);
+            }
+            Event::Paused { code, info } => {
+                self.paused_by += 1;
+                if self.paused_by == 1 {
+                    error!(
+                        code,
+                        info = %info,
+                        "The API says imattr is misconfigured; consuming paused, nothing dead-lettered; probing until it is fixed"
+                    );
+                    self.health.paused(code);
+                    metrics::gauge!("imattr_paused").set(1.0);
+                }
+            }
+            Event::Resumed => {
+                self.paused_by = self.paused_by.saturating_sub(1);
+                if self.paused_by == 0 {
+                    info!("The API accepts requests again; resuming");
+                    self.health.resumed();
+                    metrics::gauge!("imattr_paused").set(0.0);
+                }
+            }
+        }
+    }
+
+    /// A message whose accounts are all settled: ack it, or dead-letter it first.
+    fn finish(&mut self, tag: Tag) {
+        let Some(m) = self.messages.get(&tag) else {
+            return;
+        };
+        let Some(failure) = m.failure.clone() else {
+            self.messages.remove(&tag);
+            self.acks.settle(tag);
+            metrics::counter!("imattr_messages_acked_total").increment(1);
+            return;
+        };
+        let props = deadletter::dead_letter_properties(
+            &m.props,
+            &failure,
+            &self.config.amqp.queue,
+            m.routing_key.as_str(),
+            deadletter::now_ms(),
+        );
+        let body = m.body.clone();
+        let routing_key = m.routing_key.as_str().to_string();
+        let ch = self.dl_ch.clone();
+        let exchange = self.config.amqp.dead_letter_exchange.clone();
+        let events = self.ctx.events.clone();
+        let stop = self.ctx.stop.clone();
+        info!(
+            tag,
+            reason = failure.reason.as_str(),
+            code = failure.code,
+            account = failure.account.as_deref().unwrap_or(""),
+            error = %failure.error,
+            "Dead-lettering a message"
+        );
+        self.tasks.spawn(async move {
+            let confirmed = deadletter::publish_until_confirmed(
+                &ch,
+                &exchange,
+                &routing_key,
+                &body,
+                props,
+                &stop,
+            )
+            .await;
+            if confirmed {
+                let _ = events.send(Event::DeadLettered {
+                    tag,
+                    reason: failure.reason,
+                });
+            }
+        });
+    }
+
+    /// Starts every batch that is due while the API is not refusing us and
+    /// a send slot is free (`draining`: everything ready is due).
+    fn dispatch(&mut self, draining: bool) {
+        let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
+        let now = Instant::now();
+        while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
+            let cap = self.ctx.cap.get();
+            let due = self.coalescer.is_due(now, cap, max_wait)
+                || (draining && self.coalescer.ready_accounts() > 0);
+            if !due {
+                break;
+            }
+            let entries = self.coalescer.take_batch(cap);
+            if entries.is_empty() {
+                break;
+            }
+            self.batches_in_flight += 1;
+            metrics::gauge!("imattr_in_flight_requests").set(self.batches_in_flight as f64);
+            let ctx = self.ctx.clone();
+            self.tasks.spawn(async move {
+                let accounts: Vec<String> = entries.iter().map(|e| e.account.clone()).collect();
+                let outcomes = execute_batch(entries, &ctx).await;
+                let _ = ctx.events.send(Event::BatchDone { accounts, outcomes });
+            });
+        }
+    }
+
+    /// Sends the acks [`AckTracker::take_acks`] allows for `max_waiting`.
+    async fn flush_acks(&mut self, max_waiting: usize) -> Result<(), lapin::Error> {
+        for op in self.acks.take_acks(max_waiting) {
+            self.consume_ch
+                .basic_ack(
+                    op.tag,
+                    BasicAckOptions {
+                        multiple: op.multiple,
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
