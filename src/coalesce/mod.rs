@@ -177,13 +177,6 @@ impl Coalescer {
     pub fn is_in_flight(&self, account: &str) -> bool {
         self.in_flight.contains(account)
     }
-
-    /// Forgets everything (after the channel is lost: the broker redelivers).
-    pub fn clear(&mut self) {
-        self.pending.clear();
-        self.ready.clear();
-        self.in_flight.clear();
-    }
 }
 
 #[cfg(test)]
@@ -284,19 +277,6 @@ mod tests {
         c.push("a", kv("k", "2"), 4, t0);
         assert!(!c.is_due(t0 + Duration::from_secs(10), 1, wait));
         assert_eq!(c.deadline(wait), None);
-    }
-
-    #[test]
-    fn clear_forgets_everything() {
-        let t = Instant::now();
-        let mut c = Coalescer::new();
-        c.push("a", kv("k", "1"), 1, t);
-        let _ = c.take_batch(1);
-        c.push("a", kv("k", "2"), 2, t);
-        c.push("b", kv("k", "2"), 3, t);
-        c.clear();
-        assert!(c.is_idle());
-        assert_eq!(c.ready_accounts(), 0);
     }
 
     /// A deterministic random walk: whatever the interleaving of pushes,

@@ -327,3 +327,315 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Option<Sent> {
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coalesce::Part;
+    use crate::config::Secret;
+    use crate::simulator::{Faults, SimHandle, SimOptions, Simulator};
+    use crate::tencent::Signer;
+
+    /// Fixed waits; `retry_left` false: the retry budget is spent.
+    struct Fixed {
+        retry_left: bool,
+    }
+
+    const RETRY: Duration = Duration::from_millis(1);
+    const RATE: Duration = Duration::from_millis(2);
+    const PROBE: Duration = Duration::from_millis(3);
+
+    impl Waits for Fixed {
+        fn transient(&mut self) -> Option<Duration> {
+            self.retry_left.then_some(RETRY)
+        }
+        fn rate_limited(&mut self) -> Duration {
+            RATE
+        }
+        fn probe(&mut self) -> Duration {
+            PROBE
+        }
+    }
+
+    #[test]
+    fn every_class_and_attempt_state() {
+        use Again::*;
+        use Class as C;
+        use Verdict::*;
+        let base = Attempt {
+            accounts: 3,
+            parts: 1,
+            renewed: false,
+            can_renew: true,
+            paused: false,
+        };
+        let one = Attempt {
+            accounts: 1,
+            ..base
+        };
+        let merged = Attempt { parts: 2, ..one };
+        let paused = Attempt {
+            paused: true,
+            ..base
+        };
+        let renewed = Attempt {
+            renewed: true,
+            ..base
+        };
+        let fixed_sig = Attempt {
+            can_renew: false,
+            ..base
+        };
+        let dl = |r| Step::Verdict(DeadLetter(r));
+        #[rustfmt::skip]
+        let table: &[(Class, Attempt, bool, Step)] = &[
+            // class, attempt, retry budget left, step
+            (C::Success, base, true, Step::Verdict(Applied)),
+            (C::Success, paused, true, Step::Verdict(Applied)),
+            (C::Transient, base, true, Step::Again(Retry(RETRY))),
+            (C::Transient, base, false, dl(Reason::RetriesExhausted)),
+            (C::Transient, paused, false, Step::Again(Probe(PROBE))),
+            (C::Unknown, one, true, Step::Again(Retry(RETRY))),
+            (C::Unknown, one, false, dl(Reason::RetriesExhausted)),
+            (C::Unknown, paused, true, Step::Again(Probe(PROBE))),
+            (C::RateLimited, base, false, Step::Again(SlowDown(RATE))),
+            (C::RateLimited, paused, true, Step::Again(SlowDown(RATE))),
+            (C::Signature, base, true, Step::Again(RenewSignature)),
+            (C::Signature, renewed, true, Step::Again(Pause(PROBE))),
+            (C::Signature, fixed_sig, true, Step::Again(Pause(PROBE))),
+            (C::Signature, Attempt { paused: true, ..renewed }, true, Step::Again(Probe(PROBE))),
+            (C::Misconfigured, base, true, Step::Again(Pause(PROBE))),
+            (C::Misconfigured, base, false, Step::Again(Pause(PROBE))),
+            (C::Misconfigured, paused, true, Step::Again(Probe(PROBE))),
+            (C::TooManyAccounts, base, true, Step::Verdict(Split)),
+            (C::TooManyAccounts, merged, true, Step::Verdict(Isolate)),
+            (C::TooManyAccounts, one, true, dl(Reason::Rejected)),
+            (C::Rejected, base, true, Step::Verdict(Bisect)),
+            (C::Rejected, Attempt { parts: 5, ..base }, true, Step::Verdict(Bisect)),
+            (C::Rejected, merged, true, Step::Verdict(Isolate)),
+            (C::Rejected, one, true, dl(Reason::Rejected)),
+            (C::Rejected, one, false, dl(Reason::Rejected)),
+        ];
+        for (class, at, retry_left, want) in table {
+            let mut w = Fixed {
+                retry_left: *retry_left,
+            };
+            assert_eq!(next_step(*class, *at, &mut w), *want, "{class} {at:?}");
+        }
+    }
+
+    // execute_batch against the in-process simulator (no broker needed).
+
+    async fn sim(faults: Faults) -> SimHandle {
+        Simulator::start(SimOptions {
+            attr_names: vec!["sex".into(), "city".into(), "bad".into()],
+            faults,
+            ..Default::default()
+        })
+        .await
+        .expect("simulator starts")
+    }
+
+    fn ctx(sim: &SimHandle, retry: RetryConfig) -> (BatchCtx, mpsc::UnboundedReceiver<Event>) {
+        let signer = Signer::from_key(
+            Secret::new(sim.secret_key()),
+            sim.sdkappid(),
+            "administrator",
+            86400,
+        );
+        let client = Client::new(
+            &sim.url(),
+            Arc::new(signer),
+            Duration::from_secs(5),
+            1000,
+            8,
+        )
+        .expect("client");
+        let (events, rx) = mpsc::unbounded_channel();
+        let ctx = BatchCtx {
+            client,
+            retry,
+            cap: Arc::new(BatchCap::new(100)),
+            stop: CancellationToken::new(),
+            events,
+        };
+        (ctx, rx)
+    }
+
+    fn fast_retry() -> RetryConfig {
+        RetryConfig {
+            initial_interval_ms: 10,
+            max_interval_ms: 50,
+            max_elapsed_secs: 1,
+            ..Default::default()
+        }
+    }
+
+    fn entry(account: &str, parts: &[(Tag, &str, &str)]) -> Entry {
+        Entry::from_parts(
+            account.into(),
+            parts
+                .iter()
+                .map(|(tag, k, v)| Part {
+                    tag: *tag,
+                    attrs: vec![(k.to_string(), v.to_string())],
+                })
+                .collect(),
+        )
+    }
+
+    fn results(outcomes: &[PartOutcome]) -> Vec<(Tag, Option<(Reason, i64)>)> {
+        let mut r: Vec<_> = outcomes
+            .iter()
+            .map(|o| (o.tag, o.result.as_ref().err().map(|f| (f.reason, f.code))))
+            .collect();
+        r.sort_by_key(|(tag, _)| *tag);
+        r
+    }
+
+    fn value(sim: &SimHandle, account: &str, attr: &str) -> Option<String> {
+        sim.state().get(account)?.get(attr).cloned()
+    }
+
+    #[tokio::test]
+    async fn too_many_accounts_splits_and_lowers_the_cap() {
+        let sim = sim(Faults {
+            max_accounts: 2,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let entries: Vec<Entry> = (0..5)
+            .map(|i| entry(&format!("u{i}"), &[(i, "sex", "m")]))
+            .collect();
+        let out = execute_batch(entries, &ctx).await;
+        assert_eq!(results(&out), (0..5).map(|t| (t, None)).collect::<Vec<_>>());
+        for i in 0..5 {
+            assert_eq!(value(&sim, &format!("u{i}"), "sex").as_deref(), Some("m"));
+        }
+        // 5 → 2 + 3 (refused) → 2 + 1 + 2.
+        assert_eq!(sim.stats().count(api::SET_ATTR, 90018), 2);
+        assert_eq!(sim.stats().set_attr_ok, 3);
+        assert!(ctx.cap.get() <= 2, "cap {}", ctx.cap.get());
+    }
+
+    #[tokio::test]
+    async fn rejected_accounts_are_bisected_and_merged_entries_isolated() {
+        let sim = sim(Faults {
+            reject_attrs: vec!["bad".into()],
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let entries = vec![
+            entry("a", &[(1, "sex", "a1")]),
+            // Three messages merged into one account; the middle one is bad.
+            entry("b", &[(2, "sex", "b2"), (3, "bad", "x"), (4, "city", "b4")]),
+            entry("c", &[(5, "city", "c5")]),
+            entry("d", &[(6, "bad", "y")]),
+        ];
+        let out = execute_batch(entries, &ctx).await;
+        let rejected = Some((Reason::Rejected, 90033));
+        assert_eq!(
+            results(&out),
+            vec![
+                (1, None),
+                (2, None),
+                (3, rejected),
+                (4, None),
+                (5, None),
+                (6, rejected)
+            ]
+        );
+        let f = out.iter().find(|o| o.tag == 3).unwrap();
+        let f = f.result.as_ref().unwrap_err();
+        assert_eq!(f.account.as_deref(), Some("b"));
+        assert!(f.attempts >= 3, "attempts {}", f.attempts);
+        assert_eq!(value(&sim, "a", "sex").as_deref(), Some("a1"));
+        assert_eq!(value(&sim, "b", "sex").as_deref(), Some("b2"));
+        assert_eq!(value(&sim, "b", "city").as_deref(), Some("b4"));
+        assert_eq!(value(&sim, "c", "city").as_deref(), Some("c5"));
+        assert_eq!(value(&sim, "b", "bad"), None);
+        assert_eq!(value(&sim, "d", "bad"), None);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_past_the_budget_are_dead_lettered() {
+        let sim = sim(Faults {
+            fail_rate: 1.0,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let entries = vec![
+            entry("a", &[(1, "sex", "m"), (2, "city", "x")]),
+            entry("b", &[(3, "sex", "f")]),
+        ];
+        let out = execute_batch(entries, &ctx).await;
+        let exhausted = Some((Reason::RetriesExhausted, 91000));
+        assert_eq!(
+            results(&out),
+            vec![(1, exhausted), (2, exhausted), (3, exhausted)]
+        );
+        let attempts = out[0].result.as_ref().unwrap_err().attempts;
+        assert!(attempts > 1, "attempts {attempts}");
+        assert_eq!(u64::from(attempts), sim.stats().total(api::SET_ATTR));
+        assert!(sim.state().is_empty());
+    }
+
+    #[tokio::test]
+    async fn misconfigured_pauses_probes_and_resumes() {
+        let sim = sim(Faults {
+            misconfigured: true,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, mut rx) = ctx(&sim, fast_retry());
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(
+                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
+            )
+        };
+        match rx.recv().await {
+            Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),
+            _ => panic!("expected a pause"),
+        }
+        // Probing goes on well past the retry budget: nothing is dead-lettered.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!task.is_finished());
+        assert!(value(&sim, "a", "sex").is_none());
+        sim.update_faults(|f| f.misconfigured = false);
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(1, None)]);
+        assert_eq!(value(&sim, "a", "sex").as_deref(), Some("m"));
+        assert!(matches!(rx.recv().await, Some(Event::Resumed)));
+        assert!(rx.try_recv().is_err(), "one pause, one resume");
+    }
+
+    #[tokio::test]
+    async fn a_stopped_session_leaves_parts_without_outcome() {
+        let sim = sim(Faults {
+            fail_rate: 1.0,
+            ..Default::default()
+        })
+        .await;
+        let retry = RetryConfig {
+            max_elapsed_secs: 0,
+            ..fast_retry()
+        };
+        let (ctx, _rx) = ctx(&sim, retry);
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(
+                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ctx.stop.cancel();
+        let out = task.await.expect("batch task");
+        assert!(out.is_empty(), "{out:?}");
+    }
+}
