@@ -16,11 +16,11 @@ const REFRESH_EVERY: Duration = Duration::from_secs(300);
 
 /// The app's attribute names, when known. Cheap to clone; clones share the set.
 #[derive(Debug, Clone, Default)]
-pub struct AttrNames(Arc<RwLock<Option<Arc<HashSet<String>>>>>);
+pub(crate) struct AttrNames(Arc<RwLock<Option<Arc<HashSet<String>>>>>);
 
 impl AttrNames {
     /// Fixed names.
-    pub fn fixed(names: &[String]) -> Self {
+    pub(crate) fn fixed(names: &[String]) -> Self {
         let n = AttrNames::default();
         n.set(Some(names.iter().cloned().collect()));
         n
@@ -44,7 +44,7 @@ impl AttrNames {
     }
 
     /// The current set (None: not known, check nothing).
-    pub fn get(&self) -> Option<Arc<HashSet<String>>> {
+    pub(crate) fn get(&self) -> Option<Arc<HashSet<String>>> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -53,7 +53,7 @@ impl AttrNames {
     }
 
     /// Asks the API; on failure warns and keeps what it had (nothing, at start).
-    pub async fn refresh(&self, client: &Client) {
+    pub(crate) async fn refresh(&self, client: &Client) {
         match client.get_attr_names().await {
             Ok(m) if m.is_empty() => {
                 warn!("The app has no attribute names registered; not checking names locally");

@@ -3,7 +3,7 @@
 
 pub mod admin;
 pub mod amqp;
-pub mod attrnames;
+pub(crate) mod attrnames;
 pub mod bench;
 pub mod cli;
 pub mod coalesce;

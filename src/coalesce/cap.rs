@@ -13,7 +13,7 @@ const RECOVERY: Duration = Duration::from_secs(30);
 /// The ceiling, shared by the session (which forms batches) and the batch
 /// tasks (which lower it).
 #[derive(Debug)]
-pub struct BatchCap {
+pub(crate) struct BatchCap {
     max: usize,
     /// The current ceiling and when it last changed.
     state: Mutex<(usize, Instant)>,
@@ -21,7 +21,7 @@ pub struct BatchCap {
 
 impl BatchCap {
     /// A ceiling of `max`.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         BatchCap {
             max,
             state: Mutex::new((max, Instant::now())),
@@ -29,7 +29,7 @@ impl BatchCap {
     }
 
     /// The current ceiling (recovering by doubling every 30 s).
-    pub fn get(&self) -> usize {
+    pub(crate) fn get(&self) -> usize {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if s.0 < self.max && s.1.elapsed() >= RECOVERY {
             s.0 = (s.0 * 2).min(self.max);
@@ -39,7 +39,7 @@ impl BatchCap {
     }
 
     /// Requests of `refused` accounts were too many: use at most half.
-    pub fn lower(&self, refused: usize) {
+    pub(crate) fn lower(&self, refused: usize) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.0 = (refused / 2).clamp(1, s.0);
         s.1 = Instant::now();

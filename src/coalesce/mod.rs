@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::update::merge_attrs;
 
 mod cap;
-pub use cap::BatchCap;
+pub(crate) use cap::BatchCap;
 
 /// Identifies a delivery (its delivery tag on the consuming channel).
 pub type Tag = u64;
