@@ -167,6 +167,16 @@ pub struct SimulateArgs {
     /// Requests per second per API before 60007 (0 turns it off).
     #[arg(long, default_value_t = 100)]
     pub rate_limit: u32,
+    /// `strict`: at most --rate-limit admitted requests in any sliding
+    /// 1-second window; `lenient`: a token bucket (bursts, then the rate).
+    #[arg(long, default_value = "strict")]
+    pub rate_limit_mode: crate::simulator::RateLimitMode,
+    /// Probability of answering HTTP 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub http_error_rate: f64,
+    /// Answer 91000 to every im_set_attr holding this account (repeatable).
+    #[arg(long)]
+    pub fail_account: Vec<String>,
     /// Accounts per im_set_attr before 90018.
     #[arg(long, default_value_t = 100)]
     pub max_accounts: usize,
@@ -312,18 +322,24 @@ async fn simulate(a: SimulateArgs, config: &Config) -> anyhow::Result<()> {
         seed: a.seed,
         faults: Faults {
             fail_rate: a.fail_rate,
-            http_error_rate: 0.0,
+            http_error_rate: a.http_error_rate,
             latency_ms: parse_latency(&a.latency_ms)?,
             rate_limit: a.rate_limit,
+            rate_limit_mode: a.rate_limit_mode,
             max_accounts: a.max_accounts,
             reject_attrs: a.reject_attr,
             misconfigured: a.misconfigured,
+            fail_accounts: a.fail_account,
         },
+        ..SimOptions::default()
     };
     let (sdkappid, identifier) = (opts.sdkappid, opts.identifier.clone());
     let sim = Simulator::start(opts)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
+    // First line on stdout, so a parent process can read the bound port.
+    println!("listening on {}", sim.url());
+    std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
     tracing::info!(
         url = %sim.url(),
         sdkappid,

@@ -79,9 +79,7 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
     sb.start_worker();
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final(&sb, &expected).await;
-    sb.stop_worker().await.unwrap();
-    assert_eq!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap(), 0);
-    sb.cleanup().await.unwrap();
+    finish(sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,8 +148,9 @@ async fn publish_from_the_command_line_and_files() {
     sb.cleanup().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
+/// A drained sandbox whose DLQ holds three messages rejected by the API
+/// (90033 on `city`) and one invalid message; one good update was applied.
+async fn with_dead_letters() -> Sandbox {
     let faults = Faults {
         reject_attrs: vec!["city".into()],
         ..Faults::default()
@@ -171,9 +170,14 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
         .unwrap();
     sb.publish(update("ok", &[("sex", "m")])).await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
-    let cfg = sb.config.clone();
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    sb
+}
 
-    // list, twice: same output, nothing removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_shows_dead_letters_and_leaves_them() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
     let (code, table, err) = imattr_output(&cfg, &["dlq", "list"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(table.starts_with("ACCOUNT"), "{table}");
@@ -183,7 +187,15 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
         "{table}"
     );
     let (_, table2, _) = imattr_output(&cfg, &["dlq", "list"]).await;
-    assert_eq!(table, table2);
+    assert_eq!(table, table2, "listing removed nothing");
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_json_carries_headers_reason_and_account() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
     let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json", "--limit", "2"]).await;
     assert_eq!(json.lines().count(), 2);
     let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json"]).await;
@@ -209,34 +221,53 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
         invalid[0]["account"], "x",
         "the account of an invalid message, when readable"
     );
-    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    sb.cleanup().await.unwrap();
+}
 
-    // export leaves everything in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_export_writes_every_dead_letter_and_removes_none() {
+    let sb = with_dead_letters().await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("dead.ndjson");
-    let (code, _, err) =
-        imattr_output(&cfg, &["dlq", "export", "--out", out.to_str().unwrap()]).await;
+    let (code, _, err) = imattr_output(
+        &sb.config,
+        &["dlq", "export", "--out", out.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    sb.cleanup().await.unwrap();
+}
 
-    // dry run moves nothing; filters pick the rejected ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_dry_run_counts_by_filter_and_moves_nothing() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
     let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--dry-run"]).await;
     assert_eq!(out.trim(), "would replay 3");
-    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     let (_, out, _) = imattr_output(
         &cfg,
         &["dlq", "replay", "--reason", "invalid-message", "--dry-run"],
     )
     .await;
     assert_eq!(out.trim(), "would replay 1");
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    assert!(!sb.state().contains_key("r0"));
+    sb.cleanup().await.unwrap();
+}
 
-    // Fix the cause, replay: applied, and only the invalid one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_after_the_fix_applies_only_the_matching_ones() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
     sb.sim.update_faults(|f| f.reject_attrs.clear());
     let (code, out, err) =
         imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--limit", "2"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "replayed 2");
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 2, "--limit held");
     let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--reason", "rejected"]).await;
     assert_eq!(out.trim(), "replayed 1");
     sb.wait_drained(DRAIN).await.unwrap();
@@ -247,14 +278,20 @@ async fn dead_letters_can_be_listed_exported_replayed_and_purged() {
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason.as_deref(), Some("invalid-message"));
+    sb.cleanup().await.unwrap();
+}
 
-    // purge refuses without --yes, then deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_purge_refuses_without_yes_then_deletes_everything() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
     let (code, _, err) = imattr_output(&cfg, &["dlq", "purge"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("--yes"), "{err}");
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     let (code, out, _) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
     assert_eq!(code, 0);
-    assert_eq!(out.trim(), "purged 1");
+    assert_eq!(out.trim(), "purged 4");
     assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.cleanup().await.unwrap();
 }

@@ -1,4 +1,4 @@
-//! The API client against a real local HTTP server (issue 2).
+//! The API client against a real local HTTP server.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

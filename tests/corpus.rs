@@ -1,4 +1,4 @@
-//! A corpus of malformed bodies interleaved with valid ones (issue 6): each
+//! A corpus of malformed bodies interleaved with valid ones: each
 //! malformed one is dead-lettered naming its rule, the valid ones are applied,
 //! and the worker stays up throughout.
 

@@ -1,4 +1,4 @@
-//! Production readiness (issue 6): each fault-injection test proves that every
+//! Production readiness: each fault-injection test proves that every
 //! published update is applied or dead-lettered, and that the final state is
 //! last-value-wins.
 
@@ -80,9 +80,7 @@ async fn broker_closing_the_connection_twice() {
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final(&sb, &expected).await;
     assert_eq!(sb.sim.stats().overlapping_account_requests, 0);
-    sb.stop_worker().await.unwrap();
-    assert_eq!(sb.depth(&sb.config.amqp.queue.clone()).await.unwrap(), 0);
-    sb.cleanup().await.unwrap();
+    finish(sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,7 @@
 //! The simulator over HTTP: every code it answers, and UserSigs built
-//! independently of imattr's signer (issue 4).
+//! independently of imattr's signer.
+
+mod common;
 
 use std::io::Write;
 
@@ -11,7 +13,7 @@ use sha2::Sha256;
 
 const APPID: u64 = 1400000000;
 
-/// TLSSigAPIv2 built by hand from CONTRACT §2, as Tencent's official libraries do it.
+/// TLSSigAPIv2 built by hand from the documented algorithm, as Tencent's official libraries do it.
 fn hand_sig(key: &str, appid: u64, id: &str, time: u64, expire: u64) -> String {
     let content = format!(
         "TLS.identifier:{id}\nTLS.sdkappid:{appid}\nTLS.time:{time}\nTLS.expire:{expire}\n"
@@ -146,7 +148,7 @@ async fn accepts_hand_built_usersigs_and_applies() {
     );
     assert_eq!(s.state()["a"].len(), 1);
     assert_eq!(s.state()["a"]["level"], "3");
-    // The CONTRACT's test vector verifies (its HMAC is right) but expired long ago.
+    // The documented test vector verifies (its HMAC is right) but expired long ago.
     let mut r = Req::ok("im_set_attr", SET);
     r.usersig = hand_sig(
         DEFAULT_SECRET_KEY,
@@ -176,6 +178,8 @@ async fn accepts_hand_built_usersigs_and_applies() {
         .await
         .unwrap();
     assert_eq!(http_stats["requests"]["im_set_attr"]["0"], 3);
+    assert_eq!(http_stats["regressions"], 0);
+    assert_eq!(http_stats["overlapping_account_requests"], 0);
     let http_state: serde_json::Value = reqwest::get(format!("{}/__simulator/state", s.url()))
         .await
         .unwrap()
@@ -344,4 +348,171 @@ async fn pause_refuses_connections_and_resume_keeps_state() {
     assert_eq!(s.url(), url);
     assert_eq!(s.state()["a"]["sex"], "m");
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
+}
+
+fn set_body(account: &str, attr: &str, value: &str) -> String {
+    format!(r#"{{"UserAttrs":[{{"To_Account":"{account}","Attrs":{{"{attr}":"{value}"}}}}]}}"#)
+}
+
+async fn http_stats(url: &str) -> serde_json::Value {
+    reqwest::get(format!("{url}/__simulator/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn integer_values_going_backwards_are_counted_as_regressions() {
+    let s = sim(Faults::default()).await;
+    for v in ["5", "9", "3", "4", "x", "1"] {
+        assert_eq!(
+            code(&s, &Req::ok("im_set_attr", &set_body("a", "sex", v))).await,
+            0
+        );
+    }
+    assert_eq!(
+        code(&s, &Req::ok("im_set_attr", &set_body("b", "sex", "0"))).await,
+        0
+    );
+    // Only 9 → 3: "x" is no integer, so neither 4 → x nor x → 1 compares.
+    assert_eq!(s.stats().regressions, 1);
+    assert_eq!(http_stats(&s.url()).await["regressions"], 1);
+}
+
+#[tokio::test]
+async fn a_failing_account_answers_91000_until_it_is_cleared() {
+    let s = sim(Faults {
+        fail_accounts: vec!["bad".into()],
+        ..Faults::default()
+    })
+    .await;
+    let two = r#"{"UserAttrs":[{"To_Account":"ok","Attrs":{"sex":"m"}},{"To_Account":"bad","Attrs":{"sex":"m"}}]}"#;
+    assert_eq!(code(&s, &Req::ok("im_set_attr", two)).await, 91000);
+    assert!(s.state().is_empty(), "nothing of the request was applied");
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
+    s.update_faults(|f| f.fail_accounts.clear());
+    assert_eq!(code(&s, &Req::ok("im_set_attr", two)).await, 0);
+    assert_eq!(s.state().len(), 2);
+}
+
+/// Requests on separate keep-alive connections of one client are served
+/// at once: one request's latency holds up no other connection.
+#[tokio::test]
+async fn connections_are_served_concurrently() {
+    let s = sim(Faults {
+        latency_ms: (300, 300),
+        rate_limit: 0,
+        ..Faults::default()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let reqs = ["a", "b", "c", "d"].map(|a| {
+        let r = Req::ok("im_set_attr", &set_body(a, "sex", "m"));
+        let url = format!(
+            "{}/v4/all_member_push/im_set_attr?usersig={}&identifier=administrator&sdkappid={APPID}&random=1&contenttype=json",
+            s.url(),
+            r.usersig
+        );
+        client.post(url).body(r.body).send()
+    });
+    for r in futures_util::future::join_all(reqs).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(s.state().len(), 4);
+    assert_eq!(s.stats().max_concurrent_requests, 4);
+}
+
+/// Reads the address `imattr simulate` prints first on stdout.
+async fn spawn_simulate(args: &[&str]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = common::imattr(&common::base_config())
+        .args(["simulate", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+async fn post_raw(url: &str, api: &str, body: &str) -> reqwest::Response {
+    let sig = hand_sig(DEFAULT_SECRET_KEY, APPID, "administrator", now(), 86400);
+    let url = format!(
+        "{url}/v4/all_member_push/{api}?usersig={sig}&identifier=administrator&sdkappid={APPID}&random=1&contenttype=json"
+    );
+    reqwest::Client::new()
+        .post(url)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn post(url: &str, api: &str, body: &str) -> i64 {
+    let v: serde_json::Value = post_raw(url, api, body).await.json().await.unwrap();
+    v["ErrorCode"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
+    let (mut child, url) = spawn_simulate(&[
+        "--attr-names",
+        "sex,city",
+        "--fail-account",
+        "bad",
+        "--fail-account",
+        "worse",
+        "--reject-attr",
+        "city",
+        "--max-accounts",
+        "1",
+        "--latency-ms",
+        "1..3",
+        "--fail-rate",
+        "0",
+        "--http-error-rate",
+        "0",
+        "--rate-limit",
+        "5",
+        "--rate-limit-mode",
+        "strict",
+    ])
+    .await;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let two = r#"{"UserAttrs":[{"To_Account":"a","Attrs":{"sex":"m"}},{"To_Account":"b","Attrs":{"sex":"m"}}]}"#;
+    let codes = [
+        post(&url, "im_set_attr", &set_body("bad", "sex", "m")).await,
+        post(&url, "im_set_attr", &set_body("worse", "sex", "m")).await,
+        post(&url, "im_set_attr", &set_body("a", "city", "x")).await,
+        post(&url, "im_set_attr", two).await,
+        post(&url, "im_set_attr", &set_body("a", "sex", "m")).await,
+    ];
+    assert_eq!(codes, [91000, 91000, 90033, 90018, 0]);
+    // The sixth request within the second.
+    assert_eq!(post(&url, "im_set_attr", SET).await, 60007);
+    let stats = http_stats(&url).await;
+    assert_eq!(stats["requests"]["im_set_attr"]["60007"], 1, "{stats}");
+    assert_eq!(stats["regressions"], 0);
+    child.kill().await.unwrap();
+
+    let (mut child, url) = spawn_simulate(&["--misconfigured"]).await;
+    assert_eq!(post(&url, "im_get_attr_name", "{}").await, 90009);
+    child.kill().await.unwrap();
+    let (mut child, url) =
+        spawn_simulate(&["--http-error-rate", "1", "--rate-limit-mode", "lenient"]).await;
+    assert_eq!(post_raw(&url, "im_get_attr_name", "{}").await.status(), 500);
+    child.kill().await.unwrap();
 }

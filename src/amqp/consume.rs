@@ -214,16 +214,13 @@ mod tests {
     /// Every settled tag is acknowledged exactly once, whatever the order.
     #[test]
     fn random_orders_ack_each_tag_once() {
-        let mut seed: u64 = 42;
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         for round in 0..200 {
             let n = 1 + round % 60;
             let mut tags: Vec<u64> = (1..=n).collect();
-            for i in (1..tags.len()).rev() {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                tags.swap(i, (seed >> 33) as usize % (i + 1));
-            }
+            tags.shuffle(&mut rng);
             let mut t = AckTracker::new();
             let mut acked = BTreeSet::new();
             let mut floor = 0;

@@ -285,13 +285,9 @@ mod tests {
     /// last pushed value of every (account, attribute).
     #[test]
     fn random_walk_invariants() {
-        let mut rng: u64 = 0x9E3779B97F4A7C15;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9E3779B97F4A7C15);
+        let mut next = || rng.gen::<u64>();
         let t0 = Instant::now();
         let mut c = Coalescer::new();
         let mut in_flight: Vec<Vec<Entry>> = Vec::new();

@@ -129,10 +129,21 @@ pub async fn publish_stream(
     }
 }
 
-/// The final state is last-value-wins and nothing was dead-lettered.
+/// The final state is last-value-wins, no value ever went backwards (the
+/// values of `publish_stream` grow per account) and nothing was dead-lettered.
 pub async fn assert_final(sb: &Sandbox, expected: &Expected) {
     assert_eq!(&sb.state(), expected, "final state is last-value-wins");
+    assert_eq!(sb.sim.stats().regressions, 0, "a value went backwards");
     assert!(sb.dead_letters().await.unwrap().is_empty());
+}
+
+/// Stops the worker gracefully, checks it left nothing ready in the updates
+/// queue, and deletes the sandbox.
+pub async fn finish(mut sb: Sandbox) {
+    sb.stop_worker().await.unwrap();
+    let queue = sb.config.amqp.queue.clone();
+    assert_eq!(sb.depth(&queue).await.unwrap(), 0, "left in {queue}");
+    sb.cleanup().await.unwrap();
 }
 
 /// A sandbox holding `n` updates over `accounts` accounts, with `imattr run`
