@@ -394,7 +394,7 @@ async fn a_failing_account_answers_91000_until_it_is_cleared() {
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
     s.update_faults(|f| f.fail_accounts.clear());
     assert_eq!(code(&s, &Req::ok("im_set_attr", two)).await, 0);
-    assert_eq!(s.state().len(), 2);
+    assert_eq!(s.state().len(), 3);
 }
 
 /// Requests on separate keep-alive connections of one client are served
