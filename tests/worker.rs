@@ -360,8 +360,33 @@ async fn an_account_failing_for_a_while_is_retried_until_applied() {
     assert!(!sb.state().contains_key("acc3"));
     sb.sim.update_faults(|f| f.fail_accounts.clear());
     sb.wait_drained(DRAIN).await.unwrap();
-    assert_final(&sb, &expected).await;
+    assert_final_monotonic(&sb, &expected).await;
     assert_eq!(sb.sim.stats().overlapping_account_requests, 0);
+    finish(sb).await;
+}
+
+/// An API stricter than the configured rate (60007) slows the worker down
+/// but loses nothing and dead-letters nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_answers_lose_nothing() {
+    let faults = Faults {
+        rate_limit: 10,
+        latency_ms: (0, 5),
+        ..Faults::default()
+    };
+    let mut sb = sandbox(&["n"], faults, |c| {
+        c.batch.max_accounts = 5;
+        c.batch.max_wait_ms = 5;
+        c.tencent.rate_limit_per_sec = 100;
+    })
+    .await;
+    sb.start_worker();
+    let mut expected = Expected::new();
+    publish_stream(&sb, 600, 60, 0, &mut expected).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    let stats = sb.sim.stats();
+    assert!(stats.count("im_set_attr", 60007) > 0, "{stats:?}");
+    assert_final_monotonic(&sb, &expected).await;
     finish(sb).await;
 }
 
