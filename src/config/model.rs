@@ -1,0 +1,287 @@
+//! The configuration's sections, their defaults and what is derived from them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{AmqpUrl, Secret};
+
+/// The API's regions and their domains (Tencent's documentation).
+pub const REGIONS: &[(&str, &str)] = &[
+    ("china", "console.tim.qq.com"),
+    ("singapore", "adminapisgp.im.qcloud.com"),
+    ("seoul", "adminapikr.im.qcloud.com"),
+    ("frankfurt", "adminapiger.im.qcloud.com"),
+    ("silicon-valley", "adminapiusa.im.qcloud.com"),
+    ("jakarta", "adminapiidn.im.qcloud.com"),
+    ("tokyo", "adminapijpn.im.qcloud.com"),
+    ("mumbai", "adminapiind.im.qcloud.com"),
+];
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// RabbitMQ connection and topology.
+    pub amqp: AmqpConfig,
+    /// The Tencent Cloud Chat REST API.
+    pub tencent: TencentConfig,
+    /// Batch forming.
+    pub batch: BatchConfig,
+    /// Retries of transient failures.
+    pub retry: RetryConfig,
+    /// Attribute names and value limits.
+    pub attributes: AttributesConfig,
+    /// The admin HTTP endpoint.
+    pub admin: AdminConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[amqp]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Broker URL, `amqp://` or `amqps://`; the password is redacted everywhere.
+    pub url: AmqpUrl,
+    /// Exchange publishers send updates to (fanout, durable).
+    pub exchange: String,
+    /// Queue the worker consumes.
+    pub queue: String,
+    /// Exchange dead-lettered messages go to (fanout, durable).
+    pub dead_letter_exchange: String,
+    /// Queue holding dead-lettered messages.
+    pub dead_letter_queue: String,
+    /// `classic` or `quorum`.
+    pub queue_type: String,
+    /// Unacknowledged deliveries the worker may hold (basic.qos prefetch count).
+    pub prefetch: u16,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: AmqpUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "imattr.updates".into(),
+            queue: "imattr.updates".into(),
+            dead_letter_exchange: "imattr.dead".into(),
+            dead_letter_queue: "imattr.dead".into(),
+            queue_type: "classic".into(),
+            prefetch: 1000,
+        }
+    }
+}
+
+/// `[tencent]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TencentConfig {
+    /// Region whose API domain is used (see [`REGIONS`]).
+    pub region: String,
+    /// Overrides `region`, e.g. `http://127.0.0.1:18080`; empty: use the region.
+    pub base_url: String,
+    /// Plain http is refused for non-loopback hosts unless this is true.
+    pub allow_insecure_http: bool,
+    /// The app's SDKAppID.
+    pub sdkappid: u64,
+    /// The app administrator account that signs requests.
+    pub identifier: String,
+    /// Secret key used to generate UserSigs (TLSSigAPIv2).
+    pub secret_key: Secret,
+    /// A fixed UserSig, the alternative to `secret_key`.
+    pub usersig: Secret,
+    /// Lifetime of generated UserSigs, in seconds.
+    pub usersig_ttl_secs: u64,
+    /// HTTP timeout per request, in milliseconds (the backend's own is 3 s).
+    pub timeout_ms: u64,
+    /// Request rate ceiling, requests per second.
+    pub rate_limit_per_sec: u32,
+    /// Requests in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for TencentConfig {
+    fn default() -> Self {
+        TencentConfig {
+            region: "china".into(),
+            base_url: String::new(),
+            allow_insecure_http: false,
+            sdkappid: 0,
+            identifier: "administrator".into(),
+            secret_key: Secret::default(),
+            usersig: Secret::default(),
+            usersig_ttl_secs: 86400,
+            timeout_ms: 5000,
+            rate_limit_per_sec: 100,
+            max_in_flight: 8,
+        }
+    }
+}
+
+/// `[batch]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Distinct accounts per request, 1 to 100.
+    pub max_accounts: usize,
+    /// Longest time the oldest pending update waits before its batch goes out, in milliseconds.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_accounts: 100,
+            max_wait_ms: 200,
+        }
+    }
+}
+
+/// `[retry]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First backoff interval, in milliseconds.
+    pub initial_interval_ms: u64,
+    /// Factor applied to the interval after each attempt (≥ 1).
+    pub multiplier: f64,
+    /// Longest backoff interval, in milliseconds.
+    pub max_interval_ms: u64,
+    /// Jitter: each interval is randomised by ± this fraction (0 to 1).
+    pub randomization_factor: f64,
+    /// Give up on a transient failure after this long, in seconds; 0 retries forever.
+    pub max_elapsed_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_interval_ms: 200,
+            multiplier: 2.0,
+            max_interval_ms: 30000,
+            randomization_factor: 0.5,
+            max_elapsed_secs: 600,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The `backoff` crate's policy for these settings.
+    pub fn backoff(&self) -> backoff::ExponentialBackoff {
+        backoff::ExponentialBackoff {
+            current_interval: Duration::from_millis(self.initial_interval_ms),
+            initial_interval: Duration::from_millis(self.initial_interval_ms),
+            randomization_factor: self.randomization_factor,
+            multiplier: self.multiplier,
+            max_interval: Duration::from_millis(self.max_interval_ms),
+            max_elapsed_time: (self.max_elapsed_secs > 0)
+                .then(|| Duration::from_secs(self.max_elapsed_secs)),
+            ..backoff::ExponentialBackoff::default()
+        }
+    }
+}
+
+/// `[attributes]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttributesConfig {
+    /// The app's attribute names; empty: ask the API (`im_get_attr_name`).
+    pub allowed: Vec<String>,
+    /// Longest attribute value, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for AttributesConfig {
+    fn default() -> Self {
+        AttributesConfig {
+            allowed: Vec::new(),
+            max_value_bytes: 50,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty turns it off.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter such as `info` or `imattr=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Longest time to flush and settle pending messages on SIGTERM, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { timeout_secs: 30 }
+    }
+}
+
+impl Config {
+    /// The API's base URL, `https://{domain}` or `tencent.base_url`.
+    pub fn api_base_url(&self) -> String {
+        if !self.tencent.base_url.is_empty() {
+            return self.tencent.base_url.trim_end_matches('/').to_string();
+        }
+        let domain = REGIONS
+            .iter()
+            .find(|(r, _)| *r == self.tencent.region)
+            .map(|(_, d)| *d)
+            .unwrap_or("console.tim.qq.com");
+        format!("https://{domain}")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.amqp.exchange, "imattr.updates");
+        assert_eq!(c.amqp.dead_letter_queue, "imattr.dead");
+        assert_eq!(c.amqp.prefetch, 1000);
+        assert_eq!(c.tencent.timeout_ms, 5000);
+        assert_eq!(c.batch.max_accounts, 100);
+        assert_eq!(c.retry.max_elapsed_secs, 600);
+        assert_eq!(c.admin.listen, "127.0.0.1:9464");
+        assert_eq!(c.api_base_url(), "https://console.tim.qq.com");
+    }
+}
