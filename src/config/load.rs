@@ -97,6 +97,10 @@ fn describe_figment_error(e: &figment::Error) -> String {
         }
         Kind::InvalidValue(_, expected) => format!("has an invalid value, expected {expected}"),
         Kind::MissingField(f) => format!("is missing field `{f}`"),
+        // Only the keys with a fixed set of values (never secrets) get here.
+        Kind::UnknownVariant(actual, expected) => {
+            format!("must be one of {} (got {actual:?})", expected.join(", "))
+        }
         other => other.to_string(),
     };
     match key {

@@ -6,17 +6,94 @@ use serde::{Deserialize, Serialize};
 
 use super::{AmqpUrl, Secret};
 
-/// The API's regions and their domains (Tencent's documentation).
-pub const REGIONS: &[(&str, &str)] = &[
-    ("china", "console.tim.qq.com"),
-    ("singapore", "adminapisgp.im.qcloud.com"),
-    ("seoul", "adminapikr.im.qcloud.com"),
-    ("frankfurt", "adminapiger.im.qcloud.com"),
-    ("silicon-valley", "adminapiusa.im.qcloud.com"),
-    ("jakarta", "adminapiidn.im.qcloud.com"),
-    ("tokyo", "adminapijpn.im.qcloud.com"),
-    ("mumbai", "adminapiind.im.qcloud.com"),
-];
+/// `amqp.queue_type`: the kind of the updates queue (`x-queue-type`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// A classic queue.
+    #[default]
+    Classic,
+    /// A replicated quorum queue.
+    Quorum,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `tencent.region`: which of the API's regional domains to use.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Region {
+    /// console.tim.qq.com
+    #[default]
+    China,
+    /// adminapisgp.im.qcloud.com
+    Singapore,
+    /// adminapikr.im.qcloud.com
+    Seoul,
+    /// adminapiger.im.qcloud.com
+    Frankfurt,
+    /// adminapiusa.im.qcloud.com
+    SiliconValley,
+    /// adminapiidn.im.qcloud.com
+    Jakarta,
+    /// adminapijpn.im.qcloud.com
+    Tokyo,
+    /// adminapiind.im.qcloud.com
+    Mumbai,
+}
+
+impl Region {
+    /// Every region.
+    pub const ALL: [Region; 8] = [
+        Region::China,
+        Region::Singapore,
+        Region::Seoul,
+        Region::Frankfurt,
+        Region::SiliconValley,
+        Region::Jakarta,
+        Region::Tokyo,
+        Region::Mumbai,
+    ];
+
+    /// The region's API domain (Tencent's documentation).
+    pub fn domain(self) -> &'static str {
+        match self {
+            Region::China => "console.tim.qq.com",
+            Region::Singapore => "adminapisgp.im.qcloud.com",
+            Region::Seoul => "adminapikr.im.qcloud.com",
+            Region::Frankfurt => "adminapiger.im.qcloud.com",
+            Region::SiliconValley => "adminapiusa.im.qcloud.com",
+            Region::Jakarta => "adminapiidn.im.qcloud.com",
+            Region::Tokyo => "adminapijpn.im.qcloud.com",
+            Region::Mumbai => "adminapiind.im.qcloud.com",
+        }
+    }
+}
+
+/// `log.format`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -55,7 +132,7 @@ pub struct AmqpConfig {
     /// Queue holding dead-lettered messages.
     pub dead_letter_queue: String,
     /// `classic` or `quorum`.
-    pub queue_type: String,
+    pub queue_type: QueueType,
     /// Unacknowledged deliveries the worker may hold (basic.qos prefetch count).
     pub prefetch: u16,
 }
@@ -68,7 +145,7 @@ impl Default for AmqpConfig {
             queue: "imattr.updates".into(),
             dead_letter_exchange: "imattr.dead".into(),
             dead_letter_queue: "imattr.dead".into(),
-            queue_type: "classic".into(),
+            queue_type: QueueType::Classic,
             prefetch: 1000,
         }
     }
@@ -78,8 +155,9 @@ impl Default for AmqpConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TencentConfig {
-    /// Region whose API domain is used (see [`REGIONS`]).
-    pub region: String,
+    /// Region whose API domain is used: `china`, `singapore`, `seoul`, `frankfurt`,
+    /// `silicon-valley`, `jakarta`, `tokyo` or `mumbai`.
+    pub region: Region,
     /// Overrides `region`, e.g. `http://127.0.0.1:18080`; empty: use the region.
     pub base_url: String,
     /// Plain http is refused for non-loopback hosts unless this is true.
@@ -105,7 +183,7 @@ pub struct TencentConfig {
 impl Default for TencentConfig {
     fn default() -> Self {
         TencentConfig {
-            region: "china".into(),
+            region: Region::China,
             base_url: String::new(),
             allow_insecure_http: false,
             sdkappid: 0,
@@ -223,7 +301,7 @@ impl Default for AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing filter such as `info` or `imattr=debug`; `RUST_LOG` overrides it.
     pub level: String,
 }
@@ -231,7 +309,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
@@ -257,12 +335,7 @@ impl Config {
         if !self.tencent.base_url.is_empty() {
             return self.tencent.base_url.trim_end_matches('/').to_string();
         }
-        let domain = REGIONS
-            .iter()
-            .find(|(r, _)| *r == self.tencent.region)
-            .map(|(_, d)| *d)
-            .unwrap_or("console.tim.qq.com");
-        format!("https://{domain}")
+        format!("https://{}", self.tencent.region.domain())
     }
 }
 
@@ -283,5 +356,41 @@ mod tests {
         assert_eq!(c.retry.max_elapsed_secs, 600);
         assert_eq!(c.admin.listen, "127.0.0.1:9464");
         assert_eq!(c.api_base_url(), "https://console.tim.qq.com");
+    }
+
+    #[test]
+    fn string_values_are_the_documented_ones() {
+        use figment::providers::{Format, Toml};
+        let regions = [
+            ("china", "console.tim.qq.com"),
+            ("singapore", "adminapisgp.im.qcloud.com"),
+            ("seoul", "adminapikr.im.qcloud.com"),
+            ("frankfurt", "adminapiger.im.qcloud.com"),
+            ("silicon-valley", "adminapiusa.im.qcloud.com"),
+            ("jakarta", "adminapiidn.im.qcloud.com"),
+            ("tokyo", "adminapijpn.im.qcloud.com"),
+            ("mumbai", "adminapiind.im.qcloud.com"),
+        ];
+        assert_eq!(regions.len(), Region::ALL.len());
+        for (name, domain) in regions {
+            let toml = format!("[tencent]\nregion = {name:?}\n");
+            let c = Config::from_figment(figment::Figment::from(Toml::string(&toml))).unwrap();
+            assert_eq!(c.api_base_url(), format!("https://{domain}"), "{name}");
+            assert!(c.to_redacted_toml().contains(&format!("region = {name:?}")));
+        }
+        for (name, queue_type) in [
+            ("classic", QueueType::Classic),
+            ("quorum", QueueType::Quorum),
+        ] {
+            let toml = format!("[amqp]\nqueue_type = {name:?}\n");
+            let c = Config::from_figment(figment::Figment::from(Toml::string(&toml))).unwrap();
+            assert_eq!(c.amqp.queue_type, queue_type);
+            assert_eq!(queue_type.as_str(), name);
+        }
+        for (name, format) in [("text", LogFormat::Text), ("json", LogFormat::Json)] {
+            let toml = format!("[log]\nformat = {name:?}\n");
+            let c = Config::from_figment(figment::Figment::from(Toml::string(&toml))).unwrap();
+            assert_eq!(c.log.format, format);
+        }
     }
 }

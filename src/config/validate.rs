@@ -1,213 +1,142 @@
-//! Range checks of every key.
+//! Range checks: each section checks its own keys, [`Config::validate`] runs them all.
 
 use std::net::SocketAddr;
 
-use super::{Config, ConfigError, REGIONS};
+use super::{
+    AdminConfig, AmqpConfig, AttributesConfig, BatchConfig, Config, ConfigError, LogConfig,
+    RetryConfig, ShutdownConfig, TencentConfig,
+};
+
+/// `Ok` when `ok`, else an error naming `field`.
+fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(field, message))
+    }
+}
 
 impl Config {
-    /// Checks the range of every key.
+    /// Checks the range of every key (not the API credentials: see [`Config::validate_api`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let a = &self.amqp;
-        let url = a.url.expose();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(ConfigError::invalid(
-                "amqp.url",
-                format!("must start with amqp:// or amqps:// (got {})", a.url),
-            ));
-        }
-        for (field, v) in [
-            ("amqp.exchange", &a.exchange),
-            ("amqp.queue", &a.queue),
-            ("amqp.dead_letter_exchange", &a.dead_letter_exchange),
-            ("amqp.dead_letter_queue", &a.dead_letter_queue),
-        ] {
-            if v.is_empty() || v.len() > 255 {
-                return Err(ConfigError::invalid(
-                    field,
-                    "must be a name of 1 to 255 bytes",
-                ));
-            }
-        }
-        if a.queue == a.dead_letter_queue {
-            return Err(ConfigError::invalid(
-                "amqp.dead_letter_queue",
-                "must differ from amqp.queue",
-            ));
-        }
-        if a.queue_type != "classic" && a.queue_type != "quorum" {
-            return Err(ConfigError::invalid(
-                "amqp.queue_type",
-                format!("must be \"classic\" or \"quorum\" (got {:?})", a.queue_type),
-            ));
-        }
-        if a.prefetch == 0 {
-            return Err(ConfigError::invalid("amqp.prefetch", "must be 1 to 65535"));
-        }
-        let t = &self.tencent;
-        if t.base_url.is_empty() {
-            if !REGIONS.iter().any(|(r, _)| *r == t.region) {
-                let names: Vec<&str> = REGIONS.iter().map(|(r, _)| *r).collect();
-                return Err(ConfigError::invalid(
-                    "tencent.region",
-                    format!("must be one of {} (got {:?})", names.join(", "), t.region),
-                ));
-            }
-        } else {
-            let parsed = url::Url::parse(&t.base_url).map_err(|e| {
-                ConfigError::invalid(
-                    "tencent.base_url",
-                    format!("is not a valid URL ({e}); expected e.g. http://127.0.0.1:18080"),
-                )
-            })?;
-            match parsed.scheme() {
-                "https" => {}
-                "http" => {
-                    let loopback = match parsed.host() {
-                        Some(url::Host::Domain(d)) => d == "localhost",
-                        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-                        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-                        None => false,
-                    };
-                    if !loopback && !t.allow_insecure_http {
-                        return Err(ConfigError::invalid(
-                            "tencent.base_url",
-                            "must be https unless its host is loopback (set tencent.allow_insecure_http = true to override)",
-                        ));
-                    }
-                }
-                other => {
-                    return Err(ConfigError::invalid(
-                        "tencent.base_url",
-                        format!("must be an http or https URL (got scheme {other:?})"),
-                    ))
-                }
-            }
-        }
-        if t.identifier.is_empty() {
-            return Err(ConfigError::invalid(
-                "tencent.identifier",
-                "must not be empty",
-            ));
-        }
-        if t.usersig_ttl_secs < 60 {
-            return Err(ConfigError::invalid(
-                "tencent.usersig_ttl_secs",
-                "must be at least 60",
-            ));
-        }
-        if t.timeout_ms == 0 {
-            return Err(ConfigError::invalid(
-                "tencent.timeout_ms",
-                "must be positive",
-            ));
-        }
-        if t.rate_limit_per_sec == 0 {
-            return Err(ConfigError::invalid(
-                "tencent.rate_limit_per_sec",
-                "must be positive",
-            ));
-        }
-        if t.max_in_flight == 0 || t.max_in_flight > 1024 {
-            return Err(ConfigError::invalid(
-                "tencent.max_in_flight",
-                "must be 1 to 1024",
-            ));
-        }
-        let b = &self.batch;
-        if !(1..=100).contains(&b.max_accounts) {
-            return Err(ConfigError::invalid(
-                "batch.max_accounts",
-                format!("must be 1 to 100 (got {})", b.max_accounts),
-            ));
-        }
-        if b.max_wait_ms == 0 {
-            return Err(ConfigError::invalid(
-                "batch.max_wait_ms",
-                "must be positive",
-            ));
-        }
-        let r = &self.retry;
-        if r.initial_interval_ms == 0 {
-            return Err(ConfigError::invalid(
-                "retry.initial_interval_ms",
-                "must be positive",
-            ));
-        }
-        if r.max_interval_ms < r.initial_interval_ms {
-            return Err(ConfigError::invalid(
-                "retry.max_interval_ms",
-                "must be at least retry.initial_interval_ms",
-            ));
-        }
-        if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
-            return Err(ConfigError::invalid("retry.multiplier", "must be ≥ 1"));
-        }
-        if !(0.0..=1.0).contains(&r.randomization_factor) {
-            return Err(ConfigError::invalid(
-                "retry.randomization_factor",
-                "must be 0 to 1",
-            ));
-        }
-        let at = &self.attributes;
-        if at.max_value_bytes == 0 {
-            return Err(ConfigError::invalid(
-                "attributes.max_value_bytes",
-                "must be positive",
-            ));
-        }
-        if at.allowed.len() > 10 {
-            return Err(ConfigError::invalid(
-                "attributes.allowed",
-                "an app has at most 10 attribute names",
-            ));
-        }
-        if let Some(bad) = at.allowed.iter().find(|n| n.is_empty() || n.len() > 50) {
-            return Err(ConfigError::invalid(
-                "attributes.allowed",
-                format!("attribute name {bad:?} must be 1 to 50 bytes"),
-            ));
-        }
-        if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
-            return Err(ConfigError::invalid(
-                "admin.listen",
-                format!(
-                    "must be an address such as 127.0.0.1:9464, or \"\" (got {:?})",
-                    self.admin.listen
-                ),
-            ));
-        }
-        if self.log.format != "text" && self.log.format != "json" {
-            return Err(ConfigError::invalid(
-                "log.format",
-                format!("must be \"text\" or \"json\" (got {:?})", self.log.format),
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(ConfigError::invalid(
-                "log.level",
-                format!("is not a valid filter (got {:?})", self.log.level),
-            ));
-        }
-        if self.shutdown.timeout_secs == 0 {
-            return Err(ConfigError::invalid(
-                "shutdown.timeout_secs",
-                "must be positive",
-            ));
-        }
-        Ok(())
+        self.amqp.validate()?;
+        self.tencent.validate()?;
+        self.batch.validate()?;
+        self.retry.validate()?;
+        self.attributes.validate()?;
+        self.admin.validate()?;
+        self.log.validate()?;
+        self.shutdown.validate()
     }
 
     /// Checks what commands that call the API need: a sdkappid and exactly one
     /// of `secret_key` / `usersig`.
     pub fn validate_api(&self) -> Result<(), ConfigError> {
-        let t = &self.tencent;
-        if t.sdkappid == 0 {
-            return Err(ConfigError::invalid(
-                "tencent.sdkappid",
-                "must be set to the app's SDKAppID (non-zero)",
-            ));
+        self.tencent.validate_api()
+    }
+}
+
+impl AmqpConfig {
+    /// Checks `[amqp]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose();
+        ensure(
+            url.starts_with("amqp://") || url.starts_with("amqps://"),
+            "amqp.url",
+            format!("must start with amqp:// or amqps:// (got {})", self.url),
+        )?;
+        for (field, v) in [
+            ("amqp.exchange", &self.exchange),
+            ("amqp.queue", &self.queue),
+            ("amqp.dead_letter_exchange", &self.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            ensure(
+                !v.is_empty() && v.len() <= 255,
+                field,
+                "must be a name of 1 to 255 bytes",
+            )?;
         }
-        match (t.secret_key.is_empty(), t.usersig.is_empty()) {
+        ensure(
+            self.queue != self.dead_letter_queue,
+            "amqp.dead_letter_queue",
+            "must differ from amqp.queue",
+        )?;
+        ensure(self.prefetch > 0, "amqp.prefetch", "must be 1 to 65535")
+    }
+}
+
+impl TencentConfig {
+    /// Checks `[tencent]` but the credentials (see [`TencentConfig::validate_api`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.base_url.is_empty() {
+            self.validate_base_url()?;
+        }
+        ensure(
+            !self.identifier.is_empty(),
+            "tencent.identifier",
+            "must not be empty",
+        )?;
+        ensure(
+            self.usersig_ttl_secs >= 60,
+            "tencent.usersig_ttl_secs",
+            "must be at least 60",
+        )?;
+        ensure(
+            self.timeout_ms > 0,
+            "tencent.timeout_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.rate_limit_per_sec > 0,
+            "tencent.rate_limit_per_sec",
+            "must be positive",
+        )?;
+        ensure(
+            (1..=1024).contains(&self.max_in_flight),
+            "tencent.max_in_flight",
+            "must be 1 to 1024",
+        )
+    }
+
+    fn validate_base_url(&self) -> Result<(), ConfigError> {
+        let parsed = url::Url::parse(&self.base_url).map_err(|e| {
+            ConfigError::invalid(
+                "tencent.base_url",
+                format!("is not a valid URL ({e}); expected e.g. http://127.0.0.1:18080"),
+            )
+        })?;
+        match parsed.scheme() {
+            "https" => Ok(()),
+            "http" => {
+                let loopback = match parsed.host() {
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                };
+                ensure(
+                    loopback || self.allow_insecure_http,
+                    "tencent.base_url",
+                    "must be https unless its host is loopback (set tencent.allow_insecure_http = true to override)",
+                )
+            }
+            other => Err(ConfigError::invalid(
+                "tencent.base_url",
+                format!("must be an http or https URL (got scheme {other:?})"),
+            )),
+        }
+    }
+
+    /// Checks what commands that call the API need: a sdkappid and exactly one
+    /// of `secret_key` / `usersig`.
+    pub fn validate_api(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.sdkappid != 0,
+            "tencent.sdkappid",
+            "must be set to the app's SDKAppID (non-zero)",
+        )?;
+        match (self.secret_key.is_empty(), self.usersig.is_empty()) {
             (false, false) => Err(ConfigError::invalid(
                 "tencent.secret_key",
                 "set exactly one of tencent.secret_key and tencent.usersig, not both",
@@ -218,6 +147,107 @@ impl Config {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+impl BatchConfig {
+    /// Checks `[batch]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=100).contains(&self.max_accounts),
+            "batch.max_accounts",
+            format!("must be 1 to 100 (got {})", self.max_accounts),
+        )?;
+        ensure(
+            self.max_wait_ms > 0,
+            "batch.max_wait_ms",
+            "must be positive",
+        )
+    }
+}
+
+impl RetryConfig {
+    /// Checks `[retry]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.initial_interval_ms > 0,
+            "retry.initial_interval_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_interval_ms >= self.initial_interval_ms,
+            "retry.max_interval_ms",
+            "must be at least retry.initial_interval_ms",
+        )?;
+        ensure(
+            self.multiplier >= 1.0 && self.multiplier.is_finite(),
+            "retry.multiplier",
+            "must be ≥ 1",
+        )?;
+        ensure(
+            (0.0..=1.0).contains(&self.randomization_factor),
+            "retry.randomization_factor",
+            "must be 0 to 1",
+        )
+    }
+}
+
+impl AttributesConfig {
+    /// Checks `[attributes]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.max_value_bytes > 0,
+            "attributes.max_value_bytes",
+            "must be positive",
+        )?;
+        ensure(
+            self.allowed.len() <= 10,
+            "attributes.allowed",
+            "an app has at most 10 attribute names",
+        )?;
+        match self.allowed.iter().find(|n| n.is_empty() || n.len() > 50) {
+            Some(bad) => Err(ConfigError::invalid(
+                "attributes.allowed",
+                format!("attribute name {bad:?} must be 1 to 50 bytes"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Checks `[admin]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
+            "admin.listen",
+            format!(
+                "must be an address such as 127.0.0.1:9464, or \"\" (got {:?})",
+                self.listen
+            ),
+        )
+    }
+}
+
+impl LogConfig {
+    /// Checks `[log]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            tracing_subscriber::EnvFilter::try_new(&self.level).is_ok(),
+            "log.level",
+            format!("is not a valid filter (got {:?})", self.level),
+        )
+    }
+}
+
+impl ShutdownConfig {
+    /// Checks `[shutdown]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.timeout_secs > 0,
+            "shutdown.timeout_secs",
+            "must be positive",
+        )
     }
 }
 
@@ -263,6 +293,8 @@ mod tests {
                 "retry.randomization_factor",
             ),
             ("IMATTR_BATCH__MAX_ACCOUNTS", "many", "batch.max_accounts"),
+            ("IMATTR_AMQP__QUEUE_TYPE", "Quorum", "amqp.queue_type"),
+            ("IMATTR_TENCENT__REGION", "silicon_valley", "tencent.region"),
         ];
         for (key, value, field) in cases {
             Jail::expect_with(|jail| {
