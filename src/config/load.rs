@@ -188,4 +188,24 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn the_sample_file_holds_every_key_at_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/imattr.toml");
+        let c = Config::from_figment(Figment::from(Toml::file(path))).unwrap();
+        assert_eq!(c, Config::default());
+        let sample: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+        let printed: toml::Table = Config::default().to_redacted_toml().parse().unwrap();
+        let keys = |t: &toml::Table| -> Vec<String> {
+            t.iter()
+                .flat_map(|(s, v)| {
+                    let keys: Vec<String> = v
+                        .as_table()
+                        .map_or(vec![], |t| t.keys().map(|k| format!("{s}.{k}")).collect());
+                    keys
+                })
+                .collect()
+        };
+        assert_eq!(keys(&sample), keys(&printed));
+    }
 }

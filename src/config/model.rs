@@ -172,7 +172,8 @@ pub struct TencentConfig {
     pub usersig: Secret,
     /// Lifetime of generated UserSigs, in seconds.
     pub usersig_ttl_secs: u64,
-    /// HTTP timeout per request, in milliseconds (the backend's own is 3 s).
+    /// HTTP timeout per request, in milliseconds: more than 3000, the backend's own
+    /// timeout, so that its answer to a slow request arrives.
     pub timeout_ms: u64,
     /// Request rate ceiling, requests per second.
     pub rate_limit_per_sec: u32,
@@ -198,13 +199,21 @@ impl Default for TencentConfig {
     }
 }
 
+impl TencentConfig {
+    /// `tencent.timeout_ms`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
 /// `[batch]`
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     /// Distinct accounts per request, 1 to 100.
     pub max_accounts: usize,
-    /// Longest time the oldest pending update waits before its batch goes out, in milliseconds.
+    /// Longest time the oldest pending update waits before its batch goes out, in
+    /// milliseconds (at most 60000).
     pub max_wait_ms: u64,
 }
 
@@ -217,6 +226,13 @@ impl Default for BatchConfig {
     }
 }
 
+impl BatchConfig {
+    /// `batch.max_wait_ms`.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+}
+
 /// `[retry]`
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -225,11 +241,12 @@ pub struct RetryConfig {
     pub initial_interval_ms: u64,
     /// Factor applied to the interval after each attempt (≥ 1).
     pub multiplier: f64,
-    /// Longest backoff interval, in milliseconds.
+    /// Longest backoff interval, in milliseconds (at most 3600000, an hour).
     pub max_interval_ms: u64,
     /// Jitter: each interval is randomised by ± this fraction (0 to 1).
     pub randomization_factor: f64,
-    /// Give up on a transient failure after this long, in seconds; 0 retries forever.
+    /// Give up on a transient failure after this long, in seconds (at most 604800,
+    /// a week); 0 retries forever.
     pub max_elapsed_secs: u64,
 }
 
@@ -246,16 +263,30 @@ impl Default for RetryConfig {
 }
 
 impl RetryConfig {
+    /// `retry.initial_interval_ms`.
+    pub fn initial_interval(&self) -> Duration {
+        Duration::from_millis(self.initial_interval_ms)
+    }
+
+    /// `retry.max_interval_ms`.
+    pub fn max_interval(&self) -> Duration {
+        Duration::from_millis(self.max_interval_ms)
+    }
+
+    /// `retry.max_elapsed_secs`; `None`: retry forever.
+    pub fn max_elapsed(&self) -> Option<Duration> {
+        (self.max_elapsed_secs > 0).then(|| Duration::from_secs(self.max_elapsed_secs))
+    }
+
     /// The `backoff` crate's policy for these settings.
     pub fn backoff(&self) -> backoff::ExponentialBackoff {
         backoff::ExponentialBackoff {
-            current_interval: Duration::from_millis(self.initial_interval_ms),
-            initial_interval: Duration::from_millis(self.initial_interval_ms),
+            current_interval: self.initial_interval(),
+            initial_interval: self.initial_interval(),
             randomization_factor: self.randomization_factor,
             multiplier: self.multiplier,
-            max_interval: Duration::from_millis(self.max_interval_ms),
-            max_elapsed_time: (self.max_elapsed_secs > 0)
-                .then(|| Duration::from_secs(self.max_elapsed_secs)),
+            max_interval: self.max_interval(),
+            max_elapsed_time: self.max_elapsed(),
             ..backoff::ExponentialBackoff::default()
         }
     }
@@ -319,13 +350,21 @@ impl Default for LogConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    /// Longest time to flush and settle pending messages on SIGTERM, in seconds.
+    /// Longest time to flush and settle pending messages on SIGTERM, in seconds
+    /// (at most 3600).
     pub timeout_secs: u64,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig { timeout_secs: 30 }
+    }
+}
+
+impl ShutdownConfig {
+    /// `shutdown.timeout_secs`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
     }
 }
 

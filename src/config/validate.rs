@@ -7,6 +7,16 @@ use super::{
     RetryConfig, ShutdownConfig, TencentConfig,
 };
 
+// Upper bounds keep every `Instant + duration` the daemon computes far from
+// overflowing, and are well beyond any sensible setting.
+/// The API's backend timeout, in milliseconds: `tencent.timeout_ms` must exceed it.
+pub const API_BACKEND_TIMEOUT_MS: u64 = 3000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+const MAX_BATCH_WAIT_MS: u64 = 60_000;
+const MAX_RETRY_INTERVAL_MS: u64 = 3_600_000;
+const MAX_RETRY_ELAPSED_SECS: u64 = 604_800;
+const MAX_SHUTDOWN_SECS: u64 = 3600;
+
 /// `Ok` when `ok`, else an error naming `field`.
 fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
     if ok {
@@ -83,9 +93,12 @@ impl TencentConfig {
             "must be at least 60",
         )?;
         ensure(
-            self.timeout_ms > 0,
+            self.timeout_ms > API_BACKEND_TIMEOUT_MS && self.timeout_ms <= MAX_TIMEOUT_MS,
             "tencent.timeout_ms",
-            "must be positive",
+            format!(
+                "must be more than {API_BACKEND_TIMEOUT_MS} (the API's backend timeout is 3 s) and at most {MAX_TIMEOUT_MS} (got {})",
+                self.timeout_ms
+            ),
         )?;
         ensure(
             self.rate_limit_per_sec > 0,
@@ -159,9 +172,12 @@ impl BatchConfig {
             format!("must be 1 to 100 (got {})", self.max_accounts),
         )?;
         ensure(
-            self.max_wait_ms > 0,
+            (1..=MAX_BATCH_WAIT_MS).contains(&self.max_wait_ms),
             "batch.max_wait_ms",
-            "must be positive",
+            format!(
+                "must be 1 to {MAX_BATCH_WAIT_MS} (got {})",
+                self.max_wait_ms
+            ),
         )
     }
 }
@@ -178,6 +194,22 @@ impl RetryConfig {
             self.max_interval_ms >= self.initial_interval_ms,
             "retry.max_interval_ms",
             "must be at least retry.initial_interval_ms",
+        )?;
+        ensure(
+            self.max_interval_ms <= MAX_RETRY_INTERVAL_MS,
+            "retry.max_interval_ms",
+            format!(
+                "must be at most {MAX_RETRY_INTERVAL_MS} (got {})",
+                self.max_interval_ms
+            ),
+        )?;
+        ensure(
+            self.max_elapsed_secs <= MAX_RETRY_ELAPSED_SECS,
+            "retry.max_elapsed_secs",
+            format!(
+                "must be 0 (forever) to {MAX_RETRY_ELAPSED_SECS} (got {})",
+                self.max_elapsed_secs
+            ),
         )?;
         ensure(
             self.multiplier >= 1.0 && self.multiplier.is_finite(),
@@ -244,9 +276,12 @@ impl ShutdownConfig {
     /// Checks `[shutdown]`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(
-            self.timeout_secs > 0,
+            (1..=MAX_SHUTDOWN_SECS).contains(&self.timeout_secs),
             "shutdown.timeout_secs",
-            "must be positive",
+            format!(
+                "must be 1 to {MAX_SHUTDOWN_SECS} (got {})",
+                self.timeout_secs
+            ),
         )
     }
 }
@@ -264,6 +299,7 @@ mod tests {
 
     #[test]
     fn each_validation_names_its_field() {
+        const HUGE: &str = "18446744073709551615";
         let cases: &[(&str, &str, &str)] = &[
             ("IMATTR_BATCH__MAX_ACCOUNTS", "101", "max_accounts"),
             ("IMATTR_BATCH__MAX_ACCOUNTS", "0", "max_accounts"),
@@ -283,6 +319,34 @@ mod tests {
             ),
             ("IMATTR_BATCH__MAX_WAIT_MS", "0", "batch.max_wait_ms"),
             ("IMATTR_TENCENT__TIMEOUT_MS", "0", "tencent.timeout_ms"),
+            ("IMATTR_TENCENT__TIMEOUT_MS", "3000", "tencent.timeout_ms"),
+            ("IMATTR_TENCENT__TIMEOUT_MS", HUGE, "tencent.timeout_ms"),
+            ("IMATTR_BATCH__MAX_WAIT_MS", HUGE, "batch.max_wait_ms"),
+            (
+                "IMATTR_SHUTDOWN__TIMEOUT_SECS",
+                HUGE,
+                "shutdown.timeout_secs",
+            ),
+            (
+                "IMATTR_SHUTDOWN__TIMEOUT_SECS",
+                "0",
+                "shutdown.timeout_secs",
+            ),
+            (
+                "IMATTR_RETRY__MAX_INTERVAL_MS",
+                HUGE,
+                "retry.max_interval_ms",
+            ),
+            (
+                "IMATTR_RETRY__INITIAL_INTERVAL_MS",
+                HUGE,
+                "retry.max_interval_ms",
+            ),
+            (
+                "IMATTR_RETRY__MAX_ELAPSED_SECS",
+                HUGE,
+                "retry.max_elapsed_secs",
+            ),
             ("IMATTR_AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
             ("IMATTR_AMQP__URL", "http://x", "amqp.url"),
             ("IMATTR_LOG__FORMAT", "xml", "log.format"),
@@ -341,5 +405,28 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not both"));
+    }
+
+    #[test]
+    fn largest_valid_durations_keep_instants_in_range() {
+        let mut c = Config::default();
+        c.tencent.timeout_ms = MAX_TIMEOUT_MS;
+        c.batch.max_wait_ms = MAX_BATCH_WAIT_MS;
+        c.retry.max_interval_ms = MAX_RETRY_INTERVAL_MS;
+        c.retry.max_elapsed_secs = MAX_RETRY_ELAPSED_SECS;
+        c.shutdown.timeout_secs = MAX_SHUTDOWN_SECS;
+        c.validate().unwrap();
+        let now = tokio::time::Instant::now();
+        for d in [
+            c.tencent.timeout(),
+            c.batch.max_wait(),
+            c.retry.max_interval(),
+            c.retry.max_elapsed().unwrap(),
+            c.shutdown.timeout(),
+        ] {
+            assert!(now.checked_add(d).is_some(), "{d:?}");
+        }
+        c.tencent.timeout_ms = API_BACKEND_TIMEOUT_MS + 1;
+        c.validate().unwrap();
     }
 }
