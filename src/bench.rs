@@ -482,7 +482,7 @@ async fn memory(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
 async fn latency(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
     let name = "5 latency";
     let mut sb = Sandbox::start(base, "imattr.bench", &["n"], api_faults(), bench_tweak).await?;
-    let max_wait = sb.config.batch.max_wait_ms;
+    let max_wait = sb.config.batch.max_wait();
     sb.start_worker();
     let health = sb.health.clone();
     let t = Instant::now();
@@ -524,7 +524,7 @@ async fn latency(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
             .unwrap_or(f64::NAN)
     };
     let p99 = pct(0.99);
-    let limit = max_wait as f64 + 50.0;
+    let limit = max_wait.as_millis() as f64 + 50.0;
     Ok(vec![
         fig(
             name,

@@ -122,12 +122,13 @@ async fn api_refusing_connections_for_a_while() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_slower_than_the_timeout_for_a_while() {
+    // The shortest timeout allowed is just over the API's own 3 s.
     let faults = Faults {
-        latency_ms: (400, 400),
+        latency_ms: (3600, 3600),
         ..Faults::default()
     };
     let mut sb = sandbox(&["n"], faults, |c| {
-        c.tencent.timeout_ms = 100;
+        c.tencent.timeout_ms = imattr::config::API_BACKEND_TIMEOUT_MS + 100;
         c.retry.max_interval_ms = 200;
     })
     .await;
@@ -135,7 +136,7 @@ async fn api_slower_than_the_timeout_for_a_while() {
     let mut expected = Expected::new();
     publish_stream(&sb, 300, 50, 0, &mut expected).await;
     sb.confirm().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     sb.sim.update_faults(|f| f.latency_ms = (0, 5));
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final(&sb, &expected).await;

@@ -508,7 +508,7 @@ async fn quorum_queues_work_too() {
         ..Faults::default()
     };
     let mut sb = sandbox(&["k", "bad"], faults, |c| {
-        c.amqp.queue_type = "quorum".into()
+        c.amqp.queue_type = imattr::config::QueueType::Quorum
     })
     .await;
     sb.start_worker();

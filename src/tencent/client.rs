@@ -158,7 +158,7 @@ impl Client {
         Client::new(
             &config.api_base_url(),
             Arc::new(Signer::from_config(t)),
-            Duration::from_millis(t.timeout_ms),
+            t.timeout(),
             t.rate_limit_per_sec,
             t.max_in_flight,
         )

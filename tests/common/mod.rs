@@ -23,7 +23,7 @@ pub fn base_config() -> Config {
     c.retry.max_elapsed_secs = 60;
     c.batch.max_wait_ms = 50;
     c.shutdown.timeout_secs = 10;
-    c.tencent.timeout_ms = 2000;
+    c.tencent.timeout_ms = 3500;
     c
 }
 

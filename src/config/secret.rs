@@ -1,0 +1,153 @@
+//! Secrets that must never be shown: `Debug`, `Display` and `Serialize` redact them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A secret string: never shown by `Debug`, `Display` or `Serialize`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; only for the code that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"<redacted>\"")
+        }
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_empty() {
+            s.serialize_str("")
+        } else {
+            s.serialize_str("<redacted>")
+        }
+    }
+}
+
+/// The AMQP URL: its password is never shown by `Debug`, `Display` or `Serialize`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// Wraps a URL.
+    pub fn new(s: impl Into<String>) -> Self {
+        AmqpUrl(s.into())
+    }
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for AmqpUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+/// Replaces the password in `scheme://user:password@host…` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError};
+    use figment::Jail;
+
+    fn load_in_jail() -> Result<Config, ConfigError> {
+        Config::load(None)
+    }
+
+    #[test]
+    fn secrets_never_shown() {
+        let mut c = Config::default();
+        c.tencent.secret_key = Secret::new("TOPSECRETKEY");
+        c.tencent.usersig = Secret::new("TOPSECRETSIG");
+        c.amqp.url = AmqpUrl::new("amqp://user:TOPSECRETPW@host:5672/%2f");
+        let debug = format!("{c:?}");
+        let printed = c.to_redacted_toml();
+        for s in [&debug, &printed] {
+            assert!(!s.contains("TOPSECRET"), "{s}");
+        }
+        assert!(
+            printed.contains("amqp://user:***@host:5672/%2f"),
+            "{printed}"
+        );
+        assert!(printed.contains("secret_key = \"<redacted>\""), "{printed}");
+        // A wrong-typed secret in the environment is reported without its value.
+        Jail::expect_with(|jail| {
+            jail.set_env("IMATTR_TENCENT__USERSIG", "[1,2]");
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("tencent.usersig"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redact_url_forms() {
+        assert_eq!(redact_url("amqp://a:b@h/%2f"), "amqp://a:***@h/%2f");
+        assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+        assert_eq!(redact_url("amqps://u@h"), "amqps://u@h");
+        assert_eq!(redact_url("amqp://u:p:q@h"), "amqp://u:***@h");
+    }
+}

@@ -1,0 +1,432 @@
+//! Range checks: each section checks its own keys, [`Config::validate`] runs them all.
+
+use std::net::SocketAddr;
+
+use super::{
+    AdminConfig, AmqpConfig, AttributesConfig, BatchConfig, Config, ConfigError, LogConfig,
+    RetryConfig, ShutdownConfig, TencentConfig,
+};
+
+// Upper bounds keep every `Instant + duration` the daemon computes far from
+// overflowing, and are well beyond any sensible setting.
+/// The API's backend timeout, in milliseconds: `tencent.timeout_ms` must exceed it.
+pub const API_BACKEND_TIMEOUT_MS: u64 = 3000;
+const MAX_TIMEOUT_MS: u64 = 300_000;
+const MAX_BATCH_WAIT_MS: u64 = 60_000;
+const MAX_RETRY_INTERVAL_MS: u64 = 3_600_000;
+const MAX_RETRY_ELAPSED_SECS: u64 = 604_800;
+const MAX_SHUTDOWN_SECS: u64 = 3600;
+
+/// `Ok` when `ok`, else an error naming `field`.
+fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(field, message))
+    }
+}
+
+impl Config {
+    /// Checks the range of every key (not the API credentials: see [`Config::validate_api`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.amqp.validate()?;
+        self.tencent.validate()?;
+        self.batch.validate()?;
+        self.retry.validate()?;
+        self.attributes.validate()?;
+        self.admin.validate()?;
+        self.log.validate()?;
+        self.shutdown.validate()
+    }
+
+    /// Checks what commands that call the API need: a sdkappid and exactly one
+    /// of `secret_key` / `usersig`.
+    pub fn validate_api(&self) -> Result<(), ConfigError> {
+        self.tencent.validate_api()
+    }
+}
+
+impl AmqpConfig {
+    /// Checks `[amqp]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose();
+        ensure(
+            url.starts_with("amqp://") || url.starts_with("amqps://"),
+            "amqp.url",
+            format!("must start with amqp:// or amqps:// (got {})", self.url),
+        )?;
+        for (field, v) in [
+            ("amqp.exchange", &self.exchange),
+            ("amqp.queue", &self.queue),
+            ("amqp.dead_letter_exchange", &self.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &self.dead_letter_queue),
+        ] {
+            ensure(
+                !v.is_empty() && v.len() <= 255,
+                field,
+                "must be a name of 1 to 255 bytes",
+            )?;
+        }
+        ensure(
+            self.queue != self.dead_letter_queue,
+            "amqp.dead_letter_queue",
+            "must differ from amqp.queue",
+        )?;
+        ensure(self.prefetch > 0, "amqp.prefetch", "must be 1 to 65535")
+    }
+}
+
+impl TencentConfig {
+    /// Checks `[tencent]` but the credentials (see [`TencentConfig::validate_api`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.base_url.is_empty() {
+            self.validate_base_url()?;
+        }
+        ensure(
+            !self.identifier.is_empty(),
+            "tencent.identifier",
+            "must not be empty",
+        )?;
+        ensure(
+            self.usersig_ttl_secs >= 60,
+            "tencent.usersig_ttl_secs",
+            "must be at least 60",
+        )?;
+        ensure(
+            self.timeout_ms > API_BACKEND_TIMEOUT_MS && self.timeout_ms <= MAX_TIMEOUT_MS,
+            "tencent.timeout_ms",
+            format!(
+                "must be more than {API_BACKEND_TIMEOUT_MS} (the API's backend timeout is 3 s) and at most {MAX_TIMEOUT_MS} (got {})",
+                self.timeout_ms
+            ),
+        )?;
+        ensure(
+            self.rate_limit_per_sec > 0,
+            "tencent.rate_limit_per_sec",
+            "must be positive",
+        )?;
+        ensure(
+            (1..=1024).contains(&self.max_in_flight),
+            "tencent.max_in_flight",
+            "must be 1 to 1024",
+        )
+    }
+
+    fn validate_base_url(&self) -> Result<(), ConfigError> {
+        let parsed = url::Url::parse(&self.base_url).map_err(|e| {
+            ConfigError::invalid(
+                "tencent.base_url",
+                format!("is not a valid URL ({e}); expected e.g. http://127.0.0.1:18080"),
+            )
+        })?;
+        match parsed.scheme() {
+            "https" => Ok(()),
+            "http" => {
+                let loopback = match parsed.host() {
+                    Some(url::Host::Domain(d)) => d == "localhost",
+                    Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                    Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                    None => false,
+                };
+                ensure(
+                    loopback || self.allow_insecure_http,
+                    "tencent.base_url",
+                    "must be https unless its host is loopback (set tencent.allow_insecure_http = true to override)",
+                )
+            }
+            other => Err(ConfigError::invalid(
+                "tencent.base_url",
+                format!("must be an http or https URL (got scheme {other:?})"),
+            )),
+        }
+    }
+
+    /// Checks what commands that call the API need: a sdkappid and exactly one
+    /// of `secret_key` / `usersig`.
+    pub fn validate_api(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.sdkappid != 0,
+            "tencent.sdkappid",
+            "must be set to the app's SDKAppID (non-zero)",
+        )?;
+        match (self.secret_key.is_empty(), self.usersig.is_empty()) {
+            (false, false) => Err(ConfigError::invalid(
+                "tencent.secret_key",
+                "set exactly one of tencent.secret_key and tencent.usersig, not both",
+            )),
+            (true, true) => Err(ConfigError::invalid(
+                "tencent.secret_key",
+                "set exactly one of tencent.secret_key and tencent.usersig",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl BatchConfig {
+    /// Checks `[batch]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=100).contains(&self.max_accounts),
+            "batch.max_accounts",
+            format!("must be 1 to 100 (got {})", self.max_accounts),
+        )?;
+        ensure(
+            (1..=MAX_BATCH_WAIT_MS).contains(&self.max_wait_ms),
+            "batch.max_wait_ms",
+            format!(
+                "must be 1 to {MAX_BATCH_WAIT_MS} (got {})",
+                self.max_wait_ms
+            ),
+        )
+    }
+}
+
+impl RetryConfig {
+    /// Checks `[retry]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.initial_interval_ms > 0,
+            "retry.initial_interval_ms",
+            "must be positive",
+        )?;
+        ensure(
+            self.max_interval_ms >= self.initial_interval_ms,
+            "retry.max_interval_ms",
+            "must be at least retry.initial_interval_ms",
+        )?;
+        ensure(
+            self.max_interval_ms <= MAX_RETRY_INTERVAL_MS,
+            "retry.max_interval_ms",
+            format!(
+                "must be at most {MAX_RETRY_INTERVAL_MS} (got {})",
+                self.max_interval_ms
+            ),
+        )?;
+        ensure(
+            self.max_elapsed_secs <= MAX_RETRY_ELAPSED_SECS,
+            "retry.max_elapsed_secs",
+            format!(
+                "must be 0 (forever) to {MAX_RETRY_ELAPSED_SECS} (got {})",
+                self.max_elapsed_secs
+            ),
+        )?;
+        ensure(
+            self.multiplier >= 1.0 && self.multiplier.is_finite(),
+            "retry.multiplier",
+            "must be ≥ 1",
+        )?;
+        ensure(
+            (0.0..=1.0).contains(&self.randomization_factor),
+            "retry.randomization_factor",
+            "must be 0 to 1",
+        )
+    }
+}
+
+impl AttributesConfig {
+    /// Checks `[attributes]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.max_value_bytes > 0,
+            "attributes.max_value_bytes",
+            "must be positive",
+        )?;
+        ensure(
+            self.allowed.len() <= 10,
+            "attributes.allowed",
+            "an app has at most 10 attribute names",
+        )?;
+        match self.allowed.iter().find(|n| n.is_empty() || n.len() > 50) {
+            Some(bad) => Err(ConfigError::invalid(
+                "attributes.allowed",
+                format!("attribute name {bad:?} must be 1 to 50 bytes"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Checks `[admin]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
+            "admin.listen",
+            format!(
+                "must be an address such as 127.0.0.1:9464, or \"\" (got {:?})",
+                self.listen
+            ),
+        )
+    }
+}
+
+impl LogConfig {
+    /// Checks `[log]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            tracing_subscriber::EnvFilter::try_new(&self.level).is_ok(),
+            "log.level",
+            format!("is not a valid filter (got {:?})", self.level),
+        )
+    }
+}
+
+impl ShutdownConfig {
+    /// Checks `[shutdown]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=MAX_SHUTDOWN_SECS).contains(&self.timeout_secs),
+            "shutdown.timeout_secs",
+            format!(
+                "must be 1 to {MAX_SHUTDOWN_SECS} (got {})",
+                self.timeout_secs
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use figment::Jail;
+
+    fn load_in_jail() -> Result<Config, ConfigError> {
+        Config::load(None)
+    }
+
+    #[test]
+    fn each_validation_names_its_field() {
+        const HUGE: &str = "18446744073709551615";
+        let cases: &[(&str, &str, &str)] = &[
+            ("IMATTR_BATCH__MAX_ACCOUNTS", "101", "max_accounts"),
+            ("IMATTR_BATCH__MAX_ACCOUNTS", "0", "max_accounts"),
+            ("IMATTR_TENCENT__REGION", "mars", "tencent.region"),
+            ("IMATTR_TENCENT__BASE_URL", "not a url", "tencent.base_url"),
+            ("IMATTR_TENCENT__BASE_URL", "ftp://x", "tencent.base_url"),
+            (
+                "IMATTR_TENCENT__BASE_URL",
+                "http://example.com",
+                "tencent.base_url",
+            ),
+            ("IMATTR_RETRY__MULTIPLIER", "0.5", "retry.multiplier"),
+            (
+                "IMATTR_RETRY__INITIAL_INTERVAL_MS",
+                "0",
+                "retry.initial_interval_ms",
+            ),
+            ("IMATTR_BATCH__MAX_WAIT_MS", "0", "batch.max_wait_ms"),
+            ("IMATTR_TENCENT__TIMEOUT_MS", "0", "tencent.timeout_ms"),
+            ("IMATTR_TENCENT__TIMEOUT_MS", "3000", "tencent.timeout_ms"),
+            ("IMATTR_TENCENT__TIMEOUT_MS", HUGE, "tencent.timeout_ms"),
+            ("IMATTR_BATCH__MAX_WAIT_MS", HUGE, "batch.max_wait_ms"),
+            (
+                "IMATTR_SHUTDOWN__TIMEOUT_SECS",
+                HUGE,
+                "shutdown.timeout_secs",
+            ),
+            (
+                "IMATTR_SHUTDOWN__TIMEOUT_SECS",
+                "0",
+                "shutdown.timeout_secs",
+            ),
+            (
+                "IMATTR_RETRY__MAX_INTERVAL_MS",
+                HUGE,
+                "retry.max_interval_ms",
+            ),
+            (
+                "IMATTR_RETRY__INITIAL_INTERVAL_MS",
+                HUGE,
+                "retry.max_interval_ms",
+            ),
+            (
+                "IMATTR_RETRY__MAX_ELAPSED_SECS",
+                HUGE,
+                "retry.max_elapsed_secs",
+            ),
+            ("IMATTR_AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
+            ("IMATTR_AMQP__URL", "http://x", "amqp.url"),
+            ("IMATTR_LOG__FORMAT", "xml", "log.format"),
+            ("IMATTR_ADMIN__LISTEN", "nowhere", "admin.listen"),
+            (
+                "IMATTR_RETRY__RANDOMIZATION_FACTOR",
+                "2",
+                "retry.randomization_factor",
+            ),
+            ("IMATTR_BATCH__MAX_ACCOUNTS", "many", "batch.max_accounts"),
+            ("IMATTR_AMQP__QUEUE_TYPE", "Quorum", "amqp.queue_type"),
+            ("IMATTR_TENCENT__REGION", "silicon_valley", "tencent.region"),
+        ];
+        for (key, value, field) in cases {
+            Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let err = load_in_jail().unwrap_err().to_string();
+                assert!(err.contains(field), "{key}={value}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn loopback_http_allowed_and_override() {
+        Jail::expect_with(|jail| {
+            jail.set_env("IMATTR_TENCENT__BASE_URL", "http://127.0.0.1:18080/");
+            let c = load_in_jail().unwrap();
+            assert_eq!(c.api_base_url(), "http://127.0.0.1:18080");
+            jail.set_env("IMATTR_TENCENT__BASE_URL", "http://api.internal:80");
+            jail.set_env("IMATTR_TENCENT__ALLOW_INSECURE_HTTP", "true");
+            load_in_jail().unwrap();
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_credentials() {
+        let mut c = Config::default();
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("sdkappid"));
+        c.tencent.sdkappid = 1400000000;
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("secret_key"));
+        c.tencent.secret_key = Secret::new("k");
+        c.validate_api().unwrap();
+        c.tencent.usersig = Secret::new("s");
+        assert!(c
+            .validate_api()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
+    }
+
+    #[test]
+    fn largest_valid_durations_keep_instants_in_range() {
+        let mut c = Config::default();
+        c.tencent.timeout_ms = MAX_TIMEOUT_MS;
+        c.batch.max_wait_ms = MAX_BATCH_WAIT_MS;
+        c.retry.max_interval_ms = MAX_RETRY_INTERVAL_MS;
+        c.retry.max_elapsed_secs = MAX_RETRY_ELAPSED_SECS;
+        c.shutdown.timeout_secs = MAX_SHUTDOWN_SECS;
+        c.validate().unwrap();
+        let now = tokio::time::Instant::now();
+        for d in [
+            c.tencent.timeout(),
+            c.batch.max_wait(),
+            c.retry.max_interval(),
+            c.retry.max_elapsed().unwrap(),
+            c.shutdown.timeout(),
+        ] {
+            assert!(now.checked_add(d).is_some(), "{d:?}");
+        }
+        c.tencent.timeout_ms = API_BACKEND_TIMEOUT_MS + 1;
+        c.validate().unwrap();
+    }
+}
