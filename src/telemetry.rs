@@ -9,9 +9,15 @@ pub fn init(log: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
-        // lapin logs connection errors itself at ERROR; imattr reports them
-        // once, with advice, so lapin is quiet unless RUST_LOG asks for it.
-        .unwrap_or_else(|| EnvFilter::new(format!("{},lapin=off", log.level)));
+        // lapin and the broker TLS verifier log connection errors themselves at
+        // ERROR; imattr reports them once, with advice (amqp::connect), so they
+        // are quiet unless RUST_LOG asks for them.
+        .unwrap_or_else(|| {
+            EnvFilter::new(format!(
+                "{},lapin=off,rustls_platform_verifier=off",
+                log.level
+            ))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

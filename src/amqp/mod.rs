@@ -1,5 +1,6 @@
-//! RabbitMQ: topology, acknowledgement tracking and dead-lettering.
+//! RabbitMQ: connecting, topology, acknowledgement tracking and dead-lettering.
 
+pub mod connect;
 pub mod consume;
 pub mod deadletter;
 pub mod topology;

@@ -1,38 +1,14 @@
-//! Connecting to RabbitMQ and declaring the topology (CONTRACT §7).
+//! Declaring the topology (CONTRACT §7).
 
 use anyhow::Context;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::AmqpConfig;
 
-/// How to start a broker, for error messages.
-pub const START_HINT: &str =
-    "is RabbitMQ running? Start one with `rabbitmq-server -detached` or `docker compose up -d rabbitmq`";
-
-/// The broker could not be reached or refused us.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot connect to RabbitMQ at {url}: {cause}; {hint}", hint = START_HINT)]
-pub struct ConnectError {
-    /// The URL, password redacted.
-    pub url: String,
-    /// What lapin said (shown in the message; not named `source`, which
-    /// thiserror would chain and anyhow print a second time).
-    pub cause: lapin::Error,
-}
-
-/// Opens a connection named `name` (shown in the management UI and by
-/// `rabbitmqctl list_connections client_properties`).
-pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(cfg.url.expose(), props)
-        .await
-        .map_err(|cause| ConnectError {
-            url: cfg.url.redacted(),
-            cause,
-        })
-}
+// Connecting lives in `connect`; these stay reachable here for callers.
+pub use super::connect::{connect, ConnectError, START_HINT};
 
 /// Opens a channel in publisher-confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {

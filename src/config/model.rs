@@ -33,6 +33,17 @@ impl std::fmt::Display for QueueType {
     }
 }
 
+/// `amqp.auth_mechanism`: how imattr logs in to the broker (SASL).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMechanism {
+    /// The user and password in `amqp.url`.
+    #[default]
+    Plain,
+    /// The broker takes the user from the client certificate (`amqp.tls_cert_file`).
+    External,
+}
+
 /// `tencent.region`: which of the API's regional domains to use.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -135,6 +146,18 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Unacknowledged deliveries the worker may hold (basic.qos prefetch count).
     pub prefetch: u16,
+    /// PEM file of CA certificates trusted to sign the broker's certificate, besides the
+    /// system's roots (amqps:// only); empty: the system's roots only.
+    pub tls_ca_file: String,
+    /// PEM file of the client certificate (then any intermediates) for mutual TLS
+    /// (amqps:// only); needs `tls_key_file`.
+    pub tls_cert_file: String,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1,
+    /// unencrypted); needs `tls_cert_file`.
+    pub tls_key_file: String,
+    /// SASL mechanism: `plain` (user and password from `url`) or `external` (the broker
+    /// takes the user from the client certificate; needs `tls_cert_file`).
+    pub auth_mechanism: AuthMechanism,
 }
 
 impl Default for AmqpConfig {
@@ -147,6 +170,10 @@ impl Default for AmqpConfig {
             dead_letter_queue: "imattr.dead".into(),
             queue_type: QueueType::Classic,
             prefetch: 1000,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            auth_mechanism: AuthMechanism::Plain,
         }
     }
 }

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 
 use super::{
-    AdminConfig, AmqpConfig, AttributesConfig, BatchConfig, Config, ConfigError, LogConfig,
-    RetryConfig, ShutdownConfig, TencentConfig,
+    AdminConfig, AmqpConfig, AttributesConfig, AuthMechanism, BatchConfig, Config, ConfigError,
+    LogConfig, RetryConfig, ShutdownConfig, TencentConfig,
 };
 
 // Upper bounds keep every `Instant + duration` the daemon computes far from
@@ -72,7 +72,44 @@ impl AmqpConfig {
             "amqp.dead_letter_queue",
             "must differ from amqp.queue",
         )?;
-        ensure(self.prefetch > 0, "amqp.prefetch", "must be 1 to 65535")
+        ensure(self.prefetch > 0, "amqp.prefetch", "must be 1 to 65535")?;
+        self.validate_tls()
+    }
+
+    /// Checks the TLS and SASL keys, then that their files hold what they should.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        ensure(
+            !self.url.expose().contains("auth_mechanism="),
+            "amqp.url",
+            "set the SASL mechanism with amqp.auth_mechanism, not in the URL",
+        )?;
+        ensure(
+            self.tls_key_file.is_empty() || !self.tls_cert_file.is_empty(),
+            "amqp.tls_cert_file",
+            "must be set when amqp.tls_key_file is (the client certificate for that key)",
+        )?;
+        ensure(
+            self.tls_cert_file.is_empty() || !self.tls_key_file.is_empty(),
+            "amqp.tls_key_file",
+            "must be set when amqp.tls_cert_file is (the client certificate's private key)",
+        )?;
+        ensure(
+            self.auth_mechanism != AuthMechanism::External || !self.tls_cert_file.is_empty(),
+            "amqp.auth_mechanism",
+            "\"external\" takes the user from a client certificate: set amqp.tls_cert_file and amqp.tls_key_file",
+        )?;
+        for (key, v) in [
+            ("amqp.tls_ca_file", &self.tls_ca_file),
+            ("amqp.tls_cert_file", &self.tls_cert_file),
+        ] {
+            ensure(
+                v.is_empty() || self.url.expose().starts_with("amqps://"),
+                "amqp.url",
+                format!("{key} is set, so the URL must start with amqps:// (TLS)"),
+            )?;
+        }
+        // Read the files now so a wrong path is a configuration error at start.
+        crate::amqp::connect::tls_config(self).map(drop)
     }
 }
 
@@ -365,6 +402,59 @@ mod tests {
                 jail.set_env(key, value);
                 let err = load_in_jail().unwrap_err().to_string();
                 assert!(err.contains(field), "{key}={value}: {err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn tls_keys_name_what_is_missing() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("IMATTR_AMQP__AUTH_MECHANISM", "kerberos")],
+                "amqp.auth_mechanism",
+            ),
+            (
+                &[("IMATTR_AMQP__AUTH_MECHANISM", "external")],
+                "amqp.auth_mechanism: \"external\" takes the user from a client certificate",
+            ),
+            (
+                &[("IMATTR_AMQP__URL", "amqps://h/%2f?auth_mechanism=external")],
+                "amqp.url: set the SASL mechanism with amqp.auth_mechanism",
+            ),
+            (
+                &[
+                    ("IMATTR_AMQP__URL", "amqps://h"),
+                    ("IMATTR_AMQP__TLS_CERT_FILE", "c.pem"),
+                ],
+                "amqp.tls_key_file: must be set",
+            ),
+            (
+                &[
+                    ("IMATTR_AMQP__URL", "amqps://h"),
+                    ("IMATTR_AMQP__TLS_KEY_FILE", "k.pem"),
+                ],
+                "amqp.tls_cert_file: must be set",
+            ),
+            (
+                &[("IMATTR_AMQP__TLS_CA_FILE", "ca.pem")],
+                "amqp.url: amqp.tls_ca_file is set, so the URL must start with amqps://",
+            ),
+            (
+                &[
+                    ("IMATTR_AMQP__URL", "amqps://h"),
+                    ("IMATTR_AMQP__TLS_CA_FILE", "nope.pem"),
+                ],
+                "amqp.tls_ca_file: file nope.pem cannot be read",
+            ),
+        ];
+        for (vars, want) in cases {
+            Jail::expect_with(|jail| {
+                for (k, v) in *vars {
+                    jail.set_env(k, v);
+                }
+                let err = load_in_jail().unwrap_err().to_string();
+                assert!(err.contains(want), "{vars:?}: {err}");
                 Ok(())
             });
         }
