@@ -226,6 +226,7 @@ expect_error "name mismatch" 1 "does not name the host" \
   IMATTR_AMQP__URL="amqps://guest:guest@127.0.0.2:$TLS_PORT/%2f" IMATTR_AMQP__TLS_CA_FILE="$C/ca.pem"
 expect_error "expired" 1 "has expired" \
   IMATTR_AMQP__URL="amqps://guest:guest@127.0.0.1:$EXPIRED_PORT/%2f" IMATTR_AMQP__TLS_CA_FILE="$C/ca.pem"
+# Under TLS 1.3 the broker's alert or its reset may come first: both name the file.
 expect_error "client certificate refused" 1 "refused the client certificate amqp.tls_cert_file ($C/rogue-client.pem)" \
   "${CA_ENV[@]}" IMATTR_AMQP__TLS_CERT_FILE="$C/rogue-client.pem" IMATTR_AMQP__TLS_KEY_FILE="$C/rogue-client.key"
 expect_error "EXTERNAL user unknown" 1 "refused the EXTERNAL login" \
@@ -253,7 +254,7 @@ ctl stop >/dev/null
 NODE_STARTED=0
 write_node_config true
 start_node
-expect_error "client certificate required" 1 "the broker requires a client certificate" "${CA_ENV[@]}"
+expect_error "client certificate required" 1 "requires a client certificate" "${CA_ENV[@]}"
 if base_env "${CA_ENV[@]}" "${CLIENT_ENV[@]}" timeout 30 "$BIN" publish --account tls-c --attr sex=f >/dev/null; then
   pass "mutual TLS (fail_if_no_peer_cert = true) with PLAIN login"
 else

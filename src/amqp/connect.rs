@@ -156,6 +156,9 @@ pub enum Problem {
     BadCertificate,
     /// The broker refused our client certificate, or wanted one.
     ClientCertificateRefused,
+    /// The broker dropped a TLS connection at once: under TLS 1.3 that is how
+    /// a refused client certificate often shows (the reset overtakes its alert).
+    DroppedAfterHandshake,
     /// `amqps://` to a port that speaks plain AMQP.
     TlsToPlainPort,
     /// `amqp://` to a port that speaks TLS.
@@ -239,6 +242,12 @@ pub fn classify(a: &Attempt) -> Problem {
         {
             return Problem::ClientCertificateRefused;
         }
+        if matches!(
+            a.io_kind,
+            Some(io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof)
+        ) {
+            return Problem::DroppedAfterHandshake;
+        }
         // A plain AMQP listener answers a ClientHello with its protocol
         // header ("AMQP…"), which is no TLS record.
         if t.contains("received corrupt message") || t.contains("InvalidContentType") {
@@ -267,17 +276,17 @@ pub fn classify(a: &Attempt) -> Problem {
 
 /// One line for the operator: what went wrong and what to do.
 pub fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
-    let ca = if cfg.tls_ca_file.is_empty() {
-        "the system's roots (set amqp.tls_ca_file to the PEM file of the CA that signed it)"
-            .to_string()
-    } else {
-        format!("amqp.tls_ca_file ({})", cfg.tls_ca_file)
-    };
     match problem {
         Problem::Refused => format!("connection refused; {START_HINT}"),
-        Problem::UntrustedCertificate => {
-            format!("the broker's certificate is not signed by a CA in {ca}")
+        Problem::UntrustedCertificate if cfg.tls_ca_file.is_empty() => {
+            "the broker's certificate is not signed by a CA the system trusts; \
+             set amqp.tls_ca_file to the PEM file of the CA that signed it"
+                .into()
         }
+        Problem::UntrustedCertificate => format!(
+            "the broker's certificate is not signed by a CA in amqp.tls_ca_file ({})",
+            cfg.tls_ca_file
+        ),
         Problem::NameMismatch => "the broker's certificate does not name the host in amqp.url; \
              connect by a name the certificate lists, or reissue it for this one"
             .into(),
@@ -293,6 +302,17 @@ pub fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
         Problem::ClientCertificateRefused => format!(
             "the broker refused the client certificate amqp.tls_cert_file ({}); \
              is it signed by a CA in the broker's ssl_options.cacertfile, and unexpired?",
+            cfg.tls_cert_file
+        ),
+        Problem::DroppedAfterHandshake if cfg.tls_cert_file.is_empty() => {
+            "the broker dropped the TLS connection at once; it probably requires a client \
+             certificate: set amqp.tls_cert_file and amqp.tls_key_file"
+                .into()
+        }
+        Problem::DroppedAfterHandshake => format!(
+            "the broker dropped the TLS connection at once; it probably refused the client \
+             certificate amqp.tls_cert_file ({}): is it signed by a CA in the broker's \
+             ssl_options.cacertfile, and unexpired?",
             cfg.tls_cert_file
         ),
         Problem::TlsToPlainPort => "amqps:// (TLS) spoken to a port that speaks plain AMQP; \
@@ -365,13 +385,13 @@ mod tests {
             (true, Some(K::InvalidData), "IO error: received corrupt message of type InvalidContentType", P::TlsToPlainPort),
             (false, None, "failed to parse: parse error", P::PlainToTlsPort),
             (false, Some(K::UnexpectedEof), "IO error: failed to fill whole buffer", P::PlainToTlsPort),
-            (true, Some(K::UnexpectedEof), "IO error: unexpected end of file", P::Other),
+            (true, Some(K::UnexpectedEof), "IO error: unexpected end of file", P::DroppedAfterHandshake),
             (false, None, "protocol error: ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN", P::LoginRefused),
             (true, None, "protocol error: ACCESS_REFUSED - EXTERNAL login refused: user 'x' - invalid credentials", P::LoginRefused),
             (false, None, "protocol error: NOT_ALLOWED - vhost nope not found", P::LoginRefused),
             (false, Some(K::TimedOut), "IO error: connection timed out", P::Other),
             (false, Some(K::ConnectionReset), "IO error: Connection reset by peer (os error 104)", P::PlainToTlsPort),
-            (true, Some(K::ConnectionReset), "IO error: Connection reset by peer (os error 104)", P::Other),
+            (true, Some(K::ConnectionReset), "IO error: Connection reset by peer (os error 104)", P::DroppedAfterHandshake),
             // A TLS alert's text on a plain connection is not a certificate problem.
             (false, Some(K::InvalidData), "IO error: received fatal alert: UnknownCA", P::Other),
         ];
@@ -398,6 +418,7 @@ mod tests {
             Problem::NotValidYet,
             Problem::BadCertificate,
             Problem::ClientCertificateRefused,
+            Problem::DroppedAfterHandshake,
             Problem::TlsToPlainPort,
             Problem::PlainToTlsPort,
             Problem::LoginRefused,
@@ -416,7 +437,8 @@ mod tests {
             describe(Problem::ClientCertificateRefused, &cfg).contains("/etc/imattr/client.pem")
         );
         cfg.tls_ca_file.clear();
-        assert!(describe(Problem::UntrustedCertificate, &cfg).contains("set amqp.tls_ca_file"));
+        assert!(describe(Problem::UntrustedCertificate, &cfg)
+            .contains("a CA the system trusts; set amqp.tls_ca_file"));
         cfg.auth_mechanism = AuthMechanism::External;
         assert!(describe(Problem::LoginRefused, &cfg).contains("EXTERNAL"));
     }
