@@ -229,6 +229,8 @@ expect_error "expired" 1 "has expired" \
 # Under TLS 1.3 the broker's alert or its reset may come first: both name the file.
 expect_error "client certificate refused" 1 "refused the client certificate amqp.tls_cert_file ($C/rogue-client.pem)" \
   "${CA_ENV[@]}" IMATTR_AMQP__TLS_CERT_FILE="$C/rogue-client.pem" IMATTR_AMQP__TLS_KEY_FILE="$C/rogue-client.key"
+expect_error "key of another certificate" 1 "amqp.tls_key_file ($C/stranger.key) is not the private key of amqp.tls_cert_file ($C/client.pem)" \
+  "${CA_ENV[@]}" IMATTR_AMQP__TLS_CERT_FILE="$C/client.pem" IMATTR_AMQP__TLS_KEY_FILE="$C/stranger.key"
 expect_error "EXTERNAL user unknown" 1 "refused the EXTERNAL login" \
   "${CA_ENV[@]}" IMATTR_AMQP__TLS_CERT_FILE="$C/stranger.pem" IMATTR_AMQP__TLS_KEY_FILE="$C/stranger.key" \
   IMATTR_AMQP__AUTH_MECHANISM=external

@@ -64,6 +64,8 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
         }
     };
     let mut uri: AMQPUri = cfg.url.expose().parse().map_err(|e: String| {
+        // The parser may quote the URL, password and all.
+        let e = e.replace(cfg.url.expose(), &cfg.url.redacted());
         ConnectError::Config(ConfigError::Invalid {
             field: "amqp.url",
             message: format!("is not a valid AMQP URL ({e})"),
@@ -154,6 +156,8 @@ pub enum Problem {
     NotValidYet,
     /// The broker's certificate was refused for another reason.
     BadCertificate,
+    /// `amqp.tls_key_file` is not the key of `amqp.tls_cert_file`.
+    KeyMismatch,
     /// The broker refused our client certificate, or wanted one.
     ClientCertificateRefused,
     /// The broker dropped a TLS connection at once: under TLS 1.3 that is how
@@ -212,6 +216,10 @@ pub fn classify(a: &Attempt) -> Problem {
         return Problem::Refused;
     }
     if a.tls {
+        // rustls checks the pair before it dials.
+        if t.contains("keys may not be consistent") || t.contains("InconsistentKeys") {
+            return Problem::KeyMismatch;
+        }
         if t.contains("invalid peer certificate") {
             return if t.contains("UnknownIssuer") {
                 Problem::UntrustedCertificate
@@ -295,6 +303,10 @@ pub fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
             "the broker's certificate is not valid yet; check the clocks of both machines".into()
         }
         Problem::BadCertificate => "the broker's certificate was refused".into(),
+        Problem::KeyMismatch => format!(
+            "amqp.tls_key_file ({}) is not the private key of amqp.tls_cert_file ({})",
+            cfg.tls_key_file, cfg.tls_cert_file
+        ),
         Problem::ClientCertificateRefused if cfg.tls_cert_file.is_empty() => {
             "the broker requires a client certificate; set amqp.tls_cert_file and amqp.tls_key_file"
                 .into()
@@ -383,6 +395,7 @@ mod tests {
             (true, Some(K::InvalidData), "IO error: received fatal alert: BadCertificate", P::ClientCertificateRefused),
             (true, Some(K::InvalidData), "IO error: received fatal alert: HandshakeFailure", P::ClientCertificateRefused),
             (true, Some(K::InvalidData), "IO error: received corrupt message of type InvalidContentType", P::TlsToPlainPort),
+            (true, Some(K::InvalidData), "IO error: keys may not be consistent: KeyMismatch", P::KeyMismatch),
             (false, None, "failed to parse: parse error", P::PlainToTlsPort),
             (false, Some(K::UnexpectedEof), "IO error: failed to fill whole buffer", P::PlainToTlsPort),
             (true, Some(K::UnexpectedEof), "IO error: unexpected end of file", P::DroppedAfterHandshake),
@@ -417,6 +430,7 @@ mod tests {
             Problem::Expired,
             Problem::NotValidYet,
             Problem::BadCertificate,
+            Problem::KeyMismatch,
             Problem::ClientCertificateRefused,
             Problem::DroppedAfterHandshake,
             Problem::TlsToPlainPort,
