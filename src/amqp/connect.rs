@@ -450,6 +450,9 @@ mod tests {
         assert!(
             describe(Problem::ClientCertificateRefused, &cfg).contains("/etc/imattr/client.pem")
         );
+        assert!(describe(Problem::DroppedAfterHandshake, &cfg).contains(
+            "refused the client certificate amqp.tls_cert_file (/etc/imattr/client.pem)"
+        ));
         cfg.tls_ca_file.clear();
         assert!(describe(Problem::UntrustedCertificate, &cfg)
             .contains("a CA the system trusts; set amqp.tls_ca_file"));
