@@ -174,15 +174,10 @@ impl<'a> Session<'a> {
     async fn event_loop(&mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
         let shutdown_timeout = Duration::from_secs(self.config.shutdown.timeout_secs);
-        let ack_backlog = usize::from(self.config.amqp.prefetch) / 2;
         let mut draining: Option<Instant> = None;
         loop {
             self.dispatch(draining.is_some());
-            let flush_all = draining.is_some();
-            if let Err(e) = self
-                .flush_acks(if flush_all { 0 } else { ack_backlog })
-                .await
-            {
+            if let Err(e) = self.flush_acks().await {
                 return Ok(End::Lost(format!("acknowledging failed: {e}")));
             }
             metrics::gauge!("imattr_pending_accounts")
@@ -230,7 +225,7 @@ impl<'a> Session<'a> {
                     );
                     self.ctx.stop.cancel();
                     self.tasks.abort_all();
-                    let _ = self.flush_acks(0).await;
+                    let _ = self.flush_acks().await;
                     return Ok(End::Shutdown);
                 }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
@@ -291,12 +286,15 @@ impl<'a> Session<'a> {
                     account: update::guess_account(&msg.body),
                     attempts: 0,
                 });
+                self.acks.register(tag, []);
                 self.messages.insert(tag, msg);
                 self.finish(tag);
             }
             Ok(updates) => {
                 let now = Instant::now();
                 msg.remaining = updates.len();
+                self.acks
+                    .register(tag, updates.iter().map(|u| u.account.as_str()));
                 self.messages.insert(tag, msg);
                 for u in updates {
                     self.coalescer.push(&u.account, u.attrs, tag, now);
@@ -431,9 +429,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Sends the acks [`AckTracker::take_acks`] allows for `max_waiting`.
-    async fn flush_acks(&mut self, max_waiting: usize) -> Result<(), lapin::Error> {
-        for op in self.acks.take_acks(max_waiting) {
+    /// Sends every ack [`AckTracker::take_acks`] allows now.
+    async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
+        for op in self.acks.take_acks() {
             self.consume_ch
                 .basic_ack(
                     op.tag,
