@@ -1,9 +1,9 @@
-//! Dead-letter copies (CONTRACT §8): headers, properties and confirmed publishing.
+//! Dead-letter copies: headers, properties and confirmed publishing.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 /// `x-imattr-reason`.
@@ -24,6 +24,30 @@ pub const H_SOURCE_QUEUE: &str = "x-imattr-source-queue";
 pub const H_ROUTING_KEY: &str = "x-imattr-original-routing-key";
 /// `x-imattr-replays`: how many times `dlq replay` sent it back.
 pub const H_REPLAYS: &str = "x-imattr-replays";
+/// `x-imattr-failed-accounts`: for a message holding several accounts, the
+/// ones that failed (an array; the others were applied).
+pub const H_FAILED_ACCOUNTS: &str = "x-imattr-failed-accounts";
+
+/// Why a confirmed publish did not go through.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed (the channel may be closed now).
+    #[error("publishing failed: {0}")]
+    Channel(#[from] lapin::Error),
+    /// The broker refused to take the message.
+    #[error("the broker refused (nacked) the message")]
+    Nacked,
+    /// No queue is bound to the exchange: the broker returned the message.
+    #[error("exchange {exchange} routes the message to no queue ({code} {text})")]
+    Unroutable {
+        /// The exchange published to.
+        exchange: String,
+        /// The broker's reply code (312 NO_ROUTE).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+}
 
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,11 +98,17 @@ fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
-/// The properties of the dead-letter copy: the original ones, persistent,
-/// with the original headers plus the `x-imattr-*` ones.
+/// The properties of the dead-letter copy: persistent, with the original
+/// headers plus the `x-imattr-*` ones, and only those original properties
+/// that describe the content. Never `expiration` (the copy would vanish from
+/// the dead-letter queue), `user_id` (the broker refuses it from another
+/// user and closes the channel), `priority` or `reply_to`.
+/// `failed_accounts` lists the accounts that failed when the message held
+/// several (empty otherwise: no header).
 pub fn dead_letter_properties(
     original: &BasicProperties,
     failure: &Failure,
+    failed_accounts: &[String],
     source_queue: &str,
     routing_key: &str,
     failed_at_ms: i64,
@@ -97,31 +127,74 @@ pub fn dead_letter_properties(
     headers.insert(H_FAILED_AT.into(), AMQPValue::LongLongInt(failed_at_ms));
     headers.insert(H_SOURCE_QUEUE.into(), long_string(source_queue));
     headers.insert(H_ROUTING_KEY.into(), long_string(routing_key));
-    original.clone().with_headers(headers).with_delivery_mode(2)
+    if !failed_accounts.is_empty() {
+        let list: Vec<AMQPValue> = failed_accounts.iter().map(|a| long_string(a)).collect();
+        headers.insert(
+            H_FAILED_ACCOUNTS.into(),
+            AMQPValue::FieldArray(FieldArray::from(list)),
+        );
+    }
+    let mut p = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    p
 }
 
-/// Publishes to `exchange` and waits for the broker's confirm (the channel must
-/// be in confirm mode). A nack or a closed channel is an error.
+/// Publishes to `exchange` as mandatory and waits for the broker's confirm
+/// (the channel must be in confirm mode). Only a copy that reached a queue
+/// counts: a nack, a returned (unroutable) message or a failed channel is an
+/// error.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
-) -> anyhow::Result<()> {
+) -> Result<(), PublishError> {
     let confirm = channel
         .basic_publish(
             ShortString::from(exchange),
             ShortString::try_new(routing_key).unwrap_or_default(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             body,
             props,
         )
         .await?
         .await?;
     match confirm {
-        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Nack(_) => anyhow::bail!("the broker refused (nacked) the message"),
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Unroutable {
+                exchange: exchange.to_string(),
+                code: returned.reply_code,
+                text: returned.reply_text.as_str().to_string(),
+            })
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked),
     }
 }
 
@@ -245,7 +318,7 @@ mod tests {
             account: Some("u1".into()),
             attempts: 3,
         };
-        let p = dead_letter_properties(&original, &f, "q", "u1", 1234);
+        let p = dead_letter_properties(&original, &f, &[], "q", "u1", 1234);
         assert_eq!(
             p.content_type().as_ref().unwrap().as_str(),
             "application/json"
@@ -278,9 +351,69 @@ mod tests {
             account: None,
             attempts: 0,
         };
-        let p = dead_letter_properties(&BasicProperties::default(), &f, "q", "", 1);
+        let p = dead_letter_properties(&BasicProperties::default(), &f, &[], "q", "", 1);
         let h = p.headers().as_ref().unwrap();
         assert!(!h.contains_key(H_ACCOUNT));
+        assert!(!h.contains_key(H_FAILED_ACCOUNTS));
         assert_eq!(header_i64(h, H_ERROR_CODE), Some(0));
+    }
+
+    /// Only the properties that describe the content are copied: an
+    /// expiration would make the copy vanish, a foreign user_id makes the
+    /// broker close the channel.
+    #[test]
+    fn copies_only_content_properties() {
+        let original = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("identity".into())
+            .with_type("attr-update".into())
+            .with_expiration("60000".into())
+            .with_user_id("someone-else".into())
+            .with_priority(9)
+            .with_reply_to("replies".into())
+            .with_cluster_id("c".into())
+            .with_delivery_mode(1);
+        let f = Failure {
+            reason: Reason::RetriesExhausted,
+            code: 91000,
+            error: "busy".into(),
+            account: Some("u1".into()),
+            attempts: 7,
+        };
+        let p = dead_letter_properties(&original, &f, &[], "q", "u1", 1);
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert_eq!(p.content_encoding().as_ref().unwrap().as_str(), "identity");
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), "attr-update");
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(*p.expiration(), None);
+        assert_eq!(*p.user_id(), None);
+        assert_eq!(*p.priority(), None);
+        assert_eq!(*p.reply_to(), None);
+        assert_eq!(*p.cluster_id(), None);
+    }
+
+    #[test]
+    fn failed_accounts_are_an_array() {
+        let f = Failure {
+            reason: Reason::Rejected,
+            code: 90033,
+            error: "bad".into(),
+            account: Some("b".into()),
+            attempts: 2,
+        };
+        let failed = vec!["b".to_string(), "d".to_string()];
+        let p = dead_letter_properties(&BasicProperties::default(), &f, &failed, "q", "", 1);
+        let h = p.headers().as_ref().unwrap();
+        assert_eq!(
+            table_to_json(h)[H_FAILED_ACCOUNTS],
+            serde_json::json!(["b", "d"])
+        );
+        assert!(matches!(
+            h.inner().get(H_FAILED_ACCOUNTS),
+            Some(AMQPValue::FieldArray(_))
+        ));
     }
 }

@@ -365,6 +365,7 @@ impl<'a> Session<'a> {
         let props = deadletter::dead_letter_properties(
             &m.props,
             &failure,
+            &[],
             &self.config.amqp.queue,
             m.routing_key.as_str(),
             deadletter::now_ms(),
