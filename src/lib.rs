@@ -12,6 +12,7 @@ pub mod demo;
 pub mod dlq;
 pub mod health;
 pub mod publish;
+pub mod retry;
 pub mod sandbox;
 pub mod simulator;
 pub mod telemetry;
