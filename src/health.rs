@@ -3,6 +3,7 @@
 //! setters below, so every state it can be in is one of theirs.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// The worker's readiness, shared with the admin endpoint behind an `Arc`.
 #[derive(Debug, Default)]
@@ -13,6 +14,8 @@ pub struct Health {
     paused_code: AtomicI64,
     unsettled: AtomicUsize,
     sessions: AtomicU64,
+    /// Why the last dead-letter publish failed, while none has succeeded since.
+    dead_letters_failing: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -29,6 +32,9 @@ impl Health {
         }
         if !self.consuming.load(Ordering::Relaxed) {
             return Err("not consuming".into());
+        }
+        if let Some(why) = self.dead_letter_failure() {
+            return Err(format!("cannot publish dead-letter copies: {why}"));
         }
         Ok(())
     }
@@ -59,7 +65,24 @@ impl Health {
         self.connected.store(v, Ordering::Relaxed);
         if !v {
             self.consuming.store(false, Ordering::Relaxed);
+            self.dead_letters_failing(None);
         }
+    }
+
+    /// Why dead-letter copies cannot be published right now, if they cannot.
+    pub fn dead_letter_failure(&self) -> Option<String> {
+        self.dead_letters_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A dead-letter publish failed (`Some(why)`) or succeeded (`None`).
+    pub(crate) fn dead_letters_failing(&self, why: Option<String>) {
+        *self
+            .dead_letters_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     /// A session's consumer is registered: count the session and report consuming.
@@ -112,6 +135,16 @@ mod tests {
         h.paused(90009);
         assert!(h.readiness().unwrap_err().contains("90009"));
         h.resumed();
+        assert!(h.readiness().is_ok());
+        h.dead_letters_failing(Some(
+            "exchange imattr.dead routes the message to no queue".into(),
+        ));
+        let why = h.readiness().unwrap_err();
+        assert!(
+            why.contains("dead-letter") && why.contains("no queue"),
+            "{why}"
+        );
+        h.dead_letters_failing(None);
         assert!(h.readiness().is_ok());
         h.stopped_consuming();
         assert!(h.readiness().unwrap_err().contains("not consuming"));

@@ -1,10 +1,11 @@
 //! Dead-letter copies: headers, properties and confirmed publishing.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 /// `x-imattr-reason`.
 pub const H_REASON: &str = "x-imattr-reason";
@@ -198,16 +199,60 @@ pub async fn publish_confirmed(
     }
 }
 
-/// Publishes a dead-letter copy until the broker confirms it, backing off
-/// (0.5 s up to 60 s) between failures: the original stays unacked meanwhile,
-/// so nothing is lost however long the broker refuses. True once confirmed;
-/// false if `stop` fired first (the original is then redelivered).
+/// Publishes dead-letter copies on a confirm channel of its own, and opens a
+/// new one when the broker has closed it (it does so when it refuses a
+/// message), so that one refused copy does not stop every later one.
+pub(crate) struct DeadLetterPublisher {
+    conn: Arc<Connection>,
+    exchange: String,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl DeadLetterPublisher {
+    /// A publisher to `exchange` on `conn`; the channel opens on first use.
+    pub(crate) fn new(conn: Arc<Connection>, exchange: &str) -> Self {
+        DeadLetterPublisher {
+            conn,
+            exchange: exchange.to_string(),
+            channel: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Publishes one copy and waits until a queue holds it.
+    pub(crate) async fn publish(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let ch = {
+            let mut slot = self.channel.lock().await;
+            match slot.as_ref().filter(|c| c.status().connected()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.conn.create_channel().await?;
+                    c.confirm_select(ConfirmSelectOptions::default()).await?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
+        publish_confirmed(&ch, &self.exchange, routing_key, body, props).await
+    }
+}
+
+/// Publishes a dead-letter copy until a queue holds it, backing off (0.5 s
+/// up to 60 s) between failures: the original stays unacked meanwhile, so
+/// nothing is lost however long the broker refuses. `failing` hears why each
+/// attempt failed, and None once one succeeds (readiness reports it). True
+/// once confirmed; false if `stop` fired first (the original is then
+/// redelivered).
 pub(crate) async fn publish_until_confirmed(
-    channel: &Channel,
-    exchange: &str,
+    publisher: &DeadLetterPublisher,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
+    failing: impl Fn(Option<String>),
     stop: &tokio_util::sync::CancellationToken,
 ) -> bool {
     use backoff::backoff::Backoff;
@@ -216,9 +261,13 @@ pub(crate) async fn publish_until_confirmed(
         std::time::Duration::from_secs(60),
     );
     loop {
-        match publish_confirmed(channel, exchange, routing_key, body, props.clone()).await {
-            Ok(()) => return true,
+        match publisher.publish(routing_key, body, props.clone()).await {
+            Ok(()) => {
+                failing(None);
+                return true;
+            }
             Err(e) => {
+                failing(Some(e.to_string()));
                 tracing::warn!(routing_key, error = %e, "Dead-letter publish failed; the message stays unacked; retrying");
                 let wait = backoff
                     .next_backoff()

@@ -52,6 +52,7 @@ pub async fn run(
     let conn_name = format!("imattr run {}", config.amqp.queue);
     let mut reconnect = backoff_forever(Duration::from_millis(500), Duration::from_secs(30));
     let mut failing_since: Option<Instant> = None;
+    let close_timeout = Duration::from_secs(config.shutdown.timeout_secs);
     loop {
         if cancel.is_cancelled() {
             return Ok(());
@@ -71,6 +72,8 @@ pub async fn run(
                 None
             }
             Ok(conn) => {
+                // Shared with the dead-letter publisher, which reopens its channel on it.
+                let conn = Arc::new(conn);
                 if let Some(since) = failing_since.take() {
                     info!(
                         down_secs = since.elapsed().as_secs(),
@@ -96,7 +99,11 @@ pub async fn run(
                 };
                 health.set_connected(false);
                 if conn.status().connected() {
-                    let _ = conn.close(200, "imattr stopping".into()).await;
+                    // Bounded: a broker that does not answer must not hold up the exit.
+                    let close = conn.close(200, "imattr stopping".into());
+                    if tokio::time::timeout(close_timeout, close).await.is_err() {
+                        warn!("The broker did not confirm closing the connection in time");
+                    }
                 }
                 Some(end)
             }

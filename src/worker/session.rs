@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 use super::batch::{execute_batch, BatchCtx, PartOutcome};
 use super::End;
 use crate::amqp::consume::AckTracker;
-use crate::amqp::deadletter::{self, Failure, Reason};
+use crate::amqp::deadletter::{self, DeadLetterPublisher, Failure, Reason};
 use crate::amqp::topology;
 use crate::attrnames::AttrNames;
 use crate::coalesce::{BatchCap, Coalescer, Tag};
@@ -42,11 +42,16 @@ struct Msg {
     body: Vec<u8>,
     props: BasicProperties,
     routing_key: lapin::types::ShortString,
+    /// Accounts the delivery holds.
+    accounts: usize,
     /// Accounts of this delivery without an outcome yet; at 0 it is finished.
     remaining: usize,
     /// The first failure among its accounts: once all are settled, the whole
     /// delivery is dead-lettered (with this failure) instead of acked.
     failure: Option<Failure>,
+    /// Every account that failed (the others were applied), for
+    /// `x-imattr-failed-accounts`.
+    failed_accounts: Vec<String>,
 }
 
 /// What the session's tasks report back; the loop applies each to its state.
@@ -77,8 +82,8 @@ pub(super) struct Session<'a> {
     health: Arc<Health>,
     names: AttrNames,
     consume_ch: Channel,
-    /// A confirm-mode channel for dead-letter copies.
-    dl_ch: Channel,
+    /// Dead-letter copies, on a confirm channel reopened when the broker closes it.
+    dead_letters: Arc<DeadLetterPublisher>,
     consumer: lapin::Consumer,
     consumer_tag: String,
     coalescer: Coalescer,
@@ -96,13 +101,18 @@ pub(super) struct Session<'a> {
     /// zero no batch is formed and nothing is consumed; the counter, not a
     /// flag, so one batch recovering does not resume while another still fails.
     paused_by: usize,
+    /// Until when batches go out by age only, not by size: redelivered
+    /// messages arrive back to back, and an account's older and newer
+    /// redelivered updates must merge instead of going out one after the
+    /// other (which would show the API an older value again for a moment).
+    redelivery_hold: Option<Instant>,
 }
 
 impl<'a> Session<'a> {
     /// Declares the topology, opens the channels and starts consuming.
     pub(super) async fn start(
         config: &'a Config,
-        conn: &Connection,
+        conn: &Arc<Connection>,
         client: Client,
         names: AttrNames,
         cap: Arc<BatchCap>,
@@ -115,9 +125,10 @@ impl<'a> Session<'a> {
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
             .context("setting the prefetch count")?;
-        let dl_ch = topology::confirm_channel(conn)
-            .await
-            .context("opening the dead-letter channel")?;
+        let dead_letters = Arc::new(DeadLetterPublisher::new(
+            conn.clone(),
+            &a.dead_letter_exchange,
+        ));
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(
@@ -142,7 +153,7 @@ impl<'a> Session<'a> {
             health,
             names,
             consume_ch,
-            dl_ch,
+            dead_letters,
             consumer,
             consumer_tag,
             coalescer: Coalescer::new(),
@@ -153,6 +164,7 @@ impl<'a> Session<'a> {
             events_rx,
             ctx,
             paused_by: 0,
+            redelivery_hold: None,
         })
     }
 
@@ -213,10 +225,13 @@ impl<'a> Session<'a> {
                     );
                     draining = Some(Instant::now() + shutdown_timeout);
                     self.health.stopped_consuming();
-                    let _ = self
+                    // Bounded: a broker that does not answer must not hold up the flush.
+                    let cancel_consumer = self
                         .consume_ch
-                        .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default())
-                        .await;
+                        .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default());
+                    if tokio::time::timeout(shutdown_timeout, cancel_consumer).await.is_err() {
+                        warn!("The broker did not confirm the consumer's cancellation in time");
+                    }
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now)), if draining.is_some() => {
                     warn!(
@@ -263,6 +278,7 @@ impl<'a> Session<'a> {
     fn on_delivery(&mut self, d: lapin::message::Delivery) {
         metrics::counter!("imattr_messages_received_total").increment(1);
         let tag = d.delivery_tag;
+        let redelivered = d.redelivered;
         let names = self.names.get();
         let rules = Rules {
             max_value_bytes: self.config.attributes.max_value_bytes,
@@ -273,8 +289,10 @@ impl<'a> Session<'a> {
             body: d.data,
             props: d.properties,
             routing_key: d.routing_key,
+            accounts: 0,
             remaining: 0,
             failure: None,
+            failed_accounts: Vec::new(),
         };
         match parsed {
             Err(invalid) => {
@@ -292,10 +310,15 @@ impl<'a> Session<'a> {
             }
             Ok(updates) => {
                 let now = Instant::now();
+                msg.accounts = updates.len();
                 msg.remaining = updates.len();
                 self.acks
                     .register(tag, updates.iter().map(|u| u.account.as_str()));
                 self.messages.insert(tag, msg);
+                if redelivered {
+                    let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
+                    self.redelivery_hold = Some(now + max_wait);
+                }
                 for u in updates {
                     self.coalescer.push(&u.account, u.attrs, tag, now);
                 }
@@ -316,6 +339,11 @@ impl<'a> Session<'a> {
                     };
                     m.remaining = m.remaining.saturating_sub(1);
                     if let Err(f) = o.result {
+                        if let Some(a) = &f.account {
+                            if !m.failed_accounts.contains(a) {
+                                m.failed_accounts.push(a.clone());
+                            }
+                        }
                         m.failure.get_or_insert(f);
                     }
                     if m.remaining == 0 {
@@ -362,18 +390,24 @@ impl<'a> Session<'a> {
             metrics::counter!("imattr_messages_acked_total").increment(1);
             return;
         };
+        // The list is for messages holding several accounts (the others were applied).
+        let failed_accounts: &[String] = if m.accounts > 1 {
+            &m.failed_accounts
+        } else {
+            &[]
+        };
         let props = deadletter::dead_letter_properties(
             &m.props,
             &failure,
-            &[],
+            failed_accounts,
             &self.config.amqp.queue,
             m.routing_key.as_str(),
             deadletter::now_ms(),
         );
         let body = m.body.clone();
         let routing_key = m.routing_key.as_str().to_string();
-        let ch = self.dl_ch.clone();
-        let exchange = self.config.amqp.dead_letter_exchange.clone();
+        let publisher = self.dead_letters.clone();
+        let health = self.health.clone();
         let events = self.ctx.events.clone();
         let stop = self.ctx.stop.clone();
         info!(
@@ -386,11 +420,11 @@ impl<'a> Session<'a> {
         );
         self.tasks.spawn(async move {
             let confirmed = deadletter::publish_until_confirmed(
-                &ch,
-                &exchange,
+                &publisher,
                 &routing_key,
                 &body,
                 props,
+                |failing| health.dead_letters_failing(failing),
                 &stop,
             )
             .await;
@@ -408,10 +442,14 @@ impl<'a> Session<'a> {
     fn dispatch(&mut self, draining: bool) {
         let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
         let now = Instant::now();
+        let holding = self.redelivery_hold.is_some_and(|until| now < until);
         while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
             let cap = self.ctx.cap.get();
-            let due = self.coalescer.is_due(now, cap, max_wait)
-                || (draining && self.coalescer.ready_accounts() > 0);
+            let due = if holding {
+                self.coalescer.deadline(max_wait).is_some_and(|d| d <= now)
+            } else {
+                self.coalescer.is_due(now, cap, max_wait)
+            } || (draining && self.coalescer.ready_accounts() > 0);
             if !due {
                 break;
             }
