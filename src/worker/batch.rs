@@ -13,6 +13,7 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -20,6 +21,7 @@ use super::session::Event;
 use crate::amqp::deadletter::{Failure, Reason};
 use crate::coalesce::{BatchCap, Entry, Tag};
 use crate::config::RetryConfig;
+use crate::retry::TransientBudget;
 use crate::tencent::client::{api, set_attr_body};
 use crate::tencent::{Class, Client, Reply};
 use crate::wait::{backoff_forever, sleep_unless_cancelled};
@@ -67,6 +69,26 @@ pub(super) trait Waits {
     fn rate_limited(&mut self) -> Duration;
     /// The wait between probes while paused (never gives up, at most 60 s).
     fn probe(&mut self) -> Duration;
+    /// A pause ended: the next pause probes from its first wait again.
+    fn resumed(&mut self) {}
+}
+
+impl Attempt {
+    /// Takes note of an answer before [`next_step`] decides on it: any
+    /// answer but a misconfigured, signature or rate-limited one ends a
+    /// pause (the API is past its configuration check), so transient
+    /// failures go back to the retry policy. True when it ended one.
+    pub(super) fn answered(&mut self, class: Class) -> bool {
+        let ends_pause = self.paused
+            && !matches!(
+                class,
+                Class::Signature | Class::Misconfigured | Class::RateLimited
+            );
+        if ends_pause {
+            self.paused = false;
+        }
+        ends_pause
+    }
 }
 
 /// What to do after an answer.
@@ -114,7 +136,6 @@ pub(super) fn next_step(class: Class, at: Attempt, waits: &mut impl Waits) -> St
     use {Again::*, Verdict::*};
     match class {
         Class::Success => Step::Verdict(Applied),
-        Class::Transient | Class::Unknown if at.paused => Step::Again(Probe(waits.probe())),
         Class::Transient | Class::Unknown => match waits.transient() {
             Some(d) => Step::Again(Retry(d)),
             None => Step::Verdict(DeadLetter(Reason::RetriesExhausted)),
@@ -134,29 +155,50 @@ pub(super) fn next_step(class: Class, at: Attempt, waits: &mut impl Waits) -> St
 /// backoffs never giving up.
 struct Backoffs {
     retry: ExponentialBackoff,
+    /// Only time in transient failure counts toward `retry.max_elapsed_secs`.
+    budget: TransientBudget,
     rate: ExponentialBackoff,
     probe: ExponentialBackoff,
 }
 
+/// The longest wait between probes, jitter included.
+const PROBE_MAX: Duration = Duration::from_secs(60);
+
 impl Backoffs {
     fn new(retry: &RetryConfig) -> Self {
+        let mut intervals = retry.backoff();
+        // The budget below decides when to give up, not the crate's clock
+        // (which would count rate-limited and paused time too).
+        intervals.max_elapsed_time = None;
         Backoffs {
-            retry: retry.backoff(),
+            retry: intervals,
+            budget: TransientBudget::from_secs(retry.max_elapsed_secs),
             rate: backoff_forever(Duration::from_millis(200), Duration::from_secs(10)),
-            probe: backoff_forever(Duration::from_secs(1), Duration::from_secs(60)),
+            probe: backoff_forever(Duration::from_secs(1), PROBE_MAX),
         }
     }
 }
 
 impl Waits for Backoffs {
     fn transient(&mut self) -> Option<Duration> {
-        self.retry.next_backoff()
+        self.budget.answer(Instant::now(), true);
+        let wait = self.retry.next_backoff()?;
+        (!self.budget.exhausted_after(wait)).then_some(wait)
     }
     fn rate_limited(&mut self) -> Duration {
+        self.budget.answer(Instant::now(), false);
         self.rate.next_backoff().unwrap_or(Duration::from_secs(60))
     }
     fn probe(&mut self) -> Duration {
-        self.probe.next_backoff().unwrap_or(Duration::from_secs(60))
+        self.budget.answer(Instant::now(), false);
+        // The crate's jitter applies on top of its cap: cap the result.
+        self.probe
+            .next_backoff()
+            .unwrap_or(PROBE_MAX)
+            .min(PROBE_MAX)
+    }
+    fn resumed(&mut self) {
+        self.probe.reset();
     }
 }
 
@@ -289,6 +331,10 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Option<Sent> {
             latency_ms = r.latency.as_millis() as u64,
             "Batch request"
         );
+        if at.answered(r.class) {
+            waits.resumed();
+            let _ = ctx.events.send(Event::Resumed);
+        }
         let wait = match next_step(r.class, at, &mut waits) {
             Step::Verdict(verdict) => {
                 break Some(Sent {
@@ -394,10 +440,11 @@ mod tests {
             (C::Success, paused, true, Step::Verdict(Applied)),
             (C::Transient, base, true, Step::Again(Retry(RETRY))),
             (C::Transient, base, false, dl(Reason::RetriesExhausted)),
-            (C::Transient, paused, false, Step::Again(Probe(PROBE))),
+            (C::Transient, paused, true, Step::Again(Retry(RETRY))),
+            (C::Transient, paused, false, dl(Reason::RetriesExhausted)),
             (C::Unknown, one, true, Step::Again(Retry(RETRY))),
             (C::Unknown, one, false, dl(Reason::RetriesExhausted)),
-            (C::Unknown, paused, true, Step::Again(Probe(PROBE))),
+            (C::Unknown, paused, true, Step::Again(Retry(RETRY))),
             (C::RateLimited, base, false, Step::Again(SlowDown(RATE))),
             (C::RateLimited, paused, true, Step::Again(SlowDown(RATE))),
             (C::Signature, base, true, Step::Again(RenewSignature)),
@@ -422,6 +469,79 @@ mod tests {
             };
             assert_eq!(next_step(*class, *at, &mut w), *want, "{class} {at:?}");
         }
+    }
+
+    /// Which answers end a pause: everything but the misconfigured,
+    /// signature and rate-limited ones.
+    #[test]
+    fn answers_that_end_a_pause() {
+        use Class as C;
+        let paused = Attempt {
+            accounts: 1,
+            parts: 1,
+            renewed: false,
+            can_renew: true,
+            paused: true,
+        };
+        for (class, ends) in [
+            (C::Success, true),
+            (C::Transient, true),
+            (C::Unknown, true),
+            (C::Rejected, true),
+            (C::TooManyAccounts, true),
+            (C::RateLimited, false),
+            (C::Signature, false),
+            (C::Misconfigured, false),
+        ] {
+            let mut at = paused;
+            assert_eq!(at.answered(class), ends, "{class}");
+            assert_eq!(at.paused, !ends, "{class}");
+            let mut running = Attempt {
+                paused: false,
+                ..paused
+            };
+            assert!(!running.answered(class));
+            assert!(!running.paused);
+        }
+    }
+
+    /// Hours of rate limiting between transient failures do not spend the
+    /// retry budget; transient time alone does.
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_time_does_not_spend_the_retry_budget() {
+        let retry = RetryConfig {
+            initial_interval_ms: 1000,
+            multiplier: 1.0,
+            max_interval_ms: 1000,
+            randomization_factor: 0.0,
+            max_elapsed_secs: 10,
+        };
+        let mut w = Backoffs::new(&retry);
+        let mut transient_answers = 0;
+        // A transient answer, then an hour of rate limiting, and again.
+        while let Some(wait) = w.transient() {
+            transient_answers += 1;
+            tokio::time::advance(wait).await;
+            for _ in 0..360 {
+                let wait = w.rate_limited();
+                tokio::time::advance(wait.max(Duration::from_secs(10))).await;
+            }
+            assert!(transient_answers < 100, "the budget never runs out");
+        }
+        // 1 s counted per transient answer: the 11th would pass 10 s.
+        assert_eq!(transient_answers, 10);
+    }
+
+    /// A misconfiguration probe never waits more than 60 s, jitter included;
+    /// after a pause ends the next one starts from its first wait.
+    #[tokio::test(start_paused = true)]
+    async fn probes_are_at_most_a_minute_apart_and_restart_after_a_pause() {
+        let mut w = Backoffs::new(&RetryConfig::default());
+        for _ in 0..50 {
+            assert!(w.probe() <= PROBE_MAX);
+        }
+        w.resumed();
+        assert!(w.probe() <= Duration::from_millis(1500));
     }
 
     // execute_batch against the in-process simulator (no broker needed).
@@ -611,6 +731,47 @@ mod tests {
         assert_eq!(results(&out), vec![(1, None)]);
         assert_eq!(value(&sim, "a", "sex").as_deref(), Some("m"));
         assert!(matches!(rx.recv().await, Some(Event::Resumed)));
+        assert!(rx.try_recv().is_err(), "one pause, one resume");
+    }
+
+    /// A pause that ends in transient failures goes back to the retry
+    /// policy: consuming resumes at once and the retry budget ends the batch.
+    #[tokio::test]
+    async fn transient_answers_after_a_pause_resume_and_retry() {
+        let sim = sim(Faults {
+            misconfigured: true,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, mut rx) = ctx(&sim, fast_retry());
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(
+                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
+            )
+        };
+        match rx.recv().await {
+            Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),
+            _ => panic!("expected a pause"),
+        }
+        sim.update_faults(|f| {
+            f.misconfigured = false;
+            f.fail_rate = 1.0;
+        });
+        let resumed = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+        assert!(
+            matches!(resumed, Ok(Some(Event::Resumed))),
+            "a transient answer ends the pause"
+        );
+        let out = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the retry budget ends the batch")
+            .expect("batch task");
+        assert_eq!(
+            results(&out),
+            vec![(1, Some((Reason::RetriesExhausted, 91000)))]
+        );
         assert!(rx.try_recv().is_err(), "one pause, one resume");
     }
 
