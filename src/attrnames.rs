@@ -65,8 +65,49 @@ impl AttrNames {
                 self.set(Some(names));
             }
             Err(e) => {
+                // Names kept from an earlier answer may be stale (renamed or
+                // added since): refusing updates on them would dead-letter
+                // valid ones, so check nothing until the API answers again.
                 warn!(error = %e, "Cannot read the app's attribute names; not checking names locally until it works");
+                self.set(None);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::simulator::{SimOptions, Simulator};
+    use crate::tencent::Signer;
+
+    /// A failed refresh forgets the names it had: they may be stale.
+    #[tokio::test]
+    async fn a_failed_refresh_clears_the_names() {
+        let mut sim = Simulator::start(SimOptions {
+            attr_names: vec!["sex".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("simulator starts");
+        let signer = Signer::from_key(
+            Secret::new(sim.secret_key()),
+            sim.sdkappid(),
+            "administrator",
+            86400,
+        );
+        let client = Client::new(&sim.url(), Arc::new(signer), Duration::from_secs(2), 100, 1)
+            .expect("client");
+        let names = AttrNames::default();
+        names.refresh(&client).await;
+        let known = names.get().expect("names read from the API");
+        assert!(known.contains("sex"));
+        sim.pause().await;
+        names.refresh(&client).await;
+        assert!(
+            names.get().is_none(),
+            "stale names kept after a failed refresh"
+        );
     }
 }
