@@ -10,19 +10,6 @@ use lapin::options::{BasicPublishOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be on PATH for this test");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Publishes one body to the updates exchange with `props`, confirmed, on a
 /// connection of its own (authenticated as `user` when given).
 async fn publish_with(
@@ -242,24 +229,6 @@ async fn dead_letter_names_the_failed_accounts() {
     let single = dead.iter().find(|d| !d.body.contains("UserAttrs")).unwrap();
     assert!(single.headers.get("x-imattr-failed-accounts").is_none());
     sb.cleanup().await.unwrap();
-}
-
-/// Closes the broker connections whose name contains `name`; returns how many.
-fn close_connections(name: &str) -> usize {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let mut n = 0;
-    for line in list.lines().filter(|l| l.contains(name)) {
-        let pid = line.split_whitespace().next().unwrap();
-        rabbitmqctl(&["close_connection", pid, "closed by the correctness test"]);
-        n += 1;
-    }
-    n
 }
 
 /// Deliveries of `queue` the broker holds as unacknowledged.

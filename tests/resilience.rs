@@ -9,37 +9,6 @@ use std::time::Duration;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl must be on PATH for this test");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Closes the broker connections whose name contains `name`; returns how many.
-fn close_connections(name: &str) -> usize {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let mut n = 0;
-    for line in list.lines().filter(|l| l.contains(name)) {
-        let pid = line.split_whitespace().next().unwrap();
-        rabbitmqctl(&["close_connection", pid, "closed by the resilience test"]);
-        n += 1;
-    }
-    n
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_the_connection_twice() {
     let mut sb = sandbox(
