@@ -23,11 +23,11 @@ pub const H_FAILED_AT: &str = "x-imattr-failed-at";
 pub const H_SOURCE_QUEUE: &str = "x-imattr-source-queue";
 /// `x-imattr-original-routing-key`.
 pub const H_ROUTING_KEY: &str = "x-imattr-original-routing-key";
+/// `x-imattr-failed-accounts`: on the dead letter of a message holding several
+/// accounts, an array of those that failed (the others were applied).
+pub const H_FAILED_ACCOUNTS: &str = "x-imattr-failed-accounts";
 /// `x-imattr-replays`: how many times `dlq replay` sent it back.
 pub const H_REPLAYS: &str = "x-imattr-replays";
-/// `x-imattr-failed-accounts`: for a message holding several accounts, the
-/// ones that failed (an array; the others were applied).
-pub const H_FAILED_ACCOUNTS: &str = "x-imattr-failed-accounts";
 
 /// Why a confirmed publish did not go through.
 #[derive(Debug, thiserror::Error)]
