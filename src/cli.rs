@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
@@ -84,6 +84,17 @@ pub enum Command {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
         only: Option<u8>,
     },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  imattr completions bash > /etc/bash_completion.d/imattr\n  imattr completions zsh > \"${fpath[1]}/_imattr\"\n  imattr completions fish > ~/.config/fish/completions/imattr.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff).
+    #[command(after_help = "Example:\n  imattr man > /usr/local/share/man/man1/imattr.1")]
+    Man,
 }
 
 /// `imattr publish`.
@@ -247,6 +258,20 @@ pub fn cancel_on_signal() -> CancellationToken {
     token
 }
 
+/// Writes what `completions` and `man` print; `None` for the other commands.
+/// These need no configuration, so a broken one does not stop them.
+pub fn write_generated(command: &Command, out: &mut impl Write) -> Option<std::io::Result<()>> {
+    let mut cli = Cli::command();
+    match command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut cli, "imattr", out);
+            Some(Ok(()))
+        }
+        Command::Man => Some(clap_mangen::Man::new(cli).render(out)),
+        _ => None,
+    }
+}
+
 /// Runs a command.
 pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
@@ -300,6 +325,11 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dlq(c) => dlq(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
         Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
+        Command::Completions { .. } | Command::Man => {
+            write_generated(&command, &mut std::io::stdout().lock())
+                .unwrap_or(Ok(()))
+                .context("writing to stdout")
+        }
     }
 }
 

@@ -3,11 +3,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use imattr::cli::{dispatch, Cli};
+use imattr::cli::{dispatch, write_generated, Cli};
 use imattr::config::{Config, ConfigError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(written) = write_generated(&cli.command, &mut std::io::stdout().lock()) {
+        return match written {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("imattr: writing to stdout: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {

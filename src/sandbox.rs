@@ -45,66 +45,9 @@ impl std::fmt::Debug for Sandbox {
 }
 
 /// The `IMATTR_*` environment variables that configure an `imattr` process
-/// like `config` (names, broker, API, batching, retries, admin, shutdown).
-pub fn env_vars(config: &Config) -> Vec<(&'static str, String)> {
-    let a = &config.amqp;
-    let t = &config.tencent;
-    vec![
-        ("IMATTR_AMQP__URL", a.url.expose().to_string()),
-        ("IMATTR_AMQP__EXCHANGE", a.exchange.clone()),
-        ("IMATTR_AMQP__QUEUE", a.queue.clone()),
-        (
-            "IMATTR_AMQP__DEAD_LETTER_EXCHANGE",
-            a.dead_letter_exchange.clone(),
-        ),
-        (
-            "IMATTR_AMQP__DEAD_LETTER_QUEUE",
-            a.dead_letter_queue.clone(),
-        ),
-        ("IMATTR_AMQP__PREFETCH", a.prefetch.to_string()),
-        ("IMATTR_TENCENT__BASE_URL", t.base_url.clone()),
-        ("IMATTR_TENCENT__SDKAPPID", t.sdkappid.to_string()),
-        (
-            "IMATTR_TENCENT__SECRET_KEY",
-            t.secret_key.expose().to_string(),
-        ),
-        ("IMATTR_TENCENT__USERSIG", t.usersig.expose().to_string()),
-        ("IMATTR_TENCENT__TIMEOUT_MS", t.timeout_ms.to_string()),
-        (
-            "IMATTR_TENCENT__RATE_LIMIT_PER_SEC",
-            t.rate_limit_per_sec.to_string(),
-        ),
-        ("IMATTR_TENCENT__MAX_IN_FLIGHT", t.max_in_flight.to_string()),
-        (
-            "IMATTR_BATCH__MAX_ACCOUNTS",
-            config.batch.max_accounts.to_string(),
-        ),
-        (
-            "IMATTR_BATCH__MAX_WAIT_MS",
-            config.batch.max_wait_ms.to_string(),
-        ),
-        (
-            "IMATTR_RETRY__INITIAL_INTERVAL_MS",
-            config.retry.initial_interval_ms.to_string(),
-        ),
-        (
-            "IMATTR_RETRY__MAX_INTERVAL_MS",
-            config.retry.max_interval_ms.to_string(),
-        ),
-        (
-            "IMATTR_RETRY__MAX_ELAPSED_SECS",
-            config.retry.max_elapsed_secs.to_string(),
-        ),
-        (
-            "IMATTR_ATTRIBUTES__ALLOWED",
-            format!("[{}]", config.attributes.allowed.join(",")),
-        ),
-        ("IMATTR_ADMIN__LISTEN", config.admin.listen.clone()),
-        (
-            "IMATTR_SHUTDOWN__TIMEOUT_SECS",
-            config.shutdown.timeout_secs.to_string(),
-        ),
-    ]
+/// exactly like `config`, secrets included (see [`Config::to_env`]).
+pub fn env_vars(config: &Config) -> Vec<(String, String)> {
+    config.to_env()
 }
 
 /// A random suffix for names.

@@ -1,10 +1,34 @@
 //! Secrets that must never be shown: `Debug`, `Display` and `Serialize` redact them.
+//! Only [`exposed`] (for handing the configuration to a child process) lifts that.
 
+use std::cell::Cell;
 use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
 
-/// A secret string: never shown by `Debug`, `Display` or `Serialize`.
+thread_local! {
+    /// Whether `Serialize` writes secrets in clear on this thread: only inside [`exposed`].
+    static EXPOSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with `Secret` and `AmqpUrl` serializing their real values, on this
+/// thread only; redaction is back when it returns or unwinds.
+pub(super) fn exposed<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXPOSED.with(|e| e.set(self.0));
+        }
+    }
+    let _restore = Restore(EXPOSED.with(|e| e.replace(true)));
+    f()
+}
+
+fn is_exposed() -> bool {
+    EXPOSED.with(Cell::get)
+}
+
+/// A secret string: never shown by `Debug`, `Display` or `Serialize` (but in [`exposed`]).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -36,15 +60,16 @@ impl fmt::Debug for Secret {
 
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0.is_empty() {
-            s.serialize_str("")
+        if self.0.is_empty() || is_exposed() {
+            s.serialize_str(&self.0)
         } else {
             s.serialize_str("<redacted>")
         }
     }
 }
 
-/// The AMQP URL: its password is never shown by `Debug`, `Display` or `Serialize`.
+/// The AMQP URL: its password is never shown by `Debug`, `Display` or `Serialize`
+/// (but in [`exposed`]).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct AmqpUrl(String);
@@ -78,7 +103,11 @@ impl fmt::Display for AmqpUrl {
 
 impl Serialize for AmqpUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.redacted())
+        if is_exposed() {
+            s.serialize_str(&self.0)
+        } else {
+            s.serialize_str(&self.redacted())
+        }
     }
 }
 

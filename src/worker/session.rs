@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{FutureExt, StreamExt};
@@ -184,8 +183,8 @@ impl<'a> Session<'a> {
     }
 
     async fn event_loop(&mut self, cancel: CancellationToken) -> anyhow::Result<End> {
-        let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
-        let shutdown_timeout = Duration::from_secs(self.config.shutdown.timeout_secs);
+        let max_wait = self.config.batch.max_wait();
+        let shutdown_timeout = self.config.shutdown.timeout();
         let mut draining: Option<Instant> = None;
         loop {
             self.dispatch(draining.is_some());
@@ -440,7 +439,7 @@ impl<'a> Session<'a> {
     /// Starts every batch that is due while the API is not refusing us and
     /// a send slot is free (`draining`: everything ready is due).
     fn dispatch(&mut self, draining: bool) {
-        let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
+        let max_wait = self.config.batch.max_wait();
         let now = Instant::now();
         let holding = self.redelivery_hold.is_some_and(|until| now < until);
         while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
