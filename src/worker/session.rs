@@ -315,7 +315,7 @@ impl<'a> Session<'a> {
                     .register(tag, updates.iter().map(|u| u.account.as_str()));
                 self.messages.insert(tag, msg);
                 if redelivered {
-                    let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
+                    let max_wait = self.config.batch.max_wait();
                     self.redelivery_hold = Some(now + max_wait);
                 }
                 for u in updates {
