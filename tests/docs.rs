@@ -66,19 +66,14 @@ fn every_config_key_is_in_the_sample_file() {
             missing.push(key);
         }
     }
-    assert!(
-        missing.is_empty(),
-        "config/imattr.toml lacks: {missing:?}"
-    );
+    assert!(missing.is_empty(), "config/imattr.toml lacks: {missing:?}");
 }
 
 #[test]
-fn the_sample_file_is_a_valid_configuration() {
-    let figment = figment::Figment::new().merge(figment::providers::Toml::file(
-        root().join("config/imattr.toml"),
-    ));
-    let loaded = Config::from_figment(figment).expect("config/imattr.toml loads");
-    // Every value in it is the default, as its header says.
+fn the_sample_file_holds_the_defaults() {
+    // Through serde alone: unknown keys and wrong types fail here too.
+    let loaded: Config =
+        toml::from_str(&read("config/imattr.toml")).expect("config/imattr.toml is a Config");
     assert_eq!(
         serde_json::to_value(&loaded).unwrap(),
         serde_json::to_value(Config::default()).unwrap(),
@@ -128,11 +123,17 @@ fn metric_names() -> BTreeSet<String> {
     names
 }
 
+/// How docs/metrics.md marks a metric announced but not registered by the code.
+const PLANNED: &str = "**Not yet registered.**";
+
 #[test]
 fn every_metric_is_documented() {
     let names = metric_names();
     for known in ["imattr_messages_received_total", "imattr_paused"] {
-        assert!(names.contains(known), "{known} not found in src/: {names:?}");
+        assert!(
+            names.contains(known),
+            "{known} not found in src/: {names:?}"
+        );
     }
     let doc = read("docs/metrics.md");
     let missing: Vec<&String> = names
@@ -147,13 +148,18 @@ fn every_metric_is_documented() {
     // the code registers does not claim otherwise.
     for line in doc.lines().filter(|l| l.starts_with("| `imattr_")) {
         let name = line[3..].split('`').next().unwrap_or_default();
-        let planned = line.contains("not yet");
+        let planned = line.contains(PLANNED);
         assert_eq!(
             planned,
             !names.contains(name),
-            "docs/metrics.md: {name} is {} in src/ but its row {} \"not yet\"",
-            if names.contains(name) { "registered" } else { "not registered" },
+            "docs/metrics.md: {name} is {} in src/ but its row {} {:?}",
+            if names.contains(name) {
+                "registered"
+            } else {
+                "not registered"
+            },
             if planned { "says" } else { "does not say" },
+            PLANNED,
         );
     }
 }
@@ -200,11 +206,7 @@ fn docs_stand_on_their_own() {
     for page in pages {
         let text = std::fs::read_to_string(&page).unwrap();
         for bad in ["../shared", "CONTRACT"] {
-            assert!(
-                !text.contains(bad),
-                "{} mentions {bad}",
-                page.display()
-            );
+            assert!(!text.contains(bad), "{} mentions {bad}", page.display());
         }
     }
 }
