@@ -210,3 +210,39 @@ fn docs_stand_on_their_own() {
         }
     }
 }
+
+/// The `imattr_…` names an alert rule or a dashboard queries are metrics the
+/// code registers (histograms through their `_bucket`, `_sum`, `_count` series).
+#[test]
+fn alerts_and_dashboard_query_existing_metrics() {
+    let names = metric_names();
+    let dashboard = read("deploy/grafana/imattr-dashboard.json");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() > 5));
+    let alerts = read("deploy/prometheus/imattr-alerts.yml");
+    for (file, text) in [("dashboard", &dashboard), ("alert rules", &alerts)] {
+        let mut used = BTreeSet::new();
+        for (at, _) in text.match_indices("imattr_") {
+            if text[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                continue;
+            }
+            let rest = &text[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            used.insert(rest[..end].to_string());
+        }
+        assert!(!used.is_empty(), "{file} queries no imattr metric");
+        for name in used {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| names.contains(*b)))
+                .unwrap_or(&name);
+            assert!(
+                names.contains(base),
+                "{file} queries {name}, which src/ does not register"
+            );
+        }
+    }
+}
