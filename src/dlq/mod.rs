@@ -14,11 +14,11 @@
 //!
 //! A message the command keeps (all of them for `list`, `stats`, `export`
 //! and `replay --dry-run`; the unmatched ones for `replay`) is *rotated*: a
-//! copy is published to the tail of the queue (default exchange) and the
-//! original acknowledged, in one AMQP transaction per half window. After a
-//! full pass the queue holds the same messages in the same order. Messages
-//! the command moves (`replay`) are published to `amqp.exchange` with
-//! publisher confirms, and acknowledged in the next commit only once confirmed.
+//! copy is published to the tail of the queue (default exchange, publisher
+//! confirms) and the original acknowledged once the copy is confirmed, a
+//! half window at a time. After a full pass the queue holds the same messages
+//! in the same order. Messages the command moves (`replay`) are published to
+//! `amqp.exchange` with confirms and acknowledged the same way.
 //!
 //! The trade-offs, for operators:
 //! - Order: a full pass keeps the order of the messages it read. Dead letters
@@ -26,17 +26,22 @@
 //!   all behind the older ones (each keeps its `x-imattr-failed-at`).
 //! - Cost: a rotated message is written to the queue again (persistent), so
 //!   a pass costs the broker about what publishing and consuming the queue
-//!   once does. Passes over no more than half a window, and passes that stop
-//!   early before rotating anything (`list --limit N`, `replay --limit N`),
-//!   rotate nothing: their messages return to their places when the channel
+//!   once does. A pass that ends within its first half window (a small queue,
+//!   `list --limit N`, `replay --limit N` stopping early) rotates nothing: the
+//!   copies are held back until a batch is settled, so they are dropped
+//!   unpublished and the messages return to their places when the channel
 //!   closes (RabbitMQ requeues a classic queue's messages in place).
-//! - Killed mid-pass: the open transaction is discarded and the unacked
-//!   window returns to the head, so a rotation can neither lose nor duplicate
-//!   a message; the order is then [unread…, rotated…]. A replayed message
-//!   confirmed but not yet acknowledged stays in the queue too: at most one
-//!   batch is sent to the updates exchange twice, never lost.
+//! - Killed mid-pass (SIGKILL, crash, lost connection): nothing is lost,
+//!   since an original is acknowledged only after its copy or replay is
+//!   confirmed; the unacknowledged window returns to the head. At worst the
+//!   batch being settled is duplicated (its copies confirmed, its originals
+//!   not yet acknowledged): at most half a window, and for `replay` at most
+//!   that many messages sent to the updates exchange twice. The queue's order
+//!   is then [unread…, rotated…]. SIGINT/SIGTERM stop cleanly at a batch
+//!   boundary (no duplicate).
 //! - Only one command reads at a time (exclusive consumer); `purge` refuses
-//!   while one does.
+//!   while one does. A max-length policy on the dead-letter queue would drop
+//!   messages from its head while copies are added: do not set one.
 //!
 //! A stream queue would allow non-destructive reads by offset, but not the
 //! removal a replay needs, and would change the topology existing queues have.
@@ -115,7 +120,7 @@ impl Dlq {
         self
     }
 
-    /// Stops a pass at its next transaction boundary when `cancel` fires.
+    /// Stops a pass at its next batch boundary when `cancel` fires.
     pub fn with_cancel(mut self, cancel: CancellationToken) -> Dlq {
         self.cancel = cancel;
         self
@@ -145,9 +150,9 @@ impl Dlq {
     ) -> anyhow::Result<PassReport> {
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(0);
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "{bar:40} {pos}/{len} {per_sec} eta {eta}",
-            ) {
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+            {
                 b.set_style(style);
             }
             b

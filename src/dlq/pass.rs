@@ -1,6 +1,6 @@
 //! One pass over the dead-letter queue: a consumer with a bounded window and,
-//! when a message must stay, rotation (a copy to the tail and the original
-//! acked in one transaction). Why this way, and what it guarantees, is in the
+//! when a message must stay, rotation (a copy to the tail, confirmed, then
+//! the original acknowledged). Why this way, and what it guarantees, is in the
 //! module documentation of `dlq` and in docs/dead-letters.md.
 
 use std::time::Duration;
@@ -9,8 +9,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use indicatif::ProgressBar;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
@@ -28,8 +27,8 @@ pub const MAX_WINDOW: u16 = 10_000;
 pub struct PassConfig {
     /// Prefetch: the most messages unacknowledged at once (≤ [`MAX_WINDOW`]).
     pub window: u16,
-    /// Messages per transaction (≤ `window`); half the window keeps the
-    /// broker delivering while a commit is under way.
+    /// Messages per batch of copies and acknowledgements (≤ `window`); half
+    /// the window keeps the broker delivering while a batch is confirmed.
     pub batch: u16,
 }
 
@@ -110,7 +109,7 @@ pub struct PassReport {
     pub short: bool,
 }
 
-/// The pass was stopped (SIGINT/SIGTERM) at a transaction boundary.
+/// The pass was stopped (SIGINT/SIGTERM) at a batch boundary.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted after {seen} of {present} messages ({moved} replayed); nothing was lost")]
 pub struct Interrupted {
@@ -164,7 +163,7 @@ pub async fn run(
     };
     let result = pass.run(visit, progress, cancel).await;
     // Closing the channel returns every delivery not acknowledged to the head
-    // of the queue, in its original order, and discards an open transaction.
+    // of the queue, in its original order.
     let _ = ch.close(200, "done".into()).await;
     if let Some(out) = pass.out {
         let _ = out.close(200, "done".into()).await;
@@ -176,6 +175,9 @@ pub async fn run(
 struct Batch {
     len: u16,
     kept: u64,
+    /// Copies to publish when the batch is settled; held back so that a
+    /// pass ending inside its first batch rotates nothing.
+    copies: Vec<(BasicProperties, Vec<u8>)>,
     last_tag: Option<u64>,
     moves: Vec<(u64, PublisherConfirm)>,
 }
@@ -236,10 +238,6 @@ impl Pass<'_> {
         if report.present == 0 {
             return Ok(report);
         }
-        self.ch
-            .tx_select()
-            .await
-            .context("starting a transaction")?;
         let mut consumer = self
             .ch
             .basic_consume(
@@ -306,7 +304,7 @@ impl Pass<'_> {
             };
             match v.step {
                 Step::Keep => {
-                    self.keep(&d.properties, headers, &meta, &d.data).await?;
+                    self.keep(&d.properties, headers, &meta, d.data);
                     self.batch.kept += 1;
                 }
                 Step::Move(o) => {
@@ -334,14 +332,14 @@ impl Pass<'_> {
         Ok(report)
     }
 
-    /// Copies a message to the tail of the queue (in the transaction).
-    async fn keep(
+    /// Queues a copy of a message for the tail of the queue.
+    fn keep(
         &mut self,
         props: &BasicProperties,
         mut headers: FieldTable,
         meta: &Meta,
-        body: &[u8],
-    ) -> anyhow::Result<()> {
+        body: Vec<u8>,
+    ) {
         let mut props = props.clone();
         // The copy is published to the default exchange with the queue's
         // name as routing key, so keep the original key in a header.
@@ -356,25 +354,20 @@ impl Pass<'_> {
         }
         // The broker refuses a user_id other than the connection's own.
         let props = super::replay::without_user_id(&props);
-        self.ch
-            .basic_publish(
-                "".into(),
-                ShortString::from(self.target.queue),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .context("copying a dead letter to the tail of the queue")?;
-        Ok(())
+        self.batch.copies.push((props, body));
     }
 
-    async fn move_out(&mut self, tag: u64, o: Outgoing) -> anyhow::Result<()> {
+    async fn out(&mut self) -> anyhow::Result<Channel> {
         if self.out.is_none() {
             self.out = Some(crate::amqp::topology::confirm_channel(self.target.conn).await?);
         }
-        let out = self.out.as_ref().context("no publishing channel")?;
-        let confirm = out
+        self.out.clone().context("no publishing channel")
+    }
+
+    async fn move_out(&mut self, tag: u64, o: Outgoing) -> anyhow::Result<()> {
+        let confirm = self
+            .out()
+            .await?
             .basic_publish(
                 ShortString::from(self.target.exchange),
                 ShortString::try_new(o.routing_key).unwrap_or_default(),
@@ -392,12 +385,30 @@ impl Pass<'_> {
         Ok(())
     }
 
-    /// Waits for the moved messages' confirms, then acknowledges the whole
-    /// batch and commits: copies and removals take effect together.
+    /// Publishes the batch's copies, waits for every confirm (copies and
+    /// moved messages), then acknowledges the batch: nothing leaves the queue
+    /// before the broker holds its copy or its replay.
     async fn commit(&mut self) -> anyhow::Result<()> {
         let Some(last) = self.batch.last_tag else {
             return Ok(());
         };
+        let copies = std::mem::take(&mut self.batch.copies);
+        if !copies.is_empty() {
+            let out = self.out().await?;
+            for (props, body) in copies {
+                let c = out
+                    .basic_publish(
+                        "".into(),
+                        ShortString::from(self.target.queue),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                    .context("copying a dead letter to the tail of the queue")?;
+                self.batch.moves.push((0, c));
+            }
+        }
         for (_, c) in self.batch.moves.drain(..) {
             check(
                 c.await.context("waiting for a publisher confirm")?,
@@ -408,23 +419,18 @@ impl Pass<'_> {
             .basic_ack(last, BasicAckOptions { multiple: true })
             .await
             .context("acknowledging")?;
-        self.ch.tx_commit().await.context("committing")?;
         self.committed_keeps += self.batch.kept;
         self.batch = Batch::default();
         Ok(())
     }
 
     /// Ends the pass. If nothing was rotated yet, the open batch's copies are
-    /// discarded and its kept messages go back to their places untouched when
-    /// the channel closes; only the moved ones are removed.
+    /// dropped unpublished and its kept messages go back to their places
+    /// untouched when the channel closes; only the moved ones are removed.
     async fn end(&mut self, report: &mut PassReport) -> anyhow::Result<()> {
         if self.committed_keeps > 0 {
             self.commit().await?;
             report.rotated = true;
-            return Ok(());
-        }
-        self.ch.tx_rollback().await.context("rolling back")?;
-        if self.batch.moves.is_empty() {
             return Ok(());
         }
         for (tag, c) in std::mem::take(&mut self.batch.moves) {
@@ -437,7 +443,6 @@ impl Pass<'_> {
                 .await
                 .context("acknowledging")?;
         }
-        self.ch.tx_commit().await.context("committing")?;
         self.batch = Batch::default();
         Ok(())
     }

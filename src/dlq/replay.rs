@@ -111,7 +111,9 @@ pub fn narrow(body: &[u8], failed: &[String]) -> Option<(Vec<u8>, Option<String>
     if kept.is_empty() || kept.len() == many.user_attrs.len() {
         return None;
     }
-    let routing_key = (accounts.len() == 1).then(|| accounts.into_iter().next()).flatten();
+    let routing_key = (accounts.len() == 1)
+        .then(|| accounts.into_iter().next())
+        .flatten();
     let body = if kept.len() == 1 {
         kept[0].get().as_bytes().to_vec()
     } else {
@@ -189,7 +191,10 @@ mod tests {
             .with_app_id("a".into())
             .with_cluster_id("cl".into())
             .with_headers(FieldTable::default());
-        assert_eq!(without_user_id(&full.clone().with_user_id("u".into())), full);
+        assert_eq!(
+            without_user_id(&full.clone().with_user_id("u".into())),
+            full
+        );
         let first = replay_properties(&BasicProperties::default());
         assert_eq!(
             header_i64(first.headers().as_ref().unwrap(), deadletter::H_REPLAYS),
@@ -236,7 +241,11 @@ mod tests {
             (MANY, &[], None),
             (r#"{"To_Account":"a","Attrs":{"k":"1"}}"#, &["a"], None),
             ("not json", &["a"], None),
-            (r#"{"UserAttrs":[{"Attrs":{}},{"To_Account":"a","Attrs":{}}]}"#, &["a"], None),
+            (
+                r#"{"UserAttrs":[{"Attrs":{}},{"To_Account":"a","Attrs":{}}]}"#,
+                &["a"],
+                None,
+            ),
         ];
         for (body, failed, want) in table {
             let got = narrow(body.as_bytes(), &s(failed));

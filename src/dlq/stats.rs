@@ -255,10 +255,7 @@ mod tests {
         }
         assert!(t.exact());
         assert_eq!(t.max_error(), 0);
-        assert_eq!(
-            t.top(2),
-            vec![("a".to_string(), 3), ("b".to_string(), 2)]
-        );
+        assert_eq!(t.top(2), vec![("a".to_string(), 3), ("b".to_string(), 2)]);
     }
 
     #[test]
@@ -343,7 +340,10 @@ mod tests {
         let mut out = Vec::new();
         r.print(&mut out, "dead").unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("dead: 4 dead letters, 20 body bytes"), "{text}");
+        assert!(
+            text.starts_with("dead: 4 dead letters, 20 body bytes"),
+            "{text}"
+        );
         assert!(text.contains("broker:expired"), "{text}");
     }
 }

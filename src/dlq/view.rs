@@ -137,15 +137,19 @@ impl Meta {
             })
         });
         Meta {
-            reason: imattr_reason.or_else(|| broker_reason.map(|r| format!("{BROKER_REASON_PREFIX}{r}"))),
+            reason: imattr_reason
+                .or_else(|| broker_reason.map(|r| format!("{BROKER_REASON_PREFIX}{r}"))),
             code: header_i64(headers, deadletter::H_ERROR_CODE),
             error,
             account: header_str(headers, deadletter::H_ACCOUNT)
                 .or_else(|| broker_made.then(|| routing_key.clone()).flatten()),
             failed_accounts: header_strings(headers, deadletter::H_FAILED_ACCOUNTS),
             attempts: header_i64(headers, deadletter::H_ATTEMPTS),
-            failed_at_ms: header_i64(headers, deadletter::H_FAILED_AT)
-                .or(if broker_made { death_ms } else { None }),
+            failed_at_ms: header_i64(headers, deadletter::H_FAILED_AT).or(if broker_made {
+                death_ms
+            } else {
+                None
+            }),
             source_queue,
             routing_key,
             broker_made,
@@ -572,8 +576,15 @@ mod tests {
         assert!(text.starts_with("ACCOUNT"), "{text}");
         assert_eq!(text.lines().count(), SIZING_ROWS + 6);
         assert!(text.lines().nth(1).unwrap().contains("90033"));
-        let widths: Vec<usize> = text.lines().skip(1).map(|l| l.find("rejected").unwrap()).collect();
-        assert!(widths.iter().all(|w| *w == widths[0]), "columns stay aligned");
+        let widths: Vec<usize> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.find("rejected").unwrap())
+            .collect();
+        assert!(
+            widths.iter().all(|w| *w == widths[0]),
+            "columns stay aligned"
+        );
         let mut empty = Vec::new();
         assert!(!Table::default().finish(&mut empty).unwrap());
         assert!(empty.is_empty());
