@@ -80,8 +80,8 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 5).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        /// Run only this scenario (1 to 6; 6 is the dead-letter tools).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=6))]
         only: Option<u8>,
     },
     /// Print a shell completion script.
