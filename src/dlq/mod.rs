@@ -55,7 +55,7 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
 use lapin::options::QueuePurgeOptions;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
 pub use pass::{PassConfig, PassReport, Step, Visit};
@@ -146,7 +146,7 @@ impl Dlq {
     async fn pass(
         &self,
         config: PassConfig,
-        visit: &mut dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit>,
+        visit: &mut pass::Visitor<'_>,
     ) -> anyhow::Result<PassReport> {
         let bar = if self.progress {
             let b = indicatif::ProgressBar::new(0);

@@ -56,7 +56,7 @@ pub enum Step {
     /// Leave it in the queue, in its place.
     Keep,
     /// Publish this to the updates exchange (confirmed), then remove it.
-    Move(Outgoing),
+    Move(Box<Outgoing>),
 }
 
 /// A visitor's answer: the step, and whether it needs no further message.
@@ -80,7 +80,7 @@ impl Visit {
     /// Move it; go on.
     pub fn moved(o: Outgoing) -> Visit {
         Visit {
-            step: Step::Move(o),
+            step: Step::Move(Box::new(o)),
             enough: false,
         }
     }
@@ -124,6 +124,9 @@ pub struct Interrupted {
 /// After this long without a delivery the pass checks whether the queue ran dry.
 const IDLE: Duration = Duration::from_secs(5);
 
+/// What a pass asks about each message: its facts, properties and body.
+pub type Visitor<'a> = dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit> + 'a;
+
 /// Where a pass reads and writes.
 pub struct Target<'a> {
     /// The connection (the pass opens its own channels on it).
@@ -139,7 +142,7 @@ pub struct Target<'a> {
 pub async fn run(
     target: &Target<'_>,
     config: PassConfig,
-    visit: &mut dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit>,
+    visit: &mut Visitor<'_>,
     progress: &ProgressBar,
     cancel: &CancellationToken,
 ) -> anyhow::Result<PassReport> {
@@ -222,7 +225,7 @@ fn check(confirmation: Confirmation, exchange: &str) -> anyhow::Result<()> {
 impl Pass<'_> {
     async fn run(
         &mut self,
-        visit: &mut dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit>,
+        visit: &mut Visitor<'_>,
         progress: &ProgressBar,
         cancel: &CancellationToken,
     ) -> anyhow::Result<PassReport> {
@@ -364,7 +367,7 @@ impl Pass<'_> {
         self.out.clone().context("no publishing channel")
     }
 
-    async fn move_out(&mut self, tag: u64, o: Outgoing) -> anyhow::Result<()> {
+    async fn move_out(&mut self, tag: u64, o: Box<Outgoing>) -> anyhow::Result<()> {
         let confirm = self
             .out()
             .await?

@@ -210,7 +210,8 @@ mod tests {
 
     #[test]
     fn narrowing_table() {
-        let table: &[(&str, &[&str], Option<(&str, Option<&str>)>)] = &[
+        type Row<'a> = (&'a str, &'a [&'a str], Option<(&'a str, Option<&'a str>)>);
+        let table: &[Row<'_>] = &[
             // One entry left: a single-update body, byte for byte, its own key.
             (
                 MANY,
