@@ -603,7 +603,14 @@ pub async fn fill_dead_letters(config: &Config, n: usize, channels: usize) -> an
                         account: Some(account.clone()),
                         attempts: 3,
                     };
-                    dead_letter_properties(&base, &f, &queue, &account, now_ms - (n - i) as i64)
+                    dead_letter_properties(
+                        &base,
+                        &f,
+                        &[],
+                        &queue,
+                        &account,
+                        now_ms - (n - i) as i64,
+                    )
                 };
                 p.publish(&account, &body, props).await?;
             }

@@ -18,7 +18,7 @@ use imattr::config::Config;
 use imattr::dlq::{DeadLetterView, Dlq, Filter, PassConfig, ReplayOptions};
 use imattr::publish::{update_properties, Publisher};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
 /// Publishes dead letters straight into the sandbox's dead-letter exchange,
@@ -52,20 +52,15 @@ impl DeadLetters {
             account: Some(account.into()),
             attempts: 1,
         };
-        let p = dead_letter_properties(&update_properties(), &f, &self.source_queue, account, 1);
-        if failed.is_empty() {
-            return p;
-        }
-        let mut h = p.headers().clone().unwrap_or_default();
-        let list: Vec<AMQPValue> = failed
-            .iter()
-            .map(|a| AMQPValue::LongString(LongString::from(*a)))
-            .collect();
-        h.insert(
-            deadletter::H_FAILED_ACCOUNTS.into(),
-            AMQPValue::FieldArray(FieldArray::from(list)),
-        );
-        p.with_headers(h)
+        let failed: Vec<String> = failed.iter().map(|a| a.to_string()).collect();
+        dead_letter_properties(
+            &update_properties(),
+            &f,
+            &failed,
+            &self.source_queue,
+            account,
+            1,
+        )
     }
 
     /// A dead letter of `{"To_Account":account,"Attrs":{"n":n}}`.
