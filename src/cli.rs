@@ -80,8 +80,8 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 5).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        /// Run only this scenario (1 to 6; 6 is the dead-letter tools).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=6))]
         only: Option<u8>,
     },
     /// Print a shell completion script.
@@ -119,7 +119,7 @@ pub struct PublishArgs {
 pub enum DlqCommand {
     /// Show dead-lettered messages without removing them.
     #[command(
-        after_help = "Example:\n  imattr dlq list --limit 20\n  imattr dlq list --json | jq .error"
+        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --json | jq .error"
     )]
     List {
         /// At most this many.
@@ -128,24 +128,37 @@ pub enum DlqCommand {
         /// NDJSON with all headers, properties and the body.
         #[arg(long)]
         json: bool,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Count dead letters by reason, error code, source queue and account.
+    #[command(after_help = "Example:\n  imattr dlq stats\n  imattr dlq stats --json")]
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many accounts to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
     /// Move matching messages back to the updates exchange.
     #[command(
-        after_help = "Example:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted"
+        after_help = "Examples:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted\n  imattr dlq replay --reason broker:expired --whole"
     )]
     Replay {
         /// At most this many.
         #[arg(long)]
         limit: Option<usize>,
-        /// Only messages with this x-imattr-error-code.
-        #[arg(long)]
-        code: Option<i64>,
-        /// Only messages with this x-imattr-reason.
-        #[arg(long, value_parser = ["invalid-message", "rejected", "retries-exhausted"])]
-        reason: Option<String>,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: DlqFilter,
         /// Count what would move; move nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Republish whole messages, not only the entries of their x-imattr-failed-accounts.
+        #[arg(long)]
+        whole: bool,
     },
     /// Write every dead letter as NDJSON, removing nothing.
     #[command(after_help = "Example:\n  imattr dlq export --out dead.ndjson")]
@@ -161,6 +174,30 @@ pub enum DlqCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// Which dead letters a `dlq` command takes.
+#[derive(Debug, Clone, Args)]
+pub struct DlqFilter {
+    /// Only messages with this x-imattr-error-code.
+    #[arg(long)]
+    pub code: Option<i64>,
+    /// Only messages with this reason (broker:… for those RabbitMQ dead-lettered itself).
+    #[arg(long, value_parser = crate::dlq::REASONS)]
+    pub reason: Option<String>,
+    /// Only messages about this account.
+    #[arg(long)]
+    pub account: Option<String>,
+}
+
+impl From<DlqFilter> for crate::dlq::Filter {
+    fn from(f: DlqFilter) -> Self {
+        crate::dlq::Filter {
+            code: f.code,
+            reason: f.reason,
+            account: f.account,
+        }
+    }
 }
 
 /// `imattr simulate`.
@@ -470,57 +507,78 @@ async fn publish(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
 }
 
 async fn dlq(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
-    use crate::dlq::{print_table, Dlq, Filter};
+    use crate::dlq::{Dlq, ReplayOptions, Table};
     if let DlqCommand::Purge { yes: false } = c {
         anyhow::bail!(
             "refusing to delete every message of {} without --yes",
             config.amqp.dead_letter_queue
         );
     }
-    let q = Dlq::open(config).await?;
+    let q = Dlq::open(config)
+        .await?
+        .with_cancel(cancel_on_signal())
+        .with_progress(true);
+    let queue = &config.amqp.dead_letter_queue;
     let result = async {
         match c {
-            DlqCommand::List { limit, json } => {
-                let views = q.peek(limit).await?;
+            DlqCommand::List {
+                limit,
+                json,
+                filter,
+            } => {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut table = Table::default();
+                q.list(&filter.into(), limit, &mut |v| {
+                    if json {
+                        serde_json::to_writer(&mut out, &v)?;
+                        out.write_all(b"\n")?;
+                    } else {
+                        table.push(&mut out, &v)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                if !json && !table.finish(&mut out)? {
+                    writeln!(out, "no dead letters in {queue} match")?;
+                }
+                out.flush()?;
+            }
+            DlqCommand::Stats { json, top } => {
+                let report = q.stats().await?.report(top);
                 let mut out = std::io::stdout().lock();
                 if json {
-                    for v in &views {
-                        writeln!(out, "{}", serde_json::to_string(v)?)?;
-                    }
-                } else if views.is_empty() {
-                    writeln!(
-                        out,
-                        "the dead-letter queue {} is empty",
-                        config.amqp.dead_letter_queue
-                    )?;
+                    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else {
-                    print_table(&mut out, &views)?;
+                    report.print(&mut out, queue)?;
                 }
             }
             DlqCommand::Export { out } => {
-                let views = q.peek(None).await?;
                 let mut w: Box<dyn Write> = match &out {
-                    Some(p) => Box::new(std::io::BufWriter::new(
+                    Some(p) => Box::new(std::io::BufWriter::with_capacity(
+                        1 << 16,
                         std::fs::File::create(p)
                             .with_context(|| format!("creating {}", p.display()))?,
                     )),
-                    None => Box::new(std::io::stdout().lock()),
+                    None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
                 };
-                for v in &views {
-                    writeln!(w, "{}", serde_json::to_string(v)?)?;
-                }
-                w.flush()?;
+                let n = q.export(&mut w).await?;
                 if out.is_some() {
-                    eprintln!("exported {}", views.len());
+                    eprintln!("exported {n}");
                 }
             }
             DlqCommand::Replay {
                 limit,
-                code,
-                reason,
+                filter,
                 dry_run,
+                whole,
             } => {
-                let n = q.replay(&Filter { code, reason }, limit, dry_run).await?;
+                let o = ReplayOptions {
+                    filter: filter.into(),
+                    limit,
+                    dry_run,
+                    whole,
+                };
+                let n = q.replay(&o).await?;
                 if dry_run {
                     println!("would replay {n}");
                 } else {

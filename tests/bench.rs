@@ -14,6 +14,7 @@ async fn bench_quick_runs_every_scenario() {
         "3 hot accounts",
         "4 memory",
         "5 latency",
+        "6 dead letters",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),

@@ -1,0 +1,349 @@
+//! `dlq stats`: counts gathered in one pass with memory bounded whatever the
+//! queue holds (no I/O here).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+
+use serde::Serialize;
+
+use super::view::{local_time, Meta};
+
+/// Distinct accounts counted exactly; past that the top list is approximate.
+pub const ACCOUNT_COUNTERS: usize = 10_000;
+
+/// The most frequent keys of a stream in bounded memory (Misra–Gries): at
+/// most `capacity` counters. While no counter was ever dropped the counts are
+/// exact; after that each count is a lower bound, short by at most
+/// `total / (capacity + 1)`, and every key more frequent than that is kept.
+#[derive(Debug, Clone)]
+pub struct TopK {
+    capacity: usize,
+    counts: HashMap<String, u64>,
+    total: u64,
+    exact: bool,
+}
+
+impl TopK {
+    /// At most `capacity` (≥ 1) counters.
+    pub fn new(capacity: usize) -> TopK {
+        TopK {
+            capacity: capacity.max(1),
+            counts: HashMap::new(),
+            total: 0,
+            exact: true,
+        }
+    }
+
+    /// Counts one occurrence of `key`.
+    pub fn add(&mut self, key: &str) {
+        self.total += 1;
+        if let Some(c) = self.counts.get_mut(key) {
+            *c += 1;
+        } else if self.counts.len() < self.capacity {
+            self.counts.insert(key.to_string(), 1);
+        } else {
+            // Full: this key and one of every counter cancel out. Each such
+            // step removes `capacity` counts, so it runs at most total/capacity
+            // times: constant work per key, amortised.
+            self.exact = false;
+            self.counts.retain(|_, c| {
+                *c -= 1;
+                *c > 0
+            });
+        }
+    }
+
+    /// The `n` largest counts, largest first (ties by key).
+    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.counts.iter().map(|(k, c)| (k.clone(), *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
+
+    /// Whether the counts are exact.
+    pub fn exact(&self) -> bool {
+        self.exact
+    }
+
+    /// How far below the true count a reported count may be.
+    pub fn max_error(&self) -> u64 {
+        if self.exact {
+            0
+        } else {
+            self.total / (self.capacity as u64 + 1)
+        }
+    }
+}
+
+/// The running counts of a pass.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    total: u64,
+    bytes: u64,
+    by_reason: BTreeMap<String, u64>,
+    by_code: BTreeMap<String, u64>,
+    by_source_queue: BTreeMap<String, u64>,
+    accounts: TopK,
+    oldest_ms: Option<i64>,
+    newest_ms: Option<i64>,
+    replayed_before: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats::new(ACCOUNT_COUNTERS)
+    }
+}
+
+/// What `dlq stats --json` prints.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StatsReport {
+    /// Dead letters counted.
+    pub total: u64,
+    /// Their bodies' total size, in bytes.
+    pub body_bytes: u64,
+    /// By reason (`none` when a message says nothing).
+    pub by_reason: BTreeMap<String, u64>,
+    /// By `x-imattr-error-code` (`none` when absent).
+    pub by_error_code: BTreeMap<String, u64>,
+    /// By source queue (`none` when absent).
+    pub by_source_queue: BTreeMap<String, u64>,
+    /// The accounts with the most dead letters, most first.
+    pub top_accounts: Vec<AccountCount>,
+    /// Whether `top_accounts` counts are exact (else each is a lower bound
+    /// short by at most `top_accounts_max_error`).
+    pub top_accounts_exact: bool,
+    /// See `top_accounts_exact`.
+    pub top_accounts_max_error: u64,
+    /// Earliest failure time, Unix ms.
+    pub oldest_failed_at_ms: Option<i64>,
+    /// Latest failure time, Unix ms.
+    pub newest_failed_at_ms: Option<i64>,
+    /// Dead letters that had been replayed before (`x-imattr-replays` > 0).
+    pub replayed_before: u64,
+}
+
+/// One row of `top_accounts`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AccountCount {
+    /// The account.
+    pub account: String,
+    /// Its dead letters.
+    pub count: u64,
+}
+
+fn bump(m: &mut BTreeMap<String, u64>, k: Option<String>) {
+    *m.entry(k.unwrap_or_else(|| "none".into())).or_default() += 1;
+}
+
+impl Stats {
+    /// Counts with at most `account_counters` distinct accounts tracked.
+    pub fn new(account_counters: usize) -> Stats {
+        Stats {
+            total: 0,
+            bytes: 0,
+            by_reason: BTreeMap::new(),
+            by_code: BTreeMap::new(),
+            by_source_queue: BTreeMap::new(),
+            accounts: TopK::new(account_counters),
+            oldest_ms: None,
+            newest_ms: None,
+            replayed_before: 0,
+        }
+    }
+
+    /// Counts one dead letter.
+    pub fn add(&mut self, m: &Meta, body_bytes: usize) {
+        self.total += 1;
+        self.bytes += body_bytes as u64;
+        bump(&mut self.by_reason, m.reason.clone());
+        bump(&mut self.by_code, m.code.map(|c| c.to_string()));
+        bump(&mut self.by_source_queue, m.source_queue.clone());
+        for a in m.accounts() {
+            self.accounts.add(a);
+        }
+        if let Some(t) = m.failed_at_ms {
+            self.oldest_ms = Some(self.oldest_ms.map_or(t, |o| o.min(t)));
+            self.newest_ms = Some(self.newest_ms.map_or(t, |o| o.max(t)));
+        }
+        if m.replays > 0 {
+            self.replayed_before += 1;
+        }
+    }
+
+    /// The report, with the `top` most frequent accounts.
+    pub fn report(&self, top: usize) -> StatsReport {
+        StatsReport {
+            total: self.total,
+            body_bytes: self.bytes,
+            by_reason: self.by_reason.clone(),
+            by_error_code: self.by_code.clone(),
+            by_source_queue: self.by_source_queue.clone(),
+            top_accounts: self
+                .accounts
+                .top(top)
+                .into_iter()
+                .map(|(account, count)| AccountCount { account, count })
+                .collect(),
+            top_accounts_exact: self.accounts.exact(),
+            top_accounts_max_error: self.accounts.max_error(),
+            oldest_failed_at_ms: self.oldest_ms,
+            newest_failed_at_ms: self.newest_ms,
+            replayed_before: self.replayed_before,
+        }
+    }
+}
+
+impl StatsReport {
+    /// Prints the report for a person.
+    pub fn print(&self, out: &mut impl Write, queue: &str) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{queue}: {} dead letters, {} body bytes",
+            self.total, self.body_bytes
+        )?;
+        let when = |t: Option<i64>| t.map(local_time).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "failed between {} and {}",
+            when(self.oldest_failed_at_ms),
+            when(self.newest_failed_at_ms)
+        )?;
+        if self.replayed_before > 0 {
+            writeln!(out, "replayed before: {}", self.replayed_before)?;
+        }
+        for (title, m) in [
+            ("reason", &self.by_reason),
+            ("error code", &self.by_error_code),
+            ("source queue", &self.by_source_queue),
+        ] {
+            writeln!(out, "\nby {title}:")?;
+            let mut rows: Vec<_> = m.iter().collect();
+            rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+            for (k, n) in rows {
+                writeln!(out, "  {n:>10}  {k}")?;
+            }
+        }
+        if !self.top_accounts.is_empty() {
+            let note = if self.top_accounts_exact {
+                String::new()
+            } else {
+                format!(
+                    " (too many accounts to count exactly: each count may be up to {} low)",
+                    self.top_accounts_max_error
+                )
+            };
+            writeln!(out, "\ntop accounts{note}:")?;
+            for a in &self.top_accounts {
+                writeln!(out, "  {:>10}  {}", a.count, a.account)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_is_exact_while_it_fits() {
+        let mut t = TopK::new(3);
+        for k in ["a", "b", "a", "c", "a", "b"] {
+            t.add(k);
+        }
+        assert!(t.exact());
+        assert_eq!(t.max_error(), 0);
+        assert_eq!(t.top(2), vec![("a".to_string(), 3), ("b".to_string(), 2)]);
+    }
+
+    #[test]
+    fn topk_keeps_heavy_hitters_in_bounded_memory() {
+        // 100 heavy accounts among 100,000 one-off ones, 50 counters.
+        let mut t = TopK::new(50);
+        let mut n = 0u64;
+        for i in 0..100_000u64 {
+            t.add(&format!("once{i}"));
+            n += 1;
+            if i % 1000 == 0 {
+                for h in 0..10 {
+                    for _ in 0..(h + 1) * 20 {
+                        t.add(&format!("heavy{h}"));
+                        n += 1;
+                    }
+                }
+            }
+            assert!(t.counts.len() <= 50);
+        }
+        assert!(!t.exact());
+        assert_eq!(t.max_error(), n / 51);
+        let top = t.top(3);
+        assert_eq!(
+            top.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["heavy9", "heavy8", "heavy7"]
+        );
+        // Lower bounds within the error.
+        let truth = 200 * 100;
+        assert!(top[0].1 <= truth && top[0].1 + t.max_error() >= truth);
+    }
+
+    #[test]
+    fn counts_reasons_codes_queues_times_and_accounts() {
+        let mut s = Stats::new(10);
+        let m = |reason: &str, code: Option<i64>, acc: &str, at: i64| Meta {
+            reason: Some(reason.into()),
+            code,
+            account: Some(acc.into()),
+            failed_at_ms: Some(at),
+            source_queue: Some("q".into()),
+            ..Meta::default()
+        };
+        s.add(&m("rejected", Some(90033), "a", 30), 10);
+        s.add(&m("rejected", Some(90033), "a", 10), 5);
+        s.add(&m("broker:expired", None, "b", 20), 1);
+        s.add(
+            &Meta {
+                failed_accounts: vec!["c".into(), "a".into()],
+                account: Some("ignored".into()),
+                replays: 2,
+                ..Meta::default()
+            },
+            4,
+        );
+        let r = s.report(2);
+        assert_eq!(r.total, 4);
+        assert_eq!(r.body_bytes, 20);
+        assert_eq!(r.by_reason["rejected"], 2);
+        assert_eq!(r.by_reason["broker:expired"], 1);
+        assert_eq!(r.by_reason["none"], 1);
+        assert_eq!(r.by_error_code["90033"], 2);
+        assert_eq!(r.by_error_code["none"], 2);
+        assert_eq!(r.by_source_queue["q"], 3);
+        assert_eq!(r.oldest_failed_at_ms, Some(10));
+        assert_eq!(r.newest_failed_at_ms, Some(30));
+        assert_eq!(r.replayed_before, 1);
+        assert!(r.top_accounts_exact);
+        assert_eq!(
+            r.top_accounts,
+            vec![
+                AccountCount {
+                    account: "a".into(),
+                    count: 3
+                },
+                AccountCount {
+                    account: "b".into(),
+                    count: 1
+                },
+            ]
+        );
+        let mut out = Vec::new();
+        r.print(&mut out, "dead").unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("dead: 4 dead letters, 20 body bytes"),
+            "{text}"
+        );
+        assert!(text.contains("broker:expired"), "{text}");
+    }
+}
