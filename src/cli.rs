@@ -1,17 +1,14 @@
-//! The command line (CONTRACT §10) and what each command does.
+//! The command line: clap types, signals and dispatch; each command's body is in `cmd/`.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
-use crate::simulator::{Faults, SimOptions, Simulator};
-use crate::update::{self, Rules};
+use crate::config::Config;
 
 /// imattr keeps Tencent Cloud Chat (IM) user attributes in sync: it consumes
 /// attribute-update events from RabbitMQ, coalesces them per account and
@@ -312,54 +309,16 @@ pub fn write_generated(command: &Command, out: &mut impl Write) -> Option<std::i
 /// Runs a command.
 pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
-        Command::Run => {
-            config.validate_api()?;
-            let cancel = cancel_on_signal();
-            let health = Arc::new(crate::worker::Health::default());
-            crate::admin::serve(&config.admin.listen, health.clone(), cancel.clone()).await?;
-            crate::worker::run(config, cancel, health).await
-        }
+        Command::Run => crate::cmd::run::run(config).await,
         Command::Config => {
             print!("{}", config.to_redacted_toml());
             Ok(())
         }
-        Command::Sig { identifier } => {
-            let t = &config.tencent;
-            if t.sdkappid == 0 {
-                return Err(ConfigError::Invalid {
-                    field: "tencent.sdkappid",
-                    message: "must be set to the app's SDKAppID (non-zero)".into(),
-                }
-                .into());
-            }
-            if t.secret_key.is_empty() {
-                return Err(ConfigError::Invalid {
-                    field: "tencent.secret_key",
-                    message: "is needed to generate a UserSig".into(),
-                }
-                .into());
-            }
-            let signer = crate::tencent::Signer::from_config(t);
-            let sig = match identifier {
-                Some(id) => signer.usersig_for(&id).unwrap_or_default(),
-                None => signer.usersig(),
-            };
-            println!("{sig}");
-            Ok(())
-        }
-        Command::Get { accounts } => {
-            config.validate_api()?;
-            let client = crate::tencent::Client::from_config(&config)?;
-            let users = client.get_attr(&accounts).await?;
-            let mut out = std::io::stdout().lock();
-            for u in users {
-                writeln!(out, "{}", serde_json::to_string(&u)?)?;
-            }
-            Ok(())
-        }
-        Command::Simulate(a) => simulate(a, &config).await,
-        Command::Publish(a) => publish(a, &config).await,
-        Command::Dlq(c) => dlq(c, &config).await,
+        Command::Sig { identifier } => crate::cmd::sig::run(&config, identifier),
+        Command::Get { accounts } => crate::cmd::get::run(&config, &accounts).await,
+        Command::Simulate(a) => crate::cmd::simulate::run(a, &config).await,
+        Command::Publish(a) => crate::cmd::publish::run(a, &config).await,
+        Command::Dlq(c) => crate::cmd::dlq::run(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
         Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
         Command::Completions { .. } | Command::Man => {
@@ -368,233 +327,6 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 .context("writing to stdout")
         }
     }
-}
-
-async fn simulate(a: SimulateArgs, config: &Config) -> anyhow::Result<()> {
-    let t = &config.tencent;
-    let opts = SimOptions {
-        listen: a.listen,
-        sdkappid: if t.sdkappid != 0 {
-            t.sdkappid
-        } else {
-            crate::simulator::DEFAULT_SDKAPPID
-        },
-        identifier: t.identifier.clone(),
-        secret_key: if t.secret_key.is_empty() {
-            crate::simulator::DEFAULT_SECRET_KEY.to_string()
-        } else {
-            t.secret_key.expose().to_string()
-        },
-        attr_names: a.attr_names,
-        seed: a.seed,
-        faults: Faults {
-            fail_rate: a.fail_rate,
-            http_error_rate: a.http_error_rate,
-            latency_ms: parse_latency(&a.latency_ms)?,
-            rate_limit: a.rate_limit,
-            rate_limit_mode: a.rate_limit_mode,
-            max_accounts: a.max_accounts,
-            reject_attrs: a.reject_attr,
-            misconfigured: a.misconfigured,
-            fail_accounts: a.fail_account,
-        },
-        ..SimOptions::default()
-    };
-    let (sdkappid, identifier) = (opts.sdkappid, opts.identifier.clone());
-    let sim = Simulator::start(opts)
-        .await
-        .with_context(|| format!("listening on {}", a.listen))?;
-    // First line on stdout, so a parent process can read the bound port.
-    println!("listening on {}", sim.url());
-    std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
-    tracing::info!(
-        url = %sim.url(),
-        sdkappid,
-        identifier = %identifier,
-        "Simulator listening; point tencent.base_url at it"
-    );
-    shutdown_signal().await;
-    sim.shutdown().await;
-    Ok(())
-}
-
-async fn publish(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
-    let rules = Rules {
-        max_value_bytes: config.attributes.max_value_bytes,
-        allowed: None,
-    };
-    // (routing key, body)
-    let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
-    if let Some(account) = a.account {
-        let mut attrs: Vec<(&str, &str)> = Vec::new();
-        for kv in &a.attr {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--attr takes NAME=VALUE (got {kv:?})"))?;
-            attrs.push((k, v));
-        }
-        // In the documented field order, attributes in the order given.
-        let mut body = format!(
-            "{{\"To_Account\":{},\"Attrs\":",
-            serde_json::to_string(&account)?
-        )
-        .into_bytes();
-        serde_json::to_writer(&mut body, &crate::tencent::client::AttrPairs(&attrs))?;
-        body.push(b'}');
-        let updates =
-            update::parse(&body, &rules).map_err(|e| anyhow::anyhow!("invalid update: {e}"))?;
-        messages.push((updates[0].account.clone(), body));
-    } else if let Some(path) = a.file {
-        let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-            Box::new(std::io::BufReader::new(std::io::stdin()))
-        } else {
-            Box::new(std::io::BufReader::new(
-                std::fs::File::open(&path)
-                    .with_context(|| format!("opening {}", path.display()))?,
-            ))
-        };
-        let mut invalid = Vec::new();
-        for (i, line) in reader.split(b'\n').enumerate() {
-            let mut line = line.context("reading the input")?;
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match update::parse(&line, &rules) {
-                Ok(u) => messages.push((u[0].account.clone(), line)),
-                Err(e) => invalid.push(format!("line {}: {e}", i + 1)),
-            }
-        }
-        if !invalid.is_empty() {
-            for l in invalid.iter().take(20) {
-                eprintln!("{l}");
-            }
-            if invalid.len() > 20 {
-                eprintln!("… and {} more invalid lines", invalid.len() - 20);
-            }
-            if !a.skip_invalid {
-                anyhow::bail!(
-                    "{} invalid line(s); nothing published (use --skip-invalid to publish the valid ones)",
-                    invalid.len()
-                );
-            }
-            eprintln!("skipping {} invalid line(s)", invalid.len());
-        }
-    } else {
-        anyhow::bail!("give --account A --attr k=v, or --file PATH");
-    }
-    let conn = crate::amqp::topology::connect(&config.amqp, "imattr publish").await?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    crate::amqp::topology::declare(&ch, &config.amqp).await?;
-    let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;
-    let bar = if messages.len() > 1000 {
-        indicatif::ProgressBar::new(messages.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let props = crate::publish::update_properties();
-    for (rk, body) in &messages {
-        p.publish(rk, body, props.clone()).await?;
-        bar.inc(1);
-    }
-    let n = p.finish().await?;
-    bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
-    println!("published {n}");
-    Ok(())
-}
-
-async fn dlq(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
-    use crate::dlq::{Dlq, ReplayOptions, Table};
-    if let DlqCommand::Purge { yes: false } = c {
-        anyhow::bail!(
-            "refusing to delete every message of {} without --yes",
-            config.amqp.dead_letter_queue
-        );
-    }
-    let q = Dlq::open(config)
-        .await?
-        .with_cancel(cancel_on_signal())
-        .with_progress(true);
-    let queue = &config.amqp.dead_letter_queue;
-    let result = async {
-        match c {
-            DlqCommand::List {
-                limit,
-                json,
-                filter,
-            } => {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                let mut table = Table::default();
-                q.list(&filter.into(), limit, &mut |v| {
-                    if json {
-                        serde_json::to_writer(&mut out, &v)?;
-                        out.write_all(b"\n")?;
-                    } else {
-                        table.push(&mut out, &v)?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                if !json && !table.finish(&mut out)? {
-                    writeln!(out, "no dead letters in {queue} match")?;
-                }
-                out.flush()?;
-            }
-            DlqCommand::Stats { json, top } => {
-                let report = q.stats().await?.report(top);
-                let mut out = std::io::stdout().lock();
-                if json {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-                } else {
-                    report.print(&mut out, queue)?;
-                }
-            }
-            DlqCommand::Export { out } => {
-                let mut w: Box<dyn Write> = match &out {
-                    Some(p) => Box::new(std::io::BufWriter::with_capacity(
-                        1 << 16,
-                        std::fs::File::create(p)
-                            .with_context(|| format!("creating {}", p.display()))?,
-                    )),
-                    None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-                };
-                let n = q.export(&mut w).await?;
-                if out.is_some() {
-                    eprintln!("exported {n}");
-                }
-            }
-            DlqCommand::Replay {
-                limit,
-                filter,
-                dry_run,
-                whole,
-            } => {
-                let o = ReplayOptions {
-                    filter: filter.into(),
-                    limit,
-                    dry_run,
-                    whole,
-                };
-                let n = q.replay(&o).await?;
-                if dry_run {
-                    println!("would replay {n}");
-                } else {
-                    println!("replayed {n}");
-                }
-            }
-            DlqCommand::Purge { .. } => {
-                let n = q.purge().await?;
-                println!("purged {n}");
-            }
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    q.close().await;
-    result
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod amqp;
 pub(crate) mod attrnames;
 pub mod bench;
 pub mod cli;
+mod cmd;
 pub mod coalesce;
 pub mod config;
 pub mod demo;

@@ -1,0 +1,99 @@
+//! `imattr dlq`: list, stats, export, replay and purge the dead-letter queue.
+
+use std::io::Write;
+
+use anyhow::Context;
+
+use crate::cli::{cancel_on_signal, DlqCommand};
+use crate::config::Config;
+
+pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
+    use crate::dlq::{Dlq, ReplayOptions, Table};
+    if let DlqCommand::Purge { yes: false } = c {
+        anyhow::bail!(
+            "refusing to delete every message of {} without --yes",
+            config.amqp.dead_letter_queue
+        );
+    }
+    let q = Dlq::open(config)
+        .await?
+        .with_cancel(cancel_on_signal())
+        .with_progress(true);
+    let queue = &config.amqp.dead_letter_queue;
+    let result = async {
+        match c {
+            DlqCommand::List {
+                limit,
+                json,
+                filter,
+            } => {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut table = Table::default();
+                q.list(&filter.into(), limit, &mut |v| {
+                    if json {
+                        serde_json::to_writer(&mut out, &v)?;
+                        out.write_all(b"\n")?;
+                    } else {
+                        table.push(&mut out, &v)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                if !json && !table.finish(&mut out)? {
+                    writeln!(out, "no dead letters in {queue} match")?;
+                }
+                out.flush()?;
+            }
+            DlqCommand::Stats { json, top } => {
+                let report = q.stats().await?.report(top);
+                let mut out = std::io::stdout().lock();
+                if json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else {
+                    report.print(&mut out, queue)?;
+                }
+            }
+            DlqCommand::Export { out } => {
+                let mut w: Box<dyn Write> = match &out {
+                    Some(p) => Box::new(std::io::BufWriter::with_capacity(
+                        1 << 16,
+                        std::fs::File::create(p)
+                            .with_context(|| format!("creating {}", p.display()))?,
+                    )),
+                    None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+                };
+                let n = q.export(&mut w).await?;
+                if out.is_some() {
+                    eprintln!("exported {n}");
+                }
+            }
+            DlqCommand::Replay {
+                limit,
+                filter,
+                dry_run,
+                whole,
+            } => {
+                let o = ReplayOptions {
+                    filter: filter.into(),
+                    limit,
+                    dry_run,
+                    whole,
+                };
+                let n = q.replay(&o).await?;
+                if dry_run {
+                    println!("would replay {n}");
+                } else {
+                    println!("replayed {n}");
+                }
+            }
+            DlqCommand::Purge { .. } => {
+                let n = q.purge().await?;
+                println!("purged {n}");
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    q.close().await;
+    result
+}

@@ -1,0 +1,8 @@
+//! One module per command; `cli::dispatch` calls them.
+
+pub(crate) mod dlq;
+pub(crate) mod get;
+pub(crate) mod publish;
+pub(crate) mod run;
+pub(crate) mod sig;
+pub(crate) mod simulate;

@@ -1,0 +1,55 @@
+//! `imattr simulate`: the built-in API simulator as a process of its own.
+
+use anyhow::Context;
+
+use crate::cli::{parse_latency, shutdown_signal, SimulateArgs};
+use crate::config::Config;
+use crate::simulator::{Faults, SimOptions, Simulator};
+
+pub(crate) async fn run(a: SimulateArgs, config: &Config) -> anyhow::Result<()> {
+    let t = &config.tencent;
+    let opts = SimOptions {
+        listen: a.listen,
+        sdkappid: if t.sdkappid != 0 {
+            t.sdkappid
+        } else {
+            crate::simulator::DEFAULT_SDKAPPID
+        },
+        identifier: t.identifier.clone(),
+        secret_key: if t.secret_key.is_empty() {
+            crate::simulator::DEFAULT_SECRET_KEY.to_string()
+        } else {
+            t.secret_key.expose().to_string()
+        },
+        attr_names: a.attr_names,
+        seed: a.seed,
+        faults: Faults {
+            fail_rate: a.fail_rate,
+            http_error_rate: a.http_error_rate,
+            latency_ms: parse_latency(&a.latency_ms)?,
+            rate_limit: a.rate_limit,
+            rate_limit_mode: a.rate_limit_mode,
+            max_accounts: a.max_accounts,
+            reject_attrs: a.reject_attr,
+            misconfigured: a.misconfigured,
+            fail_accounts: a.fail_account,
+        },
+        ..SimOptions::default()
+    };
+    let (sdkappid, identifier) = (opts.sdkappid, opts.identifier.clone());
+    let sim = Simulator::start(opts)
+        .await
+        .with_context(|| format!("listening on {}", a.listen))?;
+    // First line on stdout, so a parent process can read the bound port.
+    println!("listening on {}", sim.url());
+    std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+    tracing::info!(
+        url = %sim.url(),
+        sdkappid,
+        identifier = %identifier,
+        "Simulator listening; point tencent.base_url at it"
+    );
+    shutdown_signal().await;
+    sim.shutdown().await;
+    Ok(())
+}
