@@ -80,9 +80,16 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 5).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5))]
+        /// Run only this scenario (1 to 7).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=7))]
         only: Option<u8>,
+    },
+    /// Scenario 1's reference: a plain consumer that only acks.
+    #[command(hide = true)]
+    BenchConsumer {
+        /// Messages to consume.
+        #[arg(long)]
+        count: usize,
     },
 }
 
@@ -300,6 +307,7 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dlq(c) => dlq(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
         Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
+        Command::BenchConsumer { count } => crate::bench::bare_consumer(&config, count).await,
     }
 }
 

@@ -14,6 +14,8 @@ async fn bench_quick_runs_every_scenario() {
         "3 hot accounts",
         "4 memory",
         "5 latency",
+        "6 refusal burst",
+        "7 rate-limit regressions",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),
