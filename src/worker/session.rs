@@ -89,6 +89,8 @@ pub(super) struct Session<'a> {
     /// Batch tasks and dead-letter publishes; all end before the session does.
     tasks: JoinSet<()>,
     batches_in_flight: usize,
+    /// When a batch is due but no rate slot is free: when the next one is.
+    next_slot: Option<Instant>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     ctx: Arc<BatchCtx>,
     /// Batches currently probing after a misconfigured answer (each reports
@@ -150,6 +152,7 @@ impl<'a> Session<'a> {
             messages: HashMap::new(),
             tasks: JoinSet::new(),
             batches_in_flight: 0,
+            next_slot: None,
             events_rx,
             ctx,
             paused_by: 0,
@@ -201,10 +204,12 @@ impl<'a> Session<'a> {
                 );
                 return Ok(End::Shutdown);
             }
+            // A due batch waiting for a rate slot wakes at the slot, not at
+            // its (past) deadline.
             let batch_deadline = if self.paused_by == 0
                 && self.batches_in_flight < self.config.tencent.max_in_flight
             {
-                self.coalescer.deadline(max_wait)
+                self.next_slot.or_else(|| self.coalescer.deadline(max_wait))
             } else {
                 None
             };
@@ -405,15 +410,24 @@ impl<'a> Session<'a> {
     }
 
     /// Starts every batch that is due while the API is not refusing us and
-    /// a send slot is free (`draining`: everything ready is due).
+    /// its request can go out at once: an in-flight slot and a rate slot are
+    /// free (`draining`: everything ready is due).
     fn dispatch(&mut self, draining: bool) {
         let max_wait = Duration::from_millis(self.config.batch.max_wait_ms);
         let now = Instant::now();
+        self.next_slot = None;
         while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
             let cap = self.ctx.cap.get();
             let due = self.coalescer.is_due(now, cap, max_wait)
                 || (draining && self.coalescer.ready_accounts() > 0);
             if !due {
+                break;
+            }
+            // Form the batch only when its request can go out now: until
+            // then its accounts keep merging updates (a backlog goes out in
+            // fewer, fuller requests).
+            if let Err(next) = self.ctx.client.limiter().try_acquire() {
+                self.next_slot = Some(next);
                 break;
             }
             let entries = self.coalescer.take_batch(cap);
@@ -425,7 +439,7 @@ impl<'a> Session<'a> {
             let ctx = self.ctx.clone();
             self.tasks.spawn(async move {
                 let accounts: Vec<String> = entries.iter().map(|e| e.account.clone()).collect();
-                let outcomes = execute_batch(entries, &ctx).await;
+                let outcomes = execute_batch(entries, &ctx, true).await;
                 let _ = ctx.events.send(Event::BatchDone { accounts, outcomes });
             });
         }
