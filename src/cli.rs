@@ -77,8 +77,8 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 6; 6 is the dead-letter tools).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=6))]
+        /// Run only this scenario (1 to 8; 8 is the dead-letter tools).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
         only: Option<u8>,
     },
     /// Print a shell completion script.
@@ -92,6 +92,13 @@ pub enum Command {
     /// Print the man page (roff).
     #[command(after_help = "Example:\n  imattr man > /usr/local/share/man/man1/imattr.1")]
     Man,
+    /// Scenario 1's reference: a plain consumer that only acks.
+    #[command(hide = true)]
+    BenchConsumer {
+        /// Messages to consume.
+        #[arg(long)]
+        count: usize,
+    },
 }
 
 /// `imattr publish`.
@@ -321,6 +328,7 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Dlq(c) => crate::cmd::dlq::run(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
         Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
+        Command::BenchConsumer { count } => crate::bench::bare_consumer(&config, count).await,
         Command::Completions { .. } | Command::Man => {
             write_generated(&command, &mut std::io::stdout().lock())
                 .unwrap_or(Ok(()))

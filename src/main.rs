@@ -37,11 +37,18 @@ fn main() -> ExitCode {
     // One worker thread unless TOKIO_WORKER_THREADS says otherwise: the work
     // is I/O-bound, and on small machines shared with the broker fewer
     // cross-thread wake-ups measure faster (see BENCHMARKS.md).
+    // The benchmark's reference consumer gets tokio's default, one per core.
+    let default_threads = match cli.command {
+        imattr::cli::Command::BenchConsumer { .. } => {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+        _ => 1,
+    };
     let threads = std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or(1);
+        .unwrap_or(default_threads);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

@@ -14,7 +14,9 @@ async fn bench_quick_runs_every_scenario() {
         "3 hot accounts",
         "4 memory",
         "5 latency",
-        "6 dead letters",
+        "6 refusal burst",
+        "7 rate-limit regressions",
+        "8 dead letters",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),

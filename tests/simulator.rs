@@ -516,3 +516,19 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
     assert_eq!(post_raw(&url, "im_get_attr_name", "{}").await.status(), 500);
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_refuse_control_refuses_everything_for_a_while() {
+    let s = sim(Faults::default()).await;
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
+    let r = reqwest::Client::new()
+        .post(format!("{}/__simulator/refuse?ms=300", s.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 60007);
+    assert_eq!(code(&s, &Req::ok("im_get_attr_name", "{}")).await, 60007);
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
+}

@@ -144,7 +144,9 @@ pub struct AmqpConfig {
     pub dead_letter_queue: String,
     /// `classic` or `quorum`.
     pub queue_type: QueueType,
-    /// Unacknowledged deliveries the worker may hold (basic.qos prefetch count).
+    /// Unacknowledged deliveries the worker may hold (basic.qos prefetch
+    /// count). It should cover every batch in flight and the next ones:
+    /// about `tencent.max_in_flight` x `batch.max_accounts` x 2.
     pub prefetch: u16,
     /// PEM file of CA certificates trusted to sign the broker's certificate, besides the
     /// system's roots (amqps:// only); empty: the system's roots only.
@@ -169,7 +171,7 @@ impl Default for AmqpConfig {
             dead_letter_exchange: "imattr.dead".into(),
             dead_letter_queue: "imattr.dead".into(),
             queue_type: QueueType::Classic,
-            prefetch: 1000,
+            prefetch: 10_000,
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
@@ -204,7 +206,8 @@ pub struct TencentConfig {
     pub timeout_ms: u64,
     /// Request rate ceiling, requests per second.
     pub rate_limit_per_sec: u32,
-    /// Requests in flight at once.
+    /// Requests in flight at once. Sending at the full rate needs about
+    /// rate x API latency (100/s x 300 ms = 30); the default leaves headroom.
     pub max_in_flight: usize,
 }
 
@@ -221,7 +224,7 @@ impl Default for TencentConfig {
             usersig_ttl_secs: 86400,
             timeout_ms: 5000,
             rate_limit_per_sec: 100,
-            max_in_flight: 8,
+            max_in_flight: 48,
         }
     }
 }
@@ -416,7 +419,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.amqp.exchange, "imattr.updates");
         assert_eq!(c.amqp.dead_letter_queue, "imattr.dead");
-        assert_eq!(c.amqp.prefetch, 1000);
+        assert_eq!(c.amqp.prefetch, 10_000);
         assert_eq!(c.tencent.timeout_ms, 5000);
         assert_eq!(c.batch.max_accounts, 100);
         assert_eq!(c.retry.max_elapsed_secs, 600);

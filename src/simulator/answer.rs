@@ -137,6 +137,9 @@ fn check_admin(s: &Shared, q: &Query) -> Check<()> {
 fn check_limit(s: &Shared, api: &str, faults: &Faults) -> Check<()> {
     let now = tokio::time::Instant::now();
     let mut st = s.lock();
+    if st.refuse_until.is_some_and(|t| now < t) {
+        return Err(Answer::fail(60007, "request frequency limit exceeded"));
+    }
     let limiter = st.limiters.entry(api.to_string()).or_default();
     if !limiter.admit(faults.rate_limit_mode, faults.rate_limit, now) {
         return Err(Answer::fail(60007, "request frequency limit exceeded"));

@@ -164,6 +164,8 @@ struct SimState {
     concurrent: usize,
     /// When recording: every account written, with the time.
     applies: Option<Vec<Applied>>,
+    /// Every API request is refused with 60007 until then.
+    refuse_until: Option<tokio::time::Instant>,
 }
 
 struct Shared {
@@ -198,6 +200,7 @@ impl Shared {
                 busy_accounts: HashMap::new(),
                 concurrent: 0,
                 applies: None,
+                refuse_until: None,
             }),
         }
     }
@@ -302,6 +305,12 @@ impl SimHandle {
         self.shared.lock().faults = f;
     }
 
+    /// Refuses every API request with 60007 for `d` from now (a burst of
+    /// refusals, as when someone else spends the app's quota).
+    pub fn refuse_for(&self, d: std::time::Duration) {
+        self.shared.lock().refuse_until = Some(tokio::time::Instant::now() + d);
+    }
+
     /// Changes some faults.
     pub fn update_faults(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut self.shared.lock().faults);
@@ -353,7 +362,23 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v4/all_member_push/{api}", post(handle_api))
         .route("/__simulator/stats", get(get_stats))
         .route("/__simulator/state", get(get_state))
+        .route("/__simulator/refuse", post(post_refuse))
         .with_state(shared)
+}
+
+#[derive(Deserialize)]
+struct RefuseParams {
+    ms: u64,
+}
+
+/// `POST /__simulator/refuse?ms=N`: refuse every API request for N ms.
+async fn post_refuse(
+    AxumState(s): AxumState<Arc<Shared>>,
+    axum::extract::Query(p): axum::extract::Query<RefuseParams>,
+) -> StatusCode {
+    s.lock().refuse_until =
+        Some(tokio::time::Instant::now() + std::time::Duration::from_millis(p.ms));
+    StatusCode::NO_CONTENT
 }
 
 async fn get_stats(AxumState(s): AxumState<Arc<Shared>>) -> Json<Stats> {

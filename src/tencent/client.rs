@@ -7,9 +7,10 @@ use std::time::Duration;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::Semaphore;
+use tracing::{debug, warn};
 
 use super::errors::{classify, Class, Reply};
-use super::ratelimit::RateLimiter;
+use super::ratelimit::{Lowering, RateLimiter};
 use super::usersig::Signer;
 use crate::config::Config;
 
@@ -219,6 +220,19 @@ impl Client {
     pub async fn call(&self, api: &str, body: Vec<u8>) -> CallResult {
         let _permit = self.in_flight.acquire().await;
         self.limiter.acquire().await;
+        self.send(api, body).await
+    }
+
+    /// Sends one request at once, for a caller that has just taken a rate
+    /// slot with `limiter().try_acquire()`. Never fails: every failure is a
+    /// [`Reply`].
+    pub async fn call_in_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
+        let _permit = self.in_flight.acquire().await;
+        self.send(api, body).await
+    }
+
+    async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {
+        metrics::gauge!("imattr_rate_limit_current").set(self.limiter.current_rate());
         let started = tokio::time::Instant::now();
         let sent = self
             .http
@@ -253,13 +267,40 @@ impl Client {
         };
         let class = classify(&reply);
         if class == Class::RateLimited {
-            self.limiter.on_rate_limited();
+            self.on_rate_limited(api, &reply);
         }
         CallResult {
             reply,
             class,
             body: parsed,
             latency: started.elapsed(),
+        }
+    }
+
+    /// Lowers the rate (at most once a second) and says so once per episode.
+    fn on_rate_limited(&self, api: &str, reply: &Reply) {
+        metrics::counter!("imattr_rate_limited_total").increment(1);
+        match self.limiter.on_rate_limited() {
+            Lowering::NewEpisode(rate) => {
+                metrics::gauge!("imattr_rate_limit_current").set(rate);
+                warn!(
+                    api,
+                    code = reply.code(),
+                    rate_per_sec = rate,
+                    configured_per_sec = self.limiter.max_rate(),
+                    "The API refuses requests for their rate; lowering the request rate for a while"
+                );
+            }
+            Lowering::Lowered(rate) => {
+                metrics::gauge!("imattr_rate_limit_current").set(rate);
+                debug!(
+                    api,
+                    code = reply.code(),
+                    rate_per_sec = rate,
+                    "Still refused for rate; lowering the request rate again"
+                );
+            }
+            Lowering::Unchanged => {}
         }
     }
 

@@ -204,12 +204,18 @@ impl Waits for Backoffs {
 
 /// Runs one batch to the end: every part applied or failed, unless the
 /// session stops first (then the parts without outcome stay unacked).
-pub(super) async fn execute_batch(entries: Vec<Entry>, ctx: &BatchCtx) -> Vec<PartOutcome> {
+/// `in_slot`: the caller has taken the rate slot of the first request.
+pub(super) async fn execute_batch(
+    entries: Vec<Entry>,
+    ctx: &BatchCtx,
+    in_slot: bool,
+) -> Vec<PartOutcome> {
     let mut outcomes = Vec::new();
+    let mut in_slot = in_slot;
     // Requests still to send, with the attempts already spent on their entries.
     let mut work: VecDeque<(Vec<Entry>, u32)> = VecDeque::from([(entries, 0)]);
     while let Some((entries, prior)) = work.pop_front() {
-        let Some(sent) = send(&entries, ctx).await else {
+        let Some(sent) = send(&entries, ctx, std::mem::take(&mut in_slot)).await else {
             break;
         };
         let attempts = prior + sent.attempts;
@@ -296,7 +302,7 @@ struct Sent {
 /// Sends one request until [`next_step`] gives a verdict; None when the
 /// session stopped first. Reports [`Event::Paused`] on the first
 /// misconfigured answer and [`Event::Resumed`] when it ends after one.
-async fn send(entries: &[Entry], ctx: &BatchCtx) -> Option<Sent> {
+async fn send(entries: &[Entry], ctx: &BatchCtx, mut in_slot: bool) -> Option<Sent> {
     let merged: Vec<(&str, Vec<(&str, &str)>)> = entries
         .iter()
         .map(|e| (e.account.as_str(), e.merged()))
@@ -317,7 +323,13 @@ async fn send(entries: &[Entry], ctx: &BatchCtx) -> Option<Sent> {
             break None;
         }
         attempts += 1;
-        let r = ctx.client.call(api::SET_ATTR, body.clone()).await;
+        // Only the first attempt may use the caller's slot; retries wait
+        // for their own.
+        let r = if std::mem::take(&mut in_slot) {
+            ctx.client.call_in_slot(api::SET_ATTR, body.clone()).await
+        } else {
+            ctx.client.call(api::SET_ATTR, body.clone()).await
+        };
         let code = r.reply.code();
         metrics::counter!("imattr_api_requests_total", "class" => r.class.as_str(), "code" => code.to_string()).increment(1);
         metrics::histogram!("imattr_api_request_duration_seconds").record(r.latency.as_secs_f64());
@@ -628,7 +640,7 @@ mod tests {
         let entries: Vec<Entry> = (0..5)
             .map(|i| entry(&format!("u{i}"), &[(i, "sex", "m")]))
             .collect();
-        let out = execute_batch(entries, &ctx).await;
+        let out = execute_batch(entries, &ctx, false).await;
         assert_eq!(results(&out), (0..5).map(|t| (t, None)).collect::<Vec<_>>());
         for i in 0..5 {
             assert_eq!(value(&sim, &format!("u{i}"), "sex").as_deref(), Some("m"));
@@ -654,7 +666,7 @@ mod tests {
             entry("c", &[(5, "city", "c5")]),
             entry("d", &[(6, "bad", "y")]),
         ];
-        let out = execute_batch(entries, &ctx).await;
+        let out = execute_batch(entries, &ctx, false).await;
         let rejected = Some((Reason::Rejected, 90033));
         assert_eq!(
             results(&out),
@@ -691,7 +703,7 @@ mod tests {
             entry("a", &[(1, "sex", "m"), (2, "city", "x")]),
             entry("b", &[(3, "sex", "f")]),
         ];
-        let out = execute_batch(entries, &ctx).await;
+        let out = execute_batch(entries, &ctx, false).await;
         let exhausted = Some((Reason::RetriesExhausted, 91000));
         assert_eq!(
             results(&out),
@@ -714,9 +726,9 @@ mod tests {
         let ctx = Arc::new(ctx);
         let task = {
             let ctx = ctx.clone();
-            tokio::spawn(
-                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
-            )
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
         };
         match rx.recv().await {
             Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),
@@ -790,9 +802,9 @@ mod tests {
         let ctx = Arc::new(ctx);
         let task = {
             let ctx = ctx.clone();
-            tokio::spawn(
-                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
-            )
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         ctx.stop.cancel();

@@ -93,6 +93,8 @@ pub(super) struct Session<'a> {
     /// Batch tasks and dead-letter publishes; all end before the session does.
     tasks: JoinSet<()>,
     batches_in_flight: usize,
+    /// When a batch is due but no rate slot is free: when the next one is.
+    next_slot: Option<Instant>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     ctx: Arc<BatchCtx>,
     /// Batches currently probing after a misconfigured answer (each reports
@@ -160,6 +162,7 @@ impl<'a> Session<'a> {
             messages: HashMap::new(),
             tasks: JoinSet::new(),
             batches_in_flight: 0,
+            next_slot: None,
             events_rx,
             ctx,
             paused_by: 0,
@@ -207,10 +210,12 @@ impl<'a> Session<'a> {
                 );
                 return Ok(End::Shutdown);
             }
+            // A due batch waiting for a rate slot wakes at the slot, not at
+            // its (past) deadline.
             let batch_deadline = if self.paused_by == 0
                 && self.batches_in_flight < self.config.tencent.max_in_flight
             {
-                self.coalescer.deadline(max_wait)
+                self.next_slot.or_else(|| self.coalescer.deadline(max_wait))
             } else {
                 None
             };
@@ -437,11 +442,13 @@ impl<'a> Session<'a> {
     }
 
     /// Starts every batch that is due while the API is not refusing us and
-    /// a send slot is free (`draining`: everything ready is due).
+    /// its request can go out at once: an in-flight slot and a rate slot are
+    /// free (`draining`: everything ready is due).
     fn dispatch(&mut self, draining: bool) {
         let max_wait = self.config.batch.max_wait();
         let now = Instant::now();
         let holding = self.redelivery_hold.is_some_and(|until| now < until);
+        self.next_slot = None;
         while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
             let cap = self.ctx.cap.get();
             let due = if holding {
@@ -450,6 +457,13 @@ impl<'a> Session<'a> {
                 self.coalescer.is_due(now, cap, max_wait)
             } || (draining && self.coalescer.ready_accounts() > 0);
             if !due {
+                break;
+            }
+            // Form the batch only when its request can go out now: until
+            // then its accounts keep merging updates (a backlog goes out in
+            // fewer, fuller requests).
+            if let Err(next) = self.ctx.client.limiter().try_acquire() {
+                self.next_slot = Some(next);
                 break;
             }
             let entries = self.coalescer.take_batch(cap);
@@ -461,7 +475,7 @@ impl<'a> Session<'a> {
             let ctx = self.ctx.clone();
             self.tasks.spawn(async move {
                 let accounts: Vec<String> = entries.iter().map(|e| e.account.clone()).collect();
-                let outcomes = execute_batch(entries, &ctx).await;
+                let outcomes = execute_batch(entries, &ctx, true).await;
                 let _ = ctx.events.send(Event::BatchDone { accounts, outcomes });
             });
         }

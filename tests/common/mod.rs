@@ -165,6 +165,9 @@ pub async fn child_worker_mid_stream(
     let sb = sandbox(&["n"], faults, |c| {
         c.batch.max_accounts = 10;
         c.tencent.max_in_flight = 2;
+        // Hold only part of the stream, so some of it is still queued when
+        // the worker stops.
+        c.amqp.prefetch = 500;
     })
     .await;
     let mut expected = Expected::new();
