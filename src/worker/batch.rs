@@ -760,7 +760,7 @@ mod tests {
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(
-                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx).await },
+                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await },
             )
         };
         match rx.recv().await {
