@@ -243,7 +243,7 @@ async fn broker_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
     prefill(&sb, s.drain_updates, s.drain_accounts).await?;
     let prefetch = sb.config.amqp.prefetch;
     let conn =
-        crate::amqp::topology::connect(&sb.config.amqp, "imattr bench bare consumer").await?;
+        crate::amqp::nodes::connect_first(&sb.config.amqp, "imattr bench bare consumer").await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let started = Instant::now();

@@ -87,6 +87,16 @@ impl AmqpUrl {
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
     }
+    /// The URLs of a comma-separated list (nodes of one cluster), in order,
+    /// blanks around commas ignored.
+    pub fn split(&self) -> Vec<AmqpUrl> {
+        self.0
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(AmqpUrl::new)
+            .collect()
+    }
 }
 
 impl fmt::Debug for AmqpUrl {
@@ -110,9 +120,16 @@ impl Serialize for AmqpUrl {
         }
     }
 }
-
-/// Replaces the password in `scheme://user:password@host…` with `***`.
+/// Replaces the password in `scheme://user:password@host…` with `***`, in
+/// every URL of a comma-separated list.
 pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redact_one_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -178,5 +195,9 @@ mod tests {
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact_url("amqps://u@h"), "amqps://u@h");
         assert_eq!(redact_url("amqp://u:p:q@h"), "amqp://u:***@h");
+        assert_eq!(
+            redact_url("amqp://a:b@h1:5672/%2f,amqp://a:c@h2,amqps://h3"),
+            "amqp://a:***@h1:5672/%2f,amqp://a:***@h2,amqps://h3"
+        );
     }
 }
