@@ -27,7 +27,7 @@ use crate::amqp::deadletter::{self, DeadLetterPublisher, Failure, Reason};
 use crate::amqp::topology;
 use crate::attrnames::AttrNames;
 use crate::coalesce::{BatchCap, Coalescer, Tag};
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 use crate::health::Health;
 use crate::tencent::Client;
 use crate::update::{self, Rules};
@@ -173,7 +173,9 @@ impl<'a> Session<'a> {
         if !a.single_active_consumer {
             // Every consumer of such a queue gets deliveries.
             become_active(&health, a, "no single-active-consumer");
-        } else if only_consumer(&consume_ch, &a.queue).await {
+        } else if a.queue_type == QueueType::Classic && only_consumer(&consume_ch, &a.queue).await {
+            // A classic queue counts waiting consumers too; a quorum queue
+            // counts only the active one, so the count proves nothing there.
             become_active(&health, a, "only consumer");
         } else {
             health.set_active(false);
@@ -341,7 +343,7 @@ impl<'a> Session<'a> {
                 // Taking over from a worker that died: its last requests may
                 // still be under way at the API and land after ours, older
                 // values over newer. Wait out its client timeout first.
-                let hold = std::time::Duration::from_millis(self.config.tencent.timeout_ms);
+                let hold = self.config.tencent.timeout();
                 info!(hold_ms = hold.as_millis() as u64, "Taking over redelivered messages; holding requests until the previous worker's are over");
                 self.hold_until = Some(Instant::now() + hold);
             }
