@@ -82,7 +82,7 @@ cleanup() {
   done
   if [ "$rc" != 0 ]; then
     echo "cluster-test: worker log tail:" >&2
-    tail -n 30 "$WORK/worker.log" 2>/dev/null >&2
+    tail -n 30 "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
   fi
   if [ -n "${KEEP:-}" ]; then echo "cluster-test: kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit "$rc"
@@ -147,11 +147,14 @@ PIDS+=($!)
 "$BIN" run >"$WORK/worker.log" 2>&1 &
 WORKER=$!
 PIDS+=("$WORKER")
-for _ in $(seq 1 300); do
-  grep -q "Active: this worker now consumes" "$WORK/worker.log" && break
+# On a quorum queue the worker reports active only from its first delivery:
+# wait for it to be consuming (active or standing by).
+consuming() { grep -q "Active: this worker\|Standing by" "$WORK/worker.log"; }
+for _ in $(seq 1 600); do
+  consuming && break
   sleep 0.2
 done
-grep -q "Active: this worker now consumes" "$WORK/worker.log" || fail "the worker did not start consuming"
+consuming || fail "the worker did not start consuming"
 
 # Values only grow: message k sets account acc(k*7919 mod ACCOUNTS) to k.
 stream() { # from count
@@ -170,11 +173,12 @@ for _ in $(seq 1 300); do
 done
 
 # --- Stop the worker's node mid-stream ----------------------------------------
-# list_connections shows the whole cluster's connections; `node` is where each one lives.
-holder=$(ctl 1 list_connections -q --no-table-headers node client_properties |
+# list_connections shows the whole cluster's connections; a connection's
+# pid (<node.N.N.N>) names the node it lives on.
+holder=$(ctl 1 list_connections -q --no-table-headers pid client_properties |
   grep -F "imattr run $IMATTR_AMQP__QUEUE pid $WORKER" | awk '{ print $1 }' | head -n 1)
 victim=""
-for i in 1 2 3; do [ "$holder" = "$(node_name "$i")" ] && victim=$i; done
+for i in 1 2 3; do [[ "$holder" == "<$(node_name "$i")."* ]] && victim=$i; done
 [ -n "$victim" ] || fail "no node holds the worker's connection"
 before=$(written)
 say "stopping node $victim (the worker's) after $before accounts written"

@@ -179,7 +179,7 @@ impl<'a> Session<'a> {
             become_active(&health, a, "only consumer");
         } else {
             health.set_active(false);
-            info!(queue = %a.queue, "Standing by: another worker consumes the queue; taking over when it stops");
+            info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
         }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(BatchCtx {
