@@ -123,9 +123,12 @@ members=$(ctl 1 cluster_status --formatter json | jq '.running_nodes | length')
 say "3 nodes up and joined in $((SECONDS - T0)) s (AMQP ports ${AMQP_PORT[*]})"
 
 # --- Simulator and worker ----------------------------------------------------
-URLS=""
-for i in 1 2 3; do URLS="${URLS:+$URLS,}amqp://guest:guest@127.0.0.1:${AMQP_PORT[$i]}/%2f"; done
-export IMATTR_AMQP__URL="$URLS"
+url() { echo "amqp://guest:guest@127.0.0.1:${AMQP_PORT[$1]}/%2f"; }
+export IMATTR_AMQP__URL="$(url 1),$(url 2),$(url 3)"
+# The publisher lists node 3 first, so it declares the topology there: the
+# dead-letter queue is a classic queue, which lives on one node and is
+# unavailable while that node is down (docs/several-workers.md).
+PUBLISH_URLS="$(url 3),$(url 2),$(url 1)"
 export IMATTR_AMQP__QUEUE="imattr.cluster.$SUFFIX.updates"
 export IMATTR_AMQP__EXCHANGE="imattr.cluster.$SUFFIX.updates"
 export IMATTR_AMQP__DEAD_LETTER_QUEUE="imattr.cluster.$SUFFIX.dead"
@@ -144,6 +147,7 @@ SIM="http://127.0.0.1:$SIM_PORT/__simulator"
 "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n --latency-ms 5..15 --rate-limit 0 \
   >"$WORK/simulator.log" 2>&1 &
 PIDS+=($!)
+IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 3
 "$BIN" run >"$WORK/worker.log" 2>&1 &
 WORKER=$!
 PIDS+=("$WORKER")
@@ -166,7 +170,7 @@ written() { curl -sf "$SIM/stats" | jq '.accounts_written' || echo 0; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 HALF=$((MESSAGES / 2))
-stream 0 "$HALF" | "$BIN" publish --file - >/dev/null
+stream 0 "$HALF" | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
 for _ in $(seq 1 300); do
   [ "$(written)" -gt 1000 ] && break
   sleep 0.1
@@ -185,7 +189,7 @@ say "stopping node $victim (the worker's) after $before accounts written"
 stopped_at=$(now_ms)
 ctl "$victim" stop >/dev/null
 # Publish the rest while the cluster runs on two nodes.
-stream "$HALF" $((MESSAGES - HALF)) | "$BIN" publish --file - >/dev/null
+stream "$HALF" $((MESSAGES - HALF)) | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
 # Working again: connected to another node and applying.
 connects() { grep -c "Connected to RabbitMQ" "$WORK/worker.log" || true; }
 for _ in $(seq 1 1200); do
