@@ -194,10 +194,26 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
         sb.confirm().await.unwrap();
         let sim = &sb.sim;
         let before = sim.stats().accounts_written;
-        eventually(DRAIN, "some progress", || {
-            sim.stats().accounts_written > before + 300
-        })
-        .await;
+        let deadline = Instant::now() + DRAIN;
+        while sim.stats().accounts_written <= before + 300 {
+            if Instant::now() > deadline {
+                for w in &workers {
+                    let m = w.get("/metrics").await.1;
+                    let m: Vec<&str> = m
+                        .lines()
+                        .filter(|l| l.starts_with("imattr_") && !l.contains("bucket"))
+                        .collect();
+                    eprintln!(
+                        "--- {}: {}\n{}",
+                        w.admin,
+                        w.role().await.trim(),
+                        m.join("\n")
+                    );
+                }
+                panic!("no progress: {:?}", sim.stats());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let active = active_worker(&workers).await;
         eprintln!(
             "round {round}: stopping worker {} with {sig}",
