@@ -63,7 +63,7 @@ pub async fn serve(
         prometheus: prometheus(),
     };
     let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state);
@@ -74,6 +74,11 @@ pub async fn serve(
             .await;
     });
     Ok(Some(addr))
+}
+
+/// Alive; the body says whether this worker is the active consumer or a standby.
+async fn healthz(State(s): State<AdminState>) -> String {
+    format!("ok: {}\n", s.health.role())
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {

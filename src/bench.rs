@@ -286,7 +286,8 @@ fn bench_tweak(c: &mut Config) {
 /// seconds from consuming to the last ack.
 pub async fn bare_consumer(config: &Config, count: usize) -> anyhow::Result<()> {
     let prefetch = config.amqp.prefetch;
-    let conn = crate::amqp::topology::connect(&config.amqp, "imattr bench bare consumer").await?;
+    let conn =
+        crate::amqp::nodes::connect_first(&config.amqp, "imattr bench bare consumer").await?;
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let started = Instant::now();
@@ -913,7 +914,7 @@ async fn latency(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
 pub async fn fill_dead_letters(config: &Config, n: usize, channels: usize) -> anyhow::Result<()> {
     use crate::amqp::deadletter::{dead_letter_properties, Failure, Reason};
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
-    let conn = crate::amqp::topology::connect(&config.amqp, "imattr bench dead letters").await?;
+    let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr bench dead letters").await?;
     let channels = channels.max(1);
     let mut tasks = Vec::new();
     for c in 0..channels {

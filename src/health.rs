@@ -11,6 +11,9 @@ pub struct Health {
     connected: AtomicBool,
     consuming: AtomicBool,
     paused: AtomicBool,
+    /// This worker's consumer is the one the broker delivers to (always, on
+    /// a queue without single-active-consumer); else it is a standby.
+    active: AtomicBool,
     paused_code: AtomicI64,
     unsettled: AtomicUsize,
     sessions: AtomicU64,
@@ -37,6 +40,22 @@ impl Health {
             return Err(format!("cannot publish dead-letter copies: {why}"));
         }
         Ok(())
+    }
+
+    /// Whether this worker is the queue's active consumer (see
+    /// docs/several-workers.md for how it knows); false: a standby, or not
+    /// consuming at all.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// `active` or `standby`, for `/healthz`.
+    pub fn role(&self) -> &'static str {
+        if self.is_active() {
+            "active"
+        } else {
+            "standby"
+        }
     }
 
     /// Whether consuming is paused by a misconfigured answer.
@@ -66,6 +85,7 @@ impl Health {
         if !v {
             self.consuming.store(false, Ordering::Relaxed);
             self.dead_letters_failing(None);
+            self.set_active(false);
         }
     }
 
@@ -94,6 +114,14 @@ impl Health {
     /// Consuming stopped for shutdown (the connection may still be up).
     pub(crate) fn stopped_consuming(&self) {
         self.consuming.store(false, Ordering::Relaxed);
+        self.set_active(false);
+    }
+
+    /// The broker delivers to this worker (true) or it waits as a standby;
+    /// mirrored in the `imattr_active` gauge.
+    pub(crate) fn set_active(&self, v: bool) {
+        self.active.store(v, Ordering::Relaxed);
+        metrics::gauge!("imattr_active").set(if v { 1.0 } else { 0.0 });
     }
 
     /// The API answered a misconfigured `code`: not ready until [`Health::resumed`].
@@ -115,6 +143,7 @@ impl Health {
     /// A session ended: nothing of it is paused or unsettled any more.
     pub(crate) fn session_ended(&self) {
         self.paused.store(false, Ordering::Relaxed);
+        self.set_active(false);
         self.unsettled.store(0, Ordering::Relaxed);
     }
 }
@@ -131,6 +160,10 @@ mod tests {
         assert!(h.readiness().unwrap_err().contains("not consuming"));
         h.session_started();
         assert!(h.readiness().is_ok());
+        // A standby is ready; it says so in its role.
+        assert_eq!(h.role(), "standby");
+        h.set_active(true);
+        assert_eq!(h.role(), "active");
         assert_eq!(h.sessions(), 1);
         h.paused(90009);
         assert!(h.readiness().unwrap_err().contains("90009"));
@@ -148,6 +181,10 @@ mod tests {
         assert!(h.readiness().is_ok());
         h.stopped_consuming();
         assert!(h.readiness().unwrap_err().contains("not consuming"));
+        assert!(
+            !h.is_active(),
+            "a worker that stopped consuming is no longer active"
+        );
         h.set_unsettled(3);
         assert_eq!(h.unsettled(), 3);
         h.session_ended();

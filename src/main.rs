@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use imattr::amqp::topology::QueueMismatch;
 use imattr::cli::{dispatch, write_generated, Cli};
 use imattr::config::{Config, ConfigError};
 
@@ -65,7 +66,10 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<QueueMismatch>().is_some() =>
+        {
             eprintln!("imattr: {e}");
             ExitCode::from(2)
         }

@@ -86,7 +86,7 @@ impl Sandbox {
         config.admin.listen = String::new();
         tweak(&mut config);
         config.validate()?;
-        let conn = topology::connect(&config.amqp, "imattr sandbox").await?;
+        let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr sandbox").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
         topology::declare(&channel, &config.amqp).await?;
         let publisher = Publisher::new(&conn, &config.amqp.exchange).await?;
@@ -245,7 +245,9 @@ impl Drop for Sandbox {
                 return;
             };
             rt.block_on(async {
-                let Ok(conn) = topology::connect(&amqp, "imattr sandbox cleanup").await else {
+                let Ok(conn) =
+                    crate::amqp::nodes::connect_first(&amqp, "imattr sandbox cleanup").await
+                else {
                     return;
                 };
                 if let Ok(ch) = conn.create_channel().await {

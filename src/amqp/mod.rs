@@ -3,4 +3,5 @@
 pub mod connect;
 pub mod consume;
 pub mod deadletter;
+pub mod nodes;
 pub mod topology;

@@ -66,23 +66,16 @@ pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> 
         )
         .await
         .with_context(|| format!("declaring exchange {}", cfg.exchange))?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange.as_str())),
-    );
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
-    );
     channel
-        .queue_declare(cfg.queue.as_str().into(), durable_queue, args)
+        .queue_declare(
+            cfg.queue.as_str().into(),
+            durable_queue,
+            queue_arguments(cfg),
+        )
         .await
-        .with_context(|| {
-            format!(
-                "declaring queue {} (if it exists with other arguments, e.g. another x-queue-type, delete it or change amqp.queue)",
-                cfg.queue
-            )
+        .map_err(|e| match QueueMismatch::from_error(&cfg.queue, &e) {
+            Some(m) => anyhow::Error::new(m),
+            None => anyhow::Error::new(e).context(format!("declaring queue {}", cfg.queue)),
         })?;
     channel
         .queue_bind(
@@ -95,4 +88,162 @@ pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("binding queue {}", cfg.queue))?;
     Ok(())
+}
+
+/// The updates queue's arguments: dead-letter exchange, queue type and, with
+/// `single_active_consumer`, `x-single-active-consumer`.
+pub fn queue_arguments(cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange.as_str())),
+    );
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
+    );
+    if cfg.single_active_consumer {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
+/// The updates queue already exists with other arguments than ours; the
+/// broker refused the declaration (`imattr run` exits with status 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "queue {queue} already exists with other arguments: {argument} is {current} on the broker, \
+     the configuration asks for {wanted}. Either configure imattr like the queue ({hint}) \
+     or migrate the queue as docs/several-workers.md (\"Migrating a queue\") describes: \
+     declare a new queue with the wanted arguments next to it, drain the old one, delete it"
+)]
+pub struct QueueMismatch {
+    /// The queue's name.
+    pub queue: String,
+    /// The argument that differs, e.g. `x-single-active-consumer`.
+    pub argument: String,
+    /// Its value on the broker, as the broker words it (`none`: not set).
+    pub current: String,
+    /// The value we asked for, as the broker words it.
+    pub wanted: String,
+    /// Which setting to change to match the existing queue.
+    pub hint: String,
+}
+
+impl QueueMismatch {
+    /// The mismatch in a refused declaration of `queue`, if that is what `err` is.
+    pub fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueMismatch> {
+        match err.kind() {
+            lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406 => {
+                Self::parse(queue, e.get_message().as_str())
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads the broker's reply text, e.g. `PRECONDITION_FAILED - inequivalent
+    /// arg 'x-single-active-consumer' for queue 'q' in vhost '/': received none
+    /// but current is the value 'true' of type 'bool'`.
+    pub fn parse(queue: &str, text: &str) -> Option<QueueMismatch> {
+        let rest = text.split_once("inequivalent arg '")?.1;
+        let (argument, rest) = rest.split_once('\'')?;
+        let rest = rest.split_once(": received ")?.1;
+        let (received, current) = rest.split_once(" but current is ")?;
+        let argument = argument.to_string();
+        let hint = match argument.as_str() {
+            "x-single-active-consumer" => "set amqp.single_active_consumer to match".into(),
+            "x-queue-type" => "set amqp.queue_type to match".into(),
+            "x-dead-letter-exchange" => "set amqp.dead_letter_exchange to match".into(),
+            other => format!("imattr does not set {other}; remove it from the queue"),
+        };
+        Some(QueueMismatch {
+            queue: queue.to_string(),
+            argument,
+            current: broker_value(current),
+            wanted: broker_value(received),
+            hint,
+        })
+    }
+}
+
+/// `the value 'true' of type 'bool'` → `true`; `none` → `not set`.
+fn broker_value(text: &str) -> String {
+    let t = text.trim();
+    if t == "none" {
+        return "not set".into();
+    }
+    match t
+        .strip_prefix("the value '")
+        .and_then(|v| v.split_once("' of type"))
+    {
+        Some((v, _)) => v.to_string(),
+        None => t.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_declarations_name_the_argument() {
+        let cases = [
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'q' in vhost '/': received the value 'true' of type 'bool' but current is none",
+                "x-single-active-consumer", "not set", "true", "amqp.single_active_consumer",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-single-active-consumer' for queue 'q' in vhost '/': received none but current is the value 'true' of type 'bool'",
+                "x-single-active-consumer", "true", "not set", "amqp.single_active_consumer",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received the value 'quorum' of type 'longstr' but current is the value 'classic' of type 'longstr'",
+                "x-queue-type", "classic", "quorum", "amqp.queue_type",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': received the value 'imattr.dead' of type 'longstr' but current is the value 'other' of type 'longstr'",
+                "x-dead-letter-exchange", "other", "imattr.dead", "amqp.dead_letter_exchange",
+            ),
+            (
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in vhost '/': received none but current is the value '10' of type 'long'",
+                "x-max-length", "10", "not set", "does not set x-max-length",
+            ),
+        ];
+        for (text, arg, current, wanted, hint) in cases {
+            let m = QueueMismatch::parse("q", text).unwrap();
+            assert_eq!(
+                (m.argument.as_str(), m.current.as_str(), m.wanted.as_str()),
+                (arg, current, wanted),
+                "{text}"
+            );
+            let msg = m.to_string();
+            assert!(
+                msg.contains("queue q ") && msg.contains(arg) && msg.contains(hint),
+                "{msg}"
+            );
+            assert!(msg.contains("Migrating a queue"), "{msg}");
+        }
+        for other in [
+            "PRECONDITION_FAILED - unknown delivery tag 5",
+            "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused",
+            "",
+        ] {
+            assert_eq!(QueueMismatch::parse("q", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn single_active_consumer_is_an_argument_when_on() {
+        let mut cfg = AmqpConfig::default();
+        assert_eq!(
+            queue_arguments(&cfg)
+                .inner()
+                .get("x-single-active-consumer"),
+            Some(&AMQPValue::Boolean(true))
+        );
+        cfg.single_active_consumer = false;
+        assert!(!queue_arguments(&cfg)
+            .inner()
+            .contains_key("x-single-active-consumer"));
+    }
 }

@@ -75,7 +75,7 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
     } else {
         anyhow::bail!("give --account A --attr k=v, or --file PATH");
     }
-    let conn = crate::amqp::topology::connect(&config.amqp, "imattr publish").await?;
+    let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr publish").await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     crate::amqp::topology::declare(&ch, &config.amqp).await?;
     let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;

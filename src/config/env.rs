@@ -130,6 +130,7 @@ mod tests {
         c.amqp.dead_letter_queue = "[dead]".into();
         c.amqp.queue_type = QueueType::Quorum;
         c.amqp.prefetch = 7;
+        c.amqp.single_active_consumer = false;
         // Relative to the test's `Jail`, where `tls_files` writes them.
         c.amqp.tls_ca_file = "ca.pem".into();
         c.amqp.tls_cert_file = "client.pem".into();

@@ -132,7 +132,8 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
-    /// Broker URL, `amqp://` or `amqps://`; the password is redacted everywhere.
+    /// Broker URL, `amqp://` or `amqps://`; several comma-separated URLs are
+    /// nodes of one cluster, tried in turn. Passwords are redacted everywhere.
     pub url: AmqpUrl,
     /// Exchange publishers send updates to (fanout, durable).
     pub exchange: String,
@@ -160,6 +161,24 @@ pub struct AmqpConfig {
     /// SASL mechanism: `plain` (user and password from `url`) or `external` (the broker
     /// takes the user from the client certificate; needs `tls_cert_file`).
     pub auth_mechanism: AuthMechanism,
+    /// Declare the updates queue with `x-single-active-consumer`: one worker
+    /// consumes, the others are hot standbys (docs/several-workers.md).
+    pub single_active_consumer: bool,
+}
+
+impl AmqpConfig {
+    /// One configuration per URL of `url` (cluster nodes), in order; each
+    /// connects to that node alone.
+    pub fn nodes(&self) -> Vec<AmqpConfig> {
+        self.url
+            .split()
+            .into_iter()
+            .map(|url| AmqpConfig {
+                url,
+                ..self.clone()
+            })
+            .collect()
+    }
 }
 
 impl Default for AmqpConfig {
@@ -176,6 +195,7 @@ impl Default for AmqpConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             auth_mechanism: AuthMechanism::Plain,
+            single_active_consumer: true,
         }
     }
 }
@@ -420,6 +440,7 @@ mod tests {
         assert_eq!(c.amqp.exchange, "imattr.updates");
         assert_eq!(c.amqp.dead_letter_queue, "imattr.dead");
         assert_eq!(c.amqp.prefetch, 10_000);
+        assert!(c.amqp.single_active_consumer);
         assert_eq!(c.tencent.timeout_ms, 5000);
         assert_eq!(c.batch.max_accounts, 100);
         assert_eq!(c.retry.max_elapsed_secs, 600);

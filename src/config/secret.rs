@@ -87,6 +87,16 @@ impl AmqpUrl {
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
     }
+    /// The URLs of a comma-separated list (nodes of one cluster), in order,
+    /// blanks around commas ignored.
+    pub fn split(&self) -> Vec<AmqpUrl> {
+        split_urls(&self.0)
+            .into_iter()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(AmqpUrl::new)
+            .collect()
+    }
 }
 
 impl fmt::Debug for AmqpUrl {
@@ -110,9 +120,33 @@ impl Serialize for AmqpUrl {
         }
     }
 }
-
-/// Replaces the password in `scheme://user:password@host…` with `***`.
+/// Replaces the password in `scheme://user:password@host…` with `***`, in
+/// every URL of a comma-separated list.
 pub fn redact_url(url: &str) -> String {
+    split_urls(url)
+        .into_iter()
+        .map(redact_one_url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Splits a list at the commas that start another `amqp://` or `amqps://`
+/// URL, so a comma inside a password stays part of it.
+fn split_urls(list: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let next = list[i + 1..].trim_start();
+        if next.starts_with("amqp://") || next.starts_with("amqps://") {
+            parts.push(&list[start..i]);
+            start = i + 1;
+        }
+    }
+    parts.push(&list[start..]);
+    parts
+}
+
+fn redact_one_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
@@ -178,5 +212,20 @@ mod tests {
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact_url("amqps://u@h"), "amqps://u@h");
         assert_eq!(redact_url("amqp://u:p:q@h"), "amqp://u:***@h");
+        assert_eq!(
+            redact_url("amqp://a:b@h1:5672/%2f,amqp://a:c@h2,amqps://h3"),
+            "amqp://a:***@h1:5672/%2f,amqp://a:***@h2,amqps://h3"
+        );
+        // A comma in a password does not start another URL.
+        assert_eq!(
+            redact_url("amqp://a:p,w@h1/%2f, amqps://b:x,y@h2"),
+            "amqp://a:***@h1/%2f, amqps://b:***@h2"
+        );
+        assert_eq!(
+            AmqpUrl::new("amqp://a:p,w@h1/%2f, amqps://b:x,y@h2")
+                .split()
+                .len(),
+            2
+        );
     }
 }

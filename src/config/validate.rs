@@ -49,12 +49,20 @@ impl Config {
 impl AmqpConfig {
     /// Checks `[amqp]`.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = self.url.expose();
+        let urls = self.url.split();
         ensure(
-            url.starts_with("amqp://") || url.starts_with("amqps://"),
+            !urls.is_empty(),
             "amqp.url",
-            format!("must start with amqp:// or amqps:// (got {})", self.url),
+            "must hold at least one amqp:// or amqps:// URL",
         )?;
+        for url in &urls {
+            let u = url.expose();
+            ensure(
+                u.starts_with("amqp://") || u.starts_with("amqps://"),
+                "amqp.url",
+                format!("each comma-separated URL must start with amqp:// or amqps:// (got {url})"),
+            )?;
+        }
         for (field, v) in [
             ("amqp.exchange", &self.exchange),
             ("amqp.queue", &self.queue),
@@ -327,11 +335,31 @@ impl ShutdownConfig {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::config::Secret;
+    use crate::config::{AmqpUrl, Secret};
     use figment::Jail;
 
     fn load_in_jail() -> Result<Config, ConfigError> {
         Config::load(None)
+    }
+
+    #[test]
+    fn url_lists_split_into_nodes() {
+        let mut c = Config::default();
+        c.amqp.url = AmqpUrl::new("amqp://u:p1@h1/%2f, amqp://u:p2@h2/%2f");
+        let nodes = c.amqp.nodes();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].url.expose(), "amqp://u:p2@h2/%2f");
+        assert_eq!(nodes[1].queue, c.amqp.queue);
+        assert!(c.validate().is_ok());
+        c.amqp.url = AmqpUrl::new("http://u:secretpw@h2,amqp://u:p1@h1/%2f");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("amqp.url") && e.contains("http://u:***@h2"),
+            "{e}"
+        );
+        assert!(!e.contains("secretpw"), "{e}");
+        c.amqp.url = AmqpUrl::new(" ");
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl std::fmt::Debug for Dlq {
 impl Dlq {
     /// Connects and declares the topology.
     pub async fn open(config: &Config) -> anyhow::Result<Dlq> {
-        let conn = topology::connect(&config.amqp, "imattr dlq").await?;
+        let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr dlq").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
         topology::declare(&channel, &config.amqp).await?;
         Ok(Dlq {

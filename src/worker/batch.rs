@@ -759,9 +759,9 @@ mod tests {
         let ctx = Arc::new(ctx);
         let task = {
             let ctx = ctx.clone();
-            tokio::spawn(
-                async move { execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await },
-            )
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
         };
         match rx.recv().await {
             Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),

@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::amqp::topology;
+use crate::amqp::nodes::Nodes;
+use crate::amqp::topology::{self, QueueMismatch};
 use crate::attrnames::AttrNames;
 use crate::coalesce::BatchCap;
 use crate::config::Config;
@@ -49,7 +50,15 @@ pub async fn run(
         AttrNames::fixed(&config.attributes.allowed)
     };
     let cap = Arc::new(BatchCap::new(config.batch.max_accounts));
-    let conn_name = format!("imattr run {}", config.amqp.queue);
+    // The pid tells several workers' connections apart (`rabbitmqctl
+    // list_connections client_properties`).
+    let conn_name = format!(
+        "imattr run {} pid {}",
+        config.amqp.queue,
+        std::process::id()
+    );
+    // Cluster nodes, one per attempt: after losing a node, try the next.
+    let mut nodes = Nodes::new(&config.amqp);
     let mut reconnect = backoff_forever(Duration::from_millis(500), Duration::from_secs(30));
     let mut failing_since: Option<Instant> = None;
     let close_timeout = Duration::from_secs(config.shutdown.timeout_secs);
@@ -57,10 +66,12 @@ pub async fn run(
         if cancel.is_cancelled() {
             return Ok(());
         }
+        let (node, node_cfg) = nodes.next_node();
         let conn = tokio::select! {
-            c = topology::connect(&config.amqp, &conn_name) => c,
+            c = topology::connect(node_cfg, &conn_name) => c,
             _ = cancel.cancelled() => return Ok(()),
         };
+        let node_url = node_cfg.url.clone();
         let outcome = match conn {
             Err(e) => {
                 if failing_since.is_none() {
@@ -77,10 +88,12 @@ pub async fn run(
                 if let Some(since) = failing_since.take() {
                     info!(
                         down_secs = since.elapsed().as_secs(),
+                        node,
+                        url = %node_url,
                         "Connected to RabbitMQ again"
                     );
                 } else {
-                    info!(url = %config.amqp.url, queue = %config.amqp.queue, "Connected to RabbitMQ");
+                    info!(node, url = %node_url, queue = %config.amqp.queue, "Connected to RabbitMQ");
                 }
                 reconnect.reset();
                 health.set_connected(true);
@@ -95,6 +108,13 @@ pub async fn run(
                 .await;
                 let end = match session {
                     Ok(s) => s.run(cancel.clone()).await,
+                    Err(e) if e.downcast_ref::<QueueMismatch>().is_some() => {
+                        // Retrying cannot help: the operator must migrate the
+                        // queue or change the configuration.
+                        health.set_connected(false);
+                        let _ = conn.close(200, "imattr stopping".into()).await;
+                        return Err(e);
+                    }
                     Err(e) => Err(e),
                 };
                 health.set_connected(false);

@@ -27,7 +27,7 @@ use crate::amqp::deadletter::{self, DeadLetterPublisher, Failure, Reason};
 use crate::amqp::topology;
 use crate::attrnames::AttrNames;
 use crate::coalesce::{BatchCap, Coalescer, Tag};
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 use crate::health::Health;
 use crate::tencent::Client;
 use crate::update::{self, Rules};
@@ -51,6 +51,31 @@ struct Msg {
     /// Every account that failed (the others were applied), for
     /// `x-imattr-failed-accounts`.
     failed_accounts: Vec<String>,
+}
+
+/// Reports this worker as the queue's active consumer (one INFO line).
+fn become_active(health: &Health, a: &crate::config::AmqpConfig, how: &'static str) {
+    health.set_active(true);
+    info!(queue = %a.queue, detected_by = how, "Active: this worker now consumes the queue");
+}
+
+/// Whether our consumer is the queue's only one (a passive declare counts
+/// them); any doubt answers false, and the first delivery settles it.
+async fn only_consumer(ch: &Channel, queue: &str) -> bool {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(q) => q.consumer_count() == 1,
+        Err(e) => {
+            debug!(error = %e, "Cannot count the queue's consumers");
+            false
+        }
+    }
 }
 
 /// What the session's tasks report back; the loop applies each to its state.
@@ -107,6 +132,12 @@ pub(super) struct Session<'a> {
     /// redelivered updates must merge instead of going out one after the
     /// other (which would show the API an older value again for a moment).
     redelivery_hold: Option<Instant>,
+    /// No request goes out before this instant: set when this worker takes
+    /// over redelivered messages, whose previous holder (a worker that died)
+    /// may have had requests in flight (see [`Session::on_delivery`]).
+    hold_until: Option<Instant>,
+    /// Deliveries received by this session.
+    received: u64,
 }
 
 impl<'a> Session<'a> {
@@ -141,6 +172,17 @@ impl<'a> Session<'a> {
             .await
             .with_context(|| format!("consuming from queue {}", a.queue))?;
         health.session_started();
+        if !a.single_active_consumer {
+            // Every consumer of such a queue gets deliveries.
+            become_active(&health, a, "no single-active-consumer");
+        } else if a.queue_type == QueueType::Classic && only_consumer(&consume_ch, &a.queue).await {
+            // A classic queue counts waiting consumers too; a quorum queue
+            // counts only the active one, so the count proves nothing there.
+            become_active(&health, a, "only consumer");
+        } else {
+            health.set_active(false);
+            info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
+        }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(BatchCtx {
             client,
@@ -167,6 +209,8 @@ impl<'a> Session<'a> {
             ctx,
             paused_by: 0,
             redelivery_hold: None,
+            hold_until: None,
+            received: 0,
         })
     }
 
@@ -215,7 +259,12 @@ impl<'a> Session<'a> {
             let batch_deadline = if self.paused_by == 0
                 && self.batches_in_flight < self.config.tencent.max_in_flight
             {
-                self.next_slot.or_else(|| self.coalescer.deadline(max_wait))
+                let hold = self.hold_until;
+                self.next_slot.or_else(|| {
+                    self.coalescer
+                        .deadline(max_wait)
+                        .map(|d| hold.map_or(d, |h| d.max(h)))
+                })
             } else {
                 None
             };
@@ -229,13 +278,20 @@ impl<'a> Session<'a> {
                     );
                     draining = Some(Instant::now() + shutdown_timeout);
                     self.health.stopped_consuming();
-                    // Bounded: a broker that does not answer must not hold up the flush.
-                    let cancel_consumer = self
-                        .consume_ch
-                        .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default());
-                    if tokio::time::timeout(shutdown_timeout, cancel_consumer).await.is_err() {
-                        warn!("The broker did not confirm the consumer's cancellation in time");
+                    if !self.config.amqp.single_active_consumer {
+                        // Bounded: a broker that does not answer must not hold up the flush.
+                        let cancel_consumer = self
+                            .consume_ch
+                            .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default());
+                        if tokio::time::timeout(shutdown_timeout, cancel_consumer).await.is_err() {
+                            warn!("The broker did not confirm the consumer's cancellation in time");
+                        }
                     }
+                    // With single-active-consumer the consumer stays registered
+                    // until the connection closes: cancelling it would make a
+                    // standby active while our last requests are under way.
+                    // What the broker still sends is left untaken, unacked,
+                    // and redelivered to the next worker in order.
                 }
                 _ = tokio::time::sleep_until(draining.unwrap_or_else(Instant::now)), if draining.is_some() => {
                     warn!(
@@ -281,6 +337,25 @@ impl<'a> Session<'a> {
     /// one's updates join the coalescer.
     fn on_delivery(&mut self, d: lapin::message::Delivery) {
         metrics::counter!("imattr_messages_received_total").increment(1);
+        if !self.health.is_active() {
+            // With single-active-consumer the broker delivers only to the
+            // active consumer: the first delivery is how a standby learns it
+            // took over (the protocol has no notification).
+            become_active(&self.health, &self.config.amqp, "first delivery");
+        }
+        if d.redelivered {
+            // Another session (maybe another worker's) had it and did not ack it.
+            metrics::counter!("imattr_messages_redelivered_total").increment(1);
+            if self.received == 0 {
+                // Taking over from a worker that died: its last requests may
+                // still be under way at the API and land after ours, older
+                // values over newer. Wait out its client timeout first.
+                let hold = self.config.tencent.timeout();
+                info!(hold_ms = hold.as_millis() as u64, "Taking over redelivered messages; holding requests until the previous worker's are over");
+                self.hold_until = Some(Instant::now() + hold);
+            }
+        }
+        self.received += 1;
         let tag = d.delivery_tag;
         let redelivered = d.redelivered;
         let names = self.names.get();
@@ -445,6 +520,11 @@ impl<'a> Session<'a> {
     /// its request can go out at once: an in-flight slot and a rate slot are
     /// free (`draining`: everything ready is due).
     fn dispatch(&mut self, draining: bool) {
+        if let Some(until) = self.hold_until {
+            if Instant::now() < until {
+                return;
+            }
+        }
         let max_wait = self.config.batch.max_wait();
         let now = Instant::now();
         let holding = self.redelivery_hold.is_some_and(|until| now < until);

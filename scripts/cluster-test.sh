@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# A RabbitMQ cluster that loses a node (docs/several-workers.md): starts three
+# nodes of the installed RabbitMQ on spare local ports and joins them, runs
+# the simulator (`imattr simulate`) and one worker (`imattr run`) with
+# amqp.url listing all three nodes and a quorum queue, publishes a stream of
+# growing integer values, stops the node the worker is connected to
+# mid-stream, publishes the rest, and checks:
+#   - nothing lost: the API's final state is the last value published per account;
+#   - no account in two requests at once, no value going backwards (simulator stats);
+#   - nothing dead-lettered, nothing left in the queue.
+# It stops only the nodes it started (never the broker on 5672). Needs root
+# (the nodes run as user rabbitmq). Usage: scripts/cluster-test.sh
+# (KEEP=1 keeps its temporary directory with the node and worker logs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ "$(id -u)" = 0 ] || { echo "cluster-test: run as root (the nodes run as user rabbitmq)" >&2; exit 1; }
+command -v rabbitmq-server >/dev/null || { echo "cluster-test: rabbitmq-server is not installed" >&2; exit 1; }
+command -v jq >/dev/null || { echo "cluster-test: needs jq" >&2; exit 1; }
+
+T0=$SECONDS
+cargo build --locked --quiet
+BIN=$PWD/target/debug/imattr
+
+SUFFIX=$$-$RANDOM
+WORK=$(mktemp -d /tmp/imattr-cluster.XXXXXX)
+chmod 755 "$WORK"
+RMQ_HOME=$(getent passwd rabbitmq | cut -d: -f6)
+PIDS=()
+STARTED=()
+MESSAGES=${MESSAGES:-20000}
+ACCOUNTS=${ACCOUNTS:-500}
+
+say() { echo "cluster-test: $*"; }
+fail() { echo "cluster-test: FAILED: $*" >&2; exit 1; }
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+TAKEN=""
+spare_port() {
+  local p
+  for _ in $(seq 1 100); do
+    p=$((20000 + RANDOM % 30000))
+    if port_free "$p" && ! grep -qw "$p" <<<"$TAKEN"; then echo "$p"; return; fi
+  done
+  echo "cluster-test: no spare port" >&2
+  return 1
+}
+
+# Node i's name, ports and files.
+node_name() { echo "imattr-ct$1-$SUFFIX@localhost"; }
+declare -a AMQP_PORT DIST_PORT
+for i in 1 2 3; do
+  AMQP_PORT[$i]=$(spare_port); TAKEN="$TAKEN ${AMQP_PORT[$i]}"
+  DIST_PORT[$i]=$(spare_port); TAKEN="$TAKEN ${DIST_PORT[$i]}"
+done
+SIM_PORT=$(spare_port); TAKEN="$TAKEN $SIM_PORT"
+
+# Runs a RabbitMQ command as user rabbitmq for node i: its home holds the
+# Erlang cookie all nodes share; the rest is the node's own environment.
+as_node() {
+  local i=$1 d="$WORK/n$1"
+  shift
+  runuser -u rabbitmq -- env HOME="$RMQ_HOME" \
+    RABBITMQ_NODENAME="$(node_name "$i")" RABBITMQ_NODE_PORT="${AMQP_PORT[$i]}" \
+    RABBITMQ_DIST_PORT="${DIST_PORT[$i]}" RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
+    RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" RABBITMQ_CONF_ENV_FILE="$d/rabbitmq-env.conf" \
+    RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" RABBITMQ_PID_FILE="$d/rabbit.pid" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" ERL_EPMD_ADDRESS=127.0.0.1 \
+    "$@"
+}
+ctl() { local i=$1; shift; as_node "$i" timeout 60 /usr/lib/rabbitmq/bin/rabbitmqctl -n "$(node_name "$i")" "$@"; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for i in "${STARTED[@]}"; do
+    ctl "$i" stop >/dev/null 2>&1 || {
+      # The node did not answer: end its own Erlang VM, found by its pid file.
+      [ -s "$WORK/n$i/rabbit.pid" ] && kill "$(cat "$WORK/n$i/rabbit.pid")" 2>/dev/null
+    }
+  done
+  if [ "$rc" != 0 ]; then
+    echo "cluster-test: worker log tail:" >&2
+    tail -n 30 "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+  fi
+  if [ -n "${KEEP:-}" ]; then echo "cluster-test: kept $WORK" >&2; else rm -rf "$WORK"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- Three nodes, one cluster ------------------------------------------------
+start_node() {
+  local i=$1 d="$WORK/n$1"
+  mkdir -p "$d/mnesia" "$d/log"
+  # Our own config: the system one pins port 5672.
+  printf 'listeners.tcp.1 = 127.0.0.1:%s\nloopback_users = none\n' "${AMQP_PORT[$i]}" >"$d/rabbitmq.conf"
+  echo '[].' >"$d/enabled_plugins"
+  echo '[].' >"$d/advanced.config"
+  : >"$d/rabbitmq-env.conf"
+  chown -R rabbitmq: "$d"
+  STARTED+=("$i")
+  (cd "$RMQ_HOME" && as_node "$i" /usr/lib/rabbitmq/bin/rabbitmq-server -detached) >/dev/null
+}
+await_node() {
+  local i=$1 t0=$SECONDS
+  # await_startup fails at once while the VM is not registered yet: poll, bounded.
+  until ctl "$i" await_startup --timeout 20 >/dev/null 2>&1; do
+    [ $((SECONDS - t0)) -lt 120 ] || fail "node $i did not start in 120 s"
+    sleep 1
+  done
+}
+for i in 1 2 3; do start_node "$i"; done
+for i in 1 2 3; do await_node "$i"; done
+for i in 2 3; do
+  ctl "$i" stop_app >/dev/null
+  ctl "$i" join_cluster "$(node_name 1)" >/dev/null
+  ctl "$i" start_app >/dev/null
+done
+members=$(ctl 1 cluster_status --formatter json | jq '.running_nodes | length')
+[ "$members" = 3 ] || fail "the cluster has $members running nodes, not 3"
+say "3 nodes up and joined in $((SECONDS - T0)) s (AMQP ports ${AMQP_PORT[*]})"
+
+# --- Simulator and worker ----------------------------------------------------
+url() { echo "amqp://guest:guest@127.0.0.1:${AMQP_PORT[$1]}/%2f"; }
+export IMATTR_AMQP__URL="$(url 1),$(url 2),$(url 3)"
+# The publisher lists node 3 first, so it declares the topology there: the
+# dead-letter queue is a classic queue, which lives on one node and is
+# unavailable while that node is down (docs/several-workers.md).
+PUBLISH_URLS="$(url 3),$(url 2),$(url 1)"
+export IMATTR_AMQP__QUEUE="imattr.cluster.$SUFFIX.updates"
+export IMATTR_AMQP__EXCHANGE="imattr.cluster.$SUFFIX.updates"
+export IMATTR_AMQP__DEAD_LETTER_QUEUE="imattr.cluster.$SUFFIX.dead"
+export IMATTR_AMQP__DEAD_LETTER_EXCHANGE="imattr.cluster.$SUFFIX.dead"
+export IMATTR_AMQP__QUEUE_TYPE=quorum
+export IMATTR_TENCENT__BASE_URL="http://127.0.0.1:$SIM_PORT"
+export IMATTR_TENCENT__SDKAPPID=1400000000
+export IMATTR_TENCENT__SECRET_KEY=cluster-test-secret-key
+export IMATTR_ATTRIBUTES__ALLOWED='[n]'
+export IMATTR_ADMIN__LISTEN=""
+export IMATTR_BATCH__MAX_ACCOUNTS=20
+export IMATTR_TENCENT__MAX_IN_FLIGHT=4
+export IMATTR_RETRY__MAX_ELAPSED_SECS=0
+SIM="http://127.0.0.1:$SIM_PORT/__simulator"
+
+"$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n --latency-ms 5..15 --rate-limit 0 \
+  >"$WORK/simulator.log" 2>&1 &
+PIDS+=($!)
+IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 3
+"$BIN" run >"$WORK/worker.log" 2>&1 &
+WORKER=$!
+PIDS+=("$WORKER")
+# On a quorum queue the worker reports active only from its first delivery:
+# wait for it to be consuming (active or standing by).
+consuming() { grep -q "Active: this worker\|Standing by" "$WORK/worker.log"; }
+for _ in $(seq 1 600); do
+  consuming && break
+  sleep 0.2
+done
+consuming || fail "the worker did not start consuming"
+
+# Values only grow: message k sets account acc(k*7919 mod ACCOUNTS) to k.
+stream() { # from count
+  awk -v from="$1" -v n="$2" -v accounts="$ACCOUNTS" 'BEGIN {
+    for (k = from; k < from + n; k++)
+      printf "{\"To_Account\":\"acc%d\",\"Attrs\":{\"n\":\"%d\"}}\n", (k * 7919) % accounts, k }'
+}
+written() { curl -sf "$SIM/stats" | jq '.accounts_written' || echo 0; }
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+HALF=$((MESSAGES / 2))
+stream 0 "$HALF" | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
+for _ in $(seq 1 300); do
+  [ "$(written)" -gt 1000 ] && break
+  sleep 0.1
+done
+
+# --- Stop the worker's node mid-stream ----------------------------------------
+# list_connections shows the whole cluster's connections; a connection's
+# pid (<node.N.N.N>) names the node it lives on.
+holder=$(ctl 1 list_connections -q --no-table-headers pid client_properties |
+  grep -F "imattr run $IMATTR_AMQP__QUEUE pid $WORKER" | awk '{ print $1 }' | head -n 1)
+victim=""
+for i in 1 2 3; do [[ "$holder" == "<$(node_name "$i")."* ]] && victim=$i; done
+[ -n "$victim" ] || fail "no node holds the worker's connection"
+before=$(written)
+say "stopping node $victim (the worker's) after $before accounts written"
+stopped_at=$(now_ms)
+ctl "$victim" stop >/dev/null
+# Publish the rest while the cluster runs on two nodes.
+stream "$HALF" $((MESSAGES - HALF)) | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
+# Working again: connected to another node and applying.
+connects() { grep -c "Connected to RabbitMQ" "$WORK/worker.log" || true; }
+for _ in $(seq 1 1200); do
+  [ "$(connects)" -ge 2 ] && [ "$(written)" -gt "$before" ] && break
+  sleep 0.1
+done
+[ "$(connects)" -ge 2 ] || fail "the worker did not connect to another node"
+recovery_ms=$(($(now_ms) - stopped_at))
+
+# --- Wait for the end and check -----------------------------------------------
+stream 0 "$MESSAGES" | jq -s 'map({(.To_Account): {n: .Attrs.n}}) | add' >"$WORK/expected.json"
+live=$(( victim == 1 ? 2 : 1 ))
+depth() { ctl "$live" list_queues -q --no-table-headers name messages | awk -v q="$1" '$1 == q { print $2 }'; }
+t_end=$((SECONDS + 240))
+until curl -sf "$SIM/state" | jq -S . | cmp -s - <(jq -S . "$WORK/expected.json"); do
+  [ $SECONDS -lt $t_end ] || fail "the API's state is not the last value published per account"
+  sleep 0.5
+done
+until [ "$(depth "$IMATTR_AMQP__QUEUE")" = 0 ]; do
+  [ $SECONDS -lt $t_end ] || fail "messages left in $IMATTR_AMQP__QUEUE"
+  sleep 0.5
+done
+stats=$(curl -sf "$SIM/stats")
+overlaps=$(jq '.overlapping_account_requests' <<<"$stats")
+regressions=$(jq '.regressions // 0' <<<"$stats")
+dead=$(depth "$IMATTR_AMQP__DEAD_LETTER_QUEUE")
+[ "$overlaps" = 0 ] || fail "$overlaps times an account was in two requests at once"
+[ "$regressions" = 0 ] || fail "$regressions values went backwards"
+[ "$dead" = 0 ] || fail "$dead messages dead-lettered"
+kill -TERM "$WORKER"
+wait "$WORKER" || fail "the worker did not stop cleanly"
+reconnects=$(($(connects) - 1))
+say "OK: $MESSAGES messages over $ACCOUNTS accounts, node $victim stopped mid-stream; worker applying again ${recovery_ms} ms after the stop ($reconnects reconnect(s)); last value wins, 0 overlaps, 0 regressions, 0 dead letters; $((SECONDS - T0)) s in all"
