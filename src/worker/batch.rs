@@ -368,10 +368,17 @@ async fn send(
         attempts += 1;
         // Only the first attempt may use the caller's slot; retries wait
         // for their own.
-        let r = if std::mem::take(&mut in_slot) {
-            ctx.client.call_in_slot(api::SET_ATTR, body.clone()).await
-        } else {
-            ctx.client.call(api::SET_ATTR, body.clone()).await
+        let Some(r) = ctx
+            .client
+            .call_unless_stopped(
+                api::SET_ATTR,
+                body.clone(),
+                std::mem::take(&mut in_slot),
+                &ctx.stop,
+            )
+            .await
+        else {
+            break None;
         };
         if ambiguous(&r.reply) {
             // `latency` runs from the moment the request went out.
@@ -912,5 +919,38 @@ mod tests {
         ctx.stop.cancel();
         let out = task.await.expect("batch task");
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    /// A session that stops while its request waits for the rate limiter
+    /// sends nothing later (another session may hold the messages by then).
+    #[tokio::test]
+    async fn a_request_waiting_for_its_turn_is_not_sent_after_a_stop() {
+        let sim = sim(Faults::default()).await;
+        let (mut ctx, _rx) = ctx(&sim, fast_retry());
+        ctx.client = Client::new(
+            &sim.url(),
+            ctx.client.signer().clone(),
+            Duration::from_secs(5),
+            1,
+            8,
+        )
+        .expect("client");
+        // Take this second's only slot: the batch's request waits ~1 s.
+        ctx.client.limiter().acquire().await;
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ctx.stop.cancel();
+        let out = task.await.expect("batch task");
+        assert!(out.is_empty(), "{out:?}");
+        // Past the slot it was waiting for: still nothing sent.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(sim.stats().total(api::SET_ATTR), 0);
+        assert!(sim.state().is_empty());
     }
 }
