@@ -953,4 +953,37 @@ mod tests {
         assert_eq!(sim.stats().total(api::SET_ATTR), 0);
         assert!(sim.state().is_empty());
     }
+
+    /// A batch whose request got HTTP 500 and then succeeded is not
+    /// reported (its accounts stay locked) until the backend is done with
+    /// the first attempt, which may still be applied late.
+    #[tokio::test]
+    async fn an_applied_batch_after_an_ambiguous_answer_is_held() {
+        let sim = sim(Faults {
+            http_error_rate: 1.0,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
+        };
+        while sim.stats().total(api::SET_ATTR) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sim.update_faults(|f| f.http_error_rate = 0.0);
+        while value(&sim, "a", "sex").is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            !task.is_finished(),
+            "reported while the HTTP 500 may still apply"
+        );
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(1, None)]);
+    }
 }
