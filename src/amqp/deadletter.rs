@@ -261,7 +261,13 @@ pub(crate) async fn publish_until_confirmed(
         std::time::Duration::from_secs(60),
     );
     loop {
-        match publisher.publish(routing_key, body, props.clone()).await {
+        // The confirm may never come (a memory alarm blocks publishers): a
+        // stop must not wait for it.
+        let published = tokio::select! {
+            r = publisher.publish(routing_key, body, props.clone()) => r,
+            _ = stop.cancelled() => return false,
+        };
+        match published {
             Ok(()) => {
                 failing(None);
                 return true;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::errors::{classify, Class, Reply};
@@ -229,6 +230,33 @@ impl Client {
     pub async fn call_in_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
         let _permit = self.in_flight.acquire().await;
         self.send(api, body).await
+    }
+
+    /// [`Client::call`] (or [`Client::call_in_slot`] when `in_slot`) unless
+    /// `stop` fires while it waits for its turn: then None, and nothing was
+    /// sent (a stopped session must not send while another one may hold
+    /// the same messages).
+    pub async fn call_unless_stopped(
+        &self,
+        api: &str,
+        body: Vec<u8>,
+        in_slot: bool,
+        stop: &CancellationToken,
+    ) -> Option<CallResult> {
+        let _permit = tokio::select! {
+            p = self.in_flight.acquire() => p,
+            _ = stop.cancelled() => return None,
+        };
+        if !in_slot {
+            tokio::select! {
+                _ = self.limiter.acquire() => {}
+                _ = stop.cancelled() => return None,
+            }
+        }
+        if stop.is_cancelled() {
+            return None;
+        }
+        Some(self.send(api, body).await)
     }
 
     async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {

@@ -20,11 +20,22 @@ use tracing::{debug, info, warn};
 use super::session::Event;
 use crate::amqp::deadletter::{Failure, Reason};
 use crate::coalesce::{BatchCap, Entry, Tag};
-use crate::config::RetryConfig;
+use crate::config::{RetryConfig, API_BACKEND_TIMEOUT_MS};
 use crate::retry::TransientBudget;
 use crate::tencent::client::{api, set_attr_body};
 use crate::tencent::{Class, Client, Reply};
 use crate::wait::{backoff_forever, sleep_unless_cancelled};
+
+/// How long the API's backend may go on processing a request after its
+/// front end gave up on it (docs/ and `config::API_BACKEND_TIMEOUT_MS`).
+const BACKEND_TIMEOUT: Duration = Duration::from_millis(API_BACKEND_TIMEOUT_MS);
+
+/// Whether the API may still apply a request after this answer: anything
+/// but a parsed HTTP 200 body (a timeout, a broken connection, a gateway
+/// status, a garbled body) leaves the request possibly in flight.
+pub(super) fn ambiguous(reply: &Reply) -> bool {
+    !matches!(reply, Reply::Body { .. })
+}
 
 /// What every batch task of a session shares.
 pub(super) struct BatchCtx {
@@ -214,8 +225,17 @@ pub(super) async fn execute_batch(
     let mut in_slot = in_slot;
     // Requests still to send, with the attempts already spent on their entries.
     let mut work: VecDeque<(Vec<Entry>, u32)> = VecDeque::from([(entries, 0)]);
+    // When the last request with an ambiguous answer was sent.
+    let mut last_ambiguous: Option<Instant> = None;
     while let Some((entries, prior)) = work.pop_front() {
-        let Some(sent) = send(&entries, ctx, std::mem::take(&mut in_slot)).await else {
+        let Some(sent) = send(
+            &entries,
+            ctx,
+            std::mem::take(&mut in_slot),
+            &mut last_ambiguous,
+        )
+        .await
+        else {
             break;
         };
         let attempts = prior + sent.attempts;
@@ -260,7 +280,24 @@ pub(super) async fn execute_batch(
             }
         }
     }
+    // An ambiguous request may still be applied late, over a newer value
+    // sent once the accounts are unlocked: report only after the backend
+    // gave up on it. Stopped meanwhile: nothing is reported (all redelivered).
+    if let Some(sent_at) = last_ambiguous {
+        if !settled_after(sent_at, &ctx.stop).await {
+            return Vec::new();
+        }
+    }
     outcomes
+}
+
+/// Waits until the API's backend is done with a request sent at `sent_at`;
+/// false if `stop` fires first.
+async fn settled_after(sent_at: Instant, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep_until(sent_at + BACKEND_TIMEOUT) => true,
+        _ = stop.cancelled() => false,
+    }
 }
 
 fn split_half(mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>) {
@@ -302,7 +339,13 @@ struct Sent {
 /// Sends one request until [`next_step`] gives a verdict; None when the
 /// session stopped first. Reports [`Event::Paused`] on the first
 /// misconfigured answer and [`Event::Resumed`] when it ends after one.
-async fn send(entries: &[Entry], ctx: &BatchCtx, mut in_slot: bool) -> Option<Sent> {
+/// Notes in `last_ambiguous` when a request with an ambiguous answer was sent.
+async fn send(
+    entries: &[Entry],
+    ctx: &BatchCtx,
+    mut in_slot: bool,
+    last_ambiguous: &mut Option<Instant>,
+) -> Option<Sent> {
     let merged: Vec<(&str, Vec<(&str, &str)>)> = entries
         .iter()
         .map(|e| (e.account.as_str(), e.merged()))
@@ -325,11 +368,22 @@ async fn send(entries: &[Entry], ctx: &BatchCtx, mut in_slot: bool) -> Option<Se
         attempts += 1;
         // Only the first attempt may use the caller's slot; retries wait
         // for their own.
-        let r = if std::mem::take(&mut in_slot) {
-            ctx.client.call_in_slot(api::SET_ATTR, body.clone()).await
-        } else {
-            ctx.client.call(api::SET_ATTR, body.clone()).await
+        let Some(r) = ctx
+            .client
+            .call_unless_stopped(
+                api::SET_ATTR,
+                body.clone(),
+                std::mem::take(&mut in_slot),
+                &ctx.stop,
+            )
+            .await
+        else {
+            break None;
         };
+        if ambiguous(&r.reply) {
+            // `latency` runs from the moment the request went out.
+            *last_ambiguous = Some(Instant::now() - r.latency);
+        }
         let code = r.reply.code();
         metrics::counter!("imattr_api_requests_total", "class" => r.class.as_str(), "code" => code.to_string()).increment(1);
         metrics::histogram!("imattr_api_request_duration_seconds").record(r.latency.as_secs_f64());
@@ -515,6 +569,61 @@ mod tests {
             assert!(!running.answered(class));
             assert!(!running.paused);
         }
+    }
+
+    /// Only a parsed HTTP 200 body tells for sure whether the API applied
+    /// the request; every other answer may still be applied late.
+    #[test]
+    fn which_answers_are_ambiguous() {
+        let body = |action_ok, code| Reply::Body {
+            action_ok,
+            code,
+            info: String::new(),
+        };
+        for (reply, want) in [
+            (body(true, 0), false),
+            (body(false, 91000), false),
+            (body(false, 90033), false),
+            (body(false, 90009), false),
+            (Reply::HttpStatus(502), true),
+            (Reply::HttpStatus(500), true),
+            (Reply::HttpStatus(429), true),
+            (Reply::Timeout, true),
+            (Reply::Connection("connection reset".into()), true),
+            (Reply::Unparseable("eof".into()), true),
+        ] {
+            assert_eq!(ambiguous(&reply), want, "{reply:?}");
+        }
+    }
+
+    /// The outcome of a batch with an ambiguous request waits until the
+    /// backend timeout after it was sent; a stop cuts the wait short.
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_request_holds_the_outcome_for_the_backend_timeout() {
+        let stop = CancellationToken::new();
+        let sent_at = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let wait = tokio::spawn({
+            let stop = stop.clone();
+            async move { settled_after(sent_at, &stop).await }
+        });
+        tokio::time::advance(Duration::from_millis(1990)).await;
+        tokio::task::yield_now().await;
+        assert!(!wait.is_finished(), "reported before the backend timeout");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(wait.await.expect("wait task"));
+        assert_eq!(Instant::now() - sent_at, BACKEND_TIMEOUT);
+        // Long past it: no wait at all.
+        assert!(settled_after(sent_at, &stop).await);
+
+        let sent_at = Instant::now();
+        let wait = tokio::spawn({
+            let stop = stop.clone();
+            async move { settled_after(sent_at, &stop).await }
+        });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        stop.cancel();
+        assert!(!wait.await.expect("wait task"), "a stop ends the wait");
     }
 
     /// Hours of rate limiting between transient failures do not spend the
@@ -810,5 +919,71 @@ mod tests {
         ctx.stop.cancel();
         let out = task.await.expect("batch task");
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    /// A session that stops while its request waits for the rate limiter
+    /// sends nothing later (another session may hold the messages by then).
+    #[tokio::test]
+    async fn a_request_waiting_for_its_turn_is_not_sent_after_a_stop() {
+        let sim = sim(Faults::default()).await;
+        let (mut ctx, _rx) = ctx(&sim, fast_retry());
+        ctx.client = Client::new(
+            &sim.url(),
+            ctx.client.signer().clone(),
+            Duration::from_secs(5),
+            1,
+            8,
+        )
+        .expect("client");
+        // Take this second's only slot: the batch's request waits ~1 s.
+        ctx.client.limiter().acquire().await;
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ctx.stop.cancel();
+        let out = task.await.expect("batch task");
+        assert!(out.is_empty(), "{out:?}");
+        // Past the slot it was waiting for: still nothing sent.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(sim.stats().total(api::SET_ATTR), 0);
+        assert!(sim.state().is_empty());
+    }
+
+    /// A batch whose request got HTTP 500 and then succeeded is not
+    /// reported (its accounts stay locked) until the backend is done with
+    /// the first attempt, which may still be applied late.
+    #[tokio::test]
+    async fn an_applied_batch_after_an_ambiguous_answer_is_held() {
+        let sim = sim(Faults {
+            http_error_rate: 1.0,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+            })
+        };
+        while sim.stats().total(api::SET_ATTR) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sim.update_faults(|f| f.http_error_rate = 0.0);
+        while value(&sim, "a", "sex").is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            !task.is_finished(),
+            "reported while the HTTP 500 may still apply"
+        );
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(1, None)]);
     }
 }

@@ -119,9 +119,14 @@ pub async fn run(
                 };
                 health.set_connected(false);
                 if conn.status().connected() {
-                    // Bounded: a broker that does not answer must not hold up the exit.
+                    // Bounded: a broker that does not answer must not hold up
+                    // the exit; at shutdown by what is left of its deadline.
+                    let close_by = match &end {
+                        Ok(End::Shutdown(deadline)) => *deadline,
+                        _ => Instant::now() + close_timeout,
+                    };
                     let close = conn.close(200, "imattr stopping".into());
-                    if tokio::time::timeout(close_timeout, close).await.is_err() {
+                    if tokio::time::timeout_at(close_by, close).await.is_err() {
                         warn!("The broker did not confirm closing the connection in time");
                     }
                 }
@@ -129,7 +134,7 @@ pub async fn run(
             }
         };
         match outcome {
-            Some(Ok(End::Shutdown)) => {
+            Some(Ok(End::Shutdown(_))) => {
                 info!("Stopped");
                 return Ok(());
             }
@@ -156,8 +161,9 @@ pub async fn run(
 /// How a session ended (an `Err` from the session: it could not start, or
 /// the broker refused something on the way; both reconnect).
 enum End {
-    /// Shutdown requested and done (or timed out).
-    Shutdown,
+    /// Shutdown requested and done (or timed out), with its deadline (the
+    /// connection's close is bounded by it too).
+    Shutdown(Instant),
     /// The channel, connection or consumer went away.
     Lost(String),
 }

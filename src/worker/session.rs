@@ -219,9 +219,19 @@ impl<'a> Session<'a> {
     pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let end = self.event_loop(cancel).await;
         // Nothing from this session may still be in flight when the next one
-        // starts: stop retries and wait for requests under way to finish.
+        // starts: stop retries and wait for requests under way to finish;
+        // past the shutdown deadline, abort them (nothing acked, all redelivered).
         self.ctx.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        let joined = async { while self.tasks.join_next().await.is_some() {} };
+        match &end {
+            Ok(End::Shutdown(deadline)) => {
+                if tokio::time::timeout_at(*deadline, joined).await.is_err() {
+                    warn!("Shutdown timeout reached while requests were still under way; aborting them");
+                    self.tasks.abort_all();
+                }
+            }
+            _ => joined.await,
+        }
         metrics::gauge!("imattr_pending_accounts").set(0.0);
         metrics::gauge!("imattr_in_flight_requests").set(0.0);
         metrics::gauge!("imattr_paused").set(0.0);
@@ -232,6 +242,8 @@ impl<'a> Session<'a> {
     async fn event_loop(&mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let max_wait = self.config.batch.max_wait();
         let shutdown_timeout = self.config.shutdown.timeout();
+        // The shutdown deadline, once shutdown started: one for consumer
+        // cancel, drain, joining the tasks and closing the connection.
         let mut draining: Option<Instant> = None;
         loop {
             self.dispatch(draining.is_some());
@@ -242,17 +254,19 @@ impl<'a> Session<'a> {
                 .set(self.coalescer.pending_accounts() as f64);
             self.health
                 .set_unsettled(self.messages.len() + self.acks.waiting());
-            if draining.is_some() && self.messages.is_empty() && self.tasks.is_empty() {
-                return Ok(End::Shutdown);
+            if let Some(deadline) = draining {
+                if self.messages.is_empty() && self.tasks.is_empty() {
+                    return Ok(End::Shutdown(deadline));
+                }
             }
-            if draining.is_some() && self.paused_by > 0 {
+            if let Some(deadline) = draining.filter(|_| self.paused_by > 0) {
                 // Nothing can be flushed while the API refuses us: do not
                 // wait out the timeout; the broker redelivers what is unacked.
                 warn!(
                     unsettled_messages = self.messages.len(),
                     "Shutting down while paused (misconfigured); unsettled messages stay unacked for redelivery"
                 );
-                return Ok(End::Shutdown);
+                return Ok(End::Shutdown(deadline));
             }
             // A due batch waiting for a rate slot wakes at the slot, not at
             // its (past) deadline.
@@ -276,14 +290,15 @@ impl<'a> Session<'a> {
                         timeout_secs = shutdown_timeout.as_secs(),
                         "Shutting down: stopped consuming, flushing pending updates"
                     );
-                    draining = Some(Instant::now() + shutdown_timeout);
+                    let deadline = Instant::now() + shutdown_timeout;
+                    draining = Some(deadline);
                     self.health.stopped_consuming();
                     if !self.config.amqp.single_active_consumer {
                         // Bounded: a broker that does not answer must not hold up the flush.
                         let cancel_consumer = self
                             .consume_ch
                             .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default());
-                        if tokio::time::timeout(shutdown_timeout, cancel_consumer).await.is_err() {
+                        if tokio::time::timeout_at(deadline, cancel_consumer).await.is_err() {
                             warn!("The broker did not confirm the consumer's cancellation in time");
                         }
                     }
@@ -301,7 +316,7 @@ impl<'a> Session<'a> {
                     self.ctx.stop.cancel();
                     self.tasks.abort_all();
                     let _ = self.flush_acks().await;
-                    return Ok(End::Shutdown);
+                    return Ok(End::Shutdown(draining.unwrap_or_else(Instant::now)));
                 }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
                 Some(res) = self.tasks.join_next(), if !self.tasks.is_empty() => {
