@@ -1,4 +1,4 @@
-//! The app's attribute names (CONTRACT §6): fixed by configuration, or read
+//! The app's attribute names (docs/messages.md): fixed by configuration, or read
 //! from the API at start and every 5 minutes. Updates naming another
 //! attribute are invalid; while the names are unknown nothing is checked.
 

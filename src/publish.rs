@@ -10,7 +10,7 @@ use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 /// How many publishes may await their confirm at once.
 pub const CONFIRM_WINDOW: usize = 4096;
 
-/// The properties publishers should use (CONTRACT §3): JSON, persistent.
+/// The properties publishers should use (docs/messages.md): JSON, persistent.
 pub fn update_properties() -> BasicProperties {
     BasicProperties::default()
         .with_content_type("application/json".into())

@@ -1,4 +1,4 @@
-//! Update messages (CONTRACT §3): parsing and validation, with no I/O.
+//! Update messages (docs/messages.md): parsing and validation, with no I/O.
 //!
 //! A body is either one update `{"To_Account":"a","Attrs":{…}}` or the API's
 //! own request shape `{"UserAttrs":[{…}, …]}`. Anything else is invalid, and

@@ -1,5 +1,5 @@
 //! Message parsing and validation never panic, and what they accept obeys
-//! every rule of CONTRACT §3.
+//! every rule of docs/messages.md.
 #![no_main]
 
 use std::collections::HashSet;

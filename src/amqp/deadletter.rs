@@ -53,7 +53,7 @@ pub enum PublishError {
 /// Why a message was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
-    /// It broke a rule of CONTRACT §3.
+    /// It broke a rule of docs/messages.md.
     InvalidMessage,
     /// The API rejected it.
     Rejected,

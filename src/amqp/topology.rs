@@ -1,4 +1,4 @@
-//! Declaring the topology (CONTRACT §7).
+//! Declaring the topology (docs/operations.md, docs/several-workers.md).
 
 use anyhow::Context;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};

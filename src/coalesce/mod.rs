@@ -1,4 +1,4 @@
-//! Coalescing and batch forming (CONTRACT §4), as a plain data structure.
+//! Coalescing and batch forming (docs/messages.md, docs/design.md), as a plain data structure.
 //!
 //! Pending updates merge per account in arrival order (later value wins) and
 //! remember which deliveries contributed. A batch takes the accounts whose

@@ -121,7 +121,7 @@ pub fn set_attr_body<'a>(entries: &'a [(&'a str, Vec<(&'a str, &'a str)>)]) -> V
 pub struct CallResult {
     /// What came back.
     pub reply: Reply,
-    /// Its class per CONTRACT §5.
+    /// Its class, as `tencent::errors::classify` decides.
     pub class: Class,
     /// The parsed body when there was one.
     pub body: Option<ApiResponse>,

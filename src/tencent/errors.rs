@@ -1,4 +1,4 @@
-//! What an API answer means (CONTRACT §5), as a pure function.
+//! What an API answer means (docs/messages.md, "What happens to an update"), as a pure function.
 
 use std::fmt;
 
@@ -108,7 +108,7 @@ pub const MISCONFIGURED_CODES: &[i64] = &[
     70016, 70020, 70050, 70114, 70398, 70403, 90045,
 ];
 
-/// Classifies a reply per CONTRACT §5.
+/// Classifies a reply (the table in docs/messages.md).
 pub fn classify(reply: &Reply) -> Class {
     match reply {
         Reply::HttpStatus(_) | Reply::Timeout | Reply::Connection(_) | Reply::Unparseable(_) => {

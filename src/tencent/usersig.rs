@@ -1,4 +1,4 @@
-//! UserSig, TLSSigAPIv2 (CONTRACT §2): generation, verification and a
+//! UserSig, TLSSigAPIv2 (docs/operations.md, UserSig problems): generation, verification and a
 //! caching signer that renews before expiry.
 
 use std::io::{Read, Write};

@@ -142,7 +142,7 @@ pub(super) enum Verdict {
     DeadLetter(Reason),
 }
 
-/// The answer-class → step table of CONTRACT §5, with no I/O.
+/// The answer-class → step table (docs/messages.md), with no I/O.
 pub(super) fn next_step(class: Class, at: Attempt, waits: &mut impl Waits) -> Step {
     use {Again::*, Verdict::*};
     match class {

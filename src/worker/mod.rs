@@ -1,5 +1,5 @@
 //! `imattr run`: RabbitMQ → validated, coalesced batches → `im_set_attr`,
-//! with each delivery acknowledged only after its outcome (CONTRACT §3–§8).
+//! with each delivery acknowledged only after its outcome (docs/design.md).
 //!
 //! - this module: the run loop — connect, run one [`session`], learn how it
 //!   ended, reconnect with backoff;
