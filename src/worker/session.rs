@@ -535,6 +535,9 @@ impl<'a> Session<'a> {
     /// its request can go out at once: an in-flight slot and a rate slot are
     /// free (`draining`: everything ready is due).
     fn dispatch(&mut self, draining: bool) {
+        // A slot found by an earlier call is stale now; an early return must
+        // not leave it behind, or the event loop would wake at it again and again.
+        self.next_slot = None;
         if let Some(until) = self.hold_until {
             if Instant::now() < until {
                 return;
@@ -543,7 +546,6 @@ impl<'a> Session<'a> {
         let max_wait = self.config.batch.max_wait();
         let now = Instant::now();
         let holding = self.redelivery_hold.is_some_and(|until| now < until);
-        self.next_slot = None;
         while self.paused_by == 0 && self.batches_in_flight < self.config.tencent.max_in_flight {
             let cap = self.ctx.cap.get();
             let due = if holding {
