@@ -409,6 +409,10 @@ impl<'a> Session<'a> {
                 self.acks
                     .register(tag, updates.iter().map(|u| u.account.as_str()));
                 self.messages.insert(tag, msg);
+                // Counted at once, not only at the loop's top: a burst of
+                // deliveries must not read as "nothing unsettled" meanwhile.
+                self.health
+                    .set_unsettled(self.messages.len() + self.acks.waiting());
                 if redelivered {
                     let max_wait = self.config.batch.max_wait();
                     self.redelivery_hold = Some(now + max_wait);
