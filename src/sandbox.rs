@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -148,19 +147,7 @@ impl Sandbox {
 
     /// Ready (not delivered) messages in a queue.
     pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
-        let q = self
-            .channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("inspecting queue {queue}"))?;
-        Ok(q.message_count())
+        Ok(crate::dlq::pass::count(&self.channel, queue).await?.0)
     }
 
     /// Waits until the updates queue is empty and the worker holds nothing
