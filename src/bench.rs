@@ -262,25 +262,26 @@ fn states_match(state: &Store, expected: &HashMap<String, BTreeMap<String, Strin
         .all(|(a, attrs)| state.get(a) == Some(attrs))
 }
 
-/// Polls every 20 ms until the queue is empty and nothing is unsettled, three looks in a row.
+/// Polls every 20 ms until the in-process worker has acked every message
+/// published through the sandbox, the queue is empty and nothing is
+/// unsettled (the count matters: an empty queue and an idle session can
+/// also mean the broker's deliveries are still on their way to the session).
 async fn drained_at(sb: &Sandbox, timeout: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     let queue = sb.config.amqp.queue.clone();
-    // One empty look is not enough: the broker may have handed every message
-    // to the worker before its session counted them. Drained means empty for
-    // three looks in a row; the time is the first of them.
-    let mut quiet_since: Option<(Instant, u32)> = None;
     loop {
-        if sb.depth(&queue).await? == 0 && sb.health.unsettled() == 0 && sb.health.is_consuming() {
-            let (since, looks) = quiet_since.unwrap_or((Instant::now(), 0));
-            if looks + 1 >= 3 {
-                return Ok(since);
-            }
-            quiet_since = Some((since, looks + 1));
-        } else {
-            quiet_since = None;
+        if sb.acked() >= sb.published()
+            && sb.health.unsettled() == 0
+            && sb.depth(&queue).await? == 0
+        {
+            return Ok(Instant::now());
         }
-        anyhow::ensure!(Instant::now() < deadline, "not drained within {timeout:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not drained within {timeout:?}: {} of {} acked",
+            sb.acked(),
+            sb.published()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

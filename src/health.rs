@@ -17,6 +17,8 @@ pub struct Health {
     paused_code: AtomicI64,
     unsettled: AtomicUsize,
     sessions: AtomicU64,
+    /// Deliveries acknowledged to the broker, over every session.
+    acked: AtomicU64,
     /// Why the last dead-letter publish failed, while none has succeeded since.
     dead_letters_failing: Mutex<Option<String>>,
 }
@@ -66,6 +68,13 @@ impl Health {
     /// Deliveries received and not yet acknowledged by the current session.
     pub fn unsettled(&self) -> usize {
         self.unsettled.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries acknowledged to the broker so far, over every session
+    /// (dead-lettered ones included: they are acked once their copy is
+    /// confirmed). A redelivered message acked again counts twice.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
     }
 
     /// Broker sessions started so far (1 after the first connect; each
@@ -138,6 +147,11 @@ impl Health {
     /// Deliveries the current session holds unacknowledged.
     pub(crate) fn set_unsettled(&self, n: usize) {
         self.unsettled.store(n, Ordering::Relaxed);
+    }
+
+    /// `n` more deliveries were acknowledged to the broker.
+    pub(crate) fn add_acked(&self, n: u64) {
+        self.acked.fetch_add(n, Ordering::Relaxed);
     }
 
     /// A session ended: nothing of it is paused or unsettled any more.

@@ -2,6 +2,7 @@
 //! exchanges and queues, and the worker in-process. The demo, the benchmarks
 //! and the integration tests all stand on it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,10 @@ pub struct Sandbox {
     conn: Connection,
     channel: Channel,
     publisher: Mutex<Publisher>,
+    /// Messages published through [`Sandbox::publish`].
+    published: AtomicU64,
+    /// Deliveries acked by in-process workers before the current one.
+    acked_before: u64,
     cleaned: bool,
 }
 
@@ -98,6 +103,8 @@ impl Sandbox {
             conn,
             channel,
             publisher: Mutex::new(publisher),
+            published: AtomicU64::new(0),
+            acked_before: 0,
             cleaned: false,
         })
     }
@@ -105,6 +112,7 @@ impl Sandbox {
     /// Starts the worker in-process.
     pub fn start_worker(&mut self) {
         self.cancel = CancellationToken::new();
+        self.acked_before += self.health.acked();
         self.health = Arc::new(Health::default());
         self.worker = Some(tokio::spawn(crate::worker::run(
             self.config.clone(),
@@ -137,7 +145,19 @@ impl Sandbox {
             .lock()
             .await
             .publish(&rk, body, update_properties())
-            .await
+            .await?;
+        self.published.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Messages published so far through [`Sandbox::publish`].
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries acked so far by this sandbox's in-process workers.
+    pub fn acked(&self) -> u64 {
+        self.acked_before + self.health.acked()
     }
 
     /// Waits for every publish so far to be confirmed.
@@ -151,28 +171,44 @@ impl Sandbox {
     }
 
     /// Waits until the updates queue is empty and the worker holds nothing
-    /// unsettled (three checks in a row), or `timeout` passes.
+    /// unsettled (three looks in a row), and every message published here
+    /// has left the queue, or `timeout` passes.
+    ///
+    /// An empty queue and nothing unsettled is not enough: the broker may
+    /// have handed messages to the worker's connection that its session has
+    /// not taken yet. Either the in-process workers acked at least as many
+    /// deliveries as were published here, or (when a child process took
+    /// some) the broker itself says none is unacknowledged.
     pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
         self.confirm().await?;
         let deadline = tokio::time::Instant::now() + timeout;
+        let queue = self.config.amqp.queue.clone();
         let mut quiet = 0;
-        while quiet < 3 {
+        loop {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "not drained after {timeout:?}: {} ready, {} unsettled",
-                    self.depth(&self.config.amqp.queue)
-                        .await
-                        .unwrap_or(u32::MAX),
-                    self.health.unsettled()
+                    "not drained after {timeout:?}: {} ready, {} unsettled, {} of {} acked in-process",
+                    self.depth(&queue).await.unwrap_or(u32::MAX),
+                    self.health.unsettled(),
+                    self.acked(),
+                    self.published.load(Ordering::Relaxed),
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-            let drained = self.depth(&self.config.amqp.queue).await? == 0
+            let looks_drained = self.depth(&queue).await? == 0
                 && self.health.unsettled() == 0
                 && self.health.is_consuming();
-            quiet = if drained { quiet + 1 } else { 0 };
+            quiet = if looks_drained { quiet + 1 } else { 0 };
+            if quiet < 3 {
+                continue;
+            }
+            if self.acked() >= self.published.load(Ordering::Relaxed)
+                || crate::bench::rabbitmqctl_unacked(&queue).await == Some(0)
+            {
+                return Ok(());
+            }
+            quiet = 0;
         }
-        Ok(())
     }
 
     /// The dead letters, oldest first, left in place.

@@ -3,7 +3,6 @@
 mod common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "its drain check can run ahead of the worker's start-up (same as the rate backlog test); run with --ignored"]
 async fn bench_quick_runs_every_scenario() {
     let c = common::base_config();
     let (code, out, err) = common::imattr_output(&c, &["bench", "--quick", "--json"]).await;

@@ -584,7 +584,10 @@ impl<'a> Session<'a> {
 
     /// Sends every ack [`AckTracker::take_acks`] allows now.
     async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
-        for op in self.acks.take_acks() {
+        let before = self.acks.unacked();
+        let ops = self.acks.take_acks();
+        let acked = before.saturating_sub(self.acks.unacked()) as u64;
+        for op in ops {
             self.consume_ch
                 .basic_ack(
                     op.tag,
@@ -594,6 +597,7 @@ impl<'a> Session<'a> {
                 )
                 .await?;
         }
+        self.health.add_acked(acked);
         Ok(())
     }
 }
