@@ -466,8 +466,10 @@ async fn api_bound(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
                     refused * 100.0,
                     "%",
                 ),
-                "0%",
-                refused == 0.0,
+                // The pacer's own window is exact (proven on paused time); at
+                // the server a request can arrive later than its slot.
+                "<= 0.1%",
+                refused <= 0.001,
             ),
             state_figure(name, correct),
         ]);

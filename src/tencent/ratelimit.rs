@@ -16,12 +16,15 @@
 //! the network). The margin keeps two requests `n` apart more than a second
 //! apart at the server too, at the price of 2% of the ceiling.
 //!
-//! A rate-limited answer (someone else shares the quota, or the server counts
-//! differently) lowers the allowed rate by a quarter, at most once per
-//! [`DECREASE_SPACING`] however many replies carry it. After a second without
-//! a decrease it climbs back linearly, an eighth of the configured rate per
-//! second: from one decrease it is at 0.9 of the configured rate 2.2 s later,
-//! and from the floor (a tenth of it) fully back within 8.2 s.
+//! A rate-limited answer (someone else shares the quota, the server counts
+//! differently, or a request reached it later than its slot) lowers the
+//! allowed rate, at most once per [`DECREASE_SPACING`] however many replies
+//! carry it: by a tenth when the rate was at the configured one (a lone
+//! refusal, most often the skew the margin did not absorb, costs little),
+//! then by a quarter each further second the refusals go on. After a second
+//! without a decrease it climbs back linearly, an eighth of the configured
+//! rate per second: from one decrease it is back at the configured rate
+//! 1.8 s later, and from the floor (a tenth of it) within 8.2 s.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -36,7 +39,11 @@ pub const WINDOW: Duration = Duration::from_millis(1000 + SKEW_MARGIN.as_millis(
 pub const SKEW_MARGIN: Duration = Duration::from_millis(20);
 /// Rate-limited answers lower the rate at most this often.
 pub const DECREASE_SPACING: Duration = Duration::from_secs(1);
-/// What a rate-limited answer multiplies the allowed rate by.
+/// What the first rate-limited answer of an episode (the rate was at the
+/// configured one) multiplies the allowed rate by.
+const FIRST_DECREASE_FACTOR: f64 = 0.9;
+/// What a rate-limited answer multiplies the allowed rate by while it is
+/// already lowered: refusals that go on mean the quota really is smaller.
 const DECREASE_FACTOR: f64 = 0.75;
 /// The lowest allowed rate, as a fraction of the configured one.
 const FLOOR_FRACTION: f64 = 0.1;
@@ -162,9 +169,15 @@ impl Pacer {
             }
         }
         let current = self.rate(now);
-        let lowered = (current * DECREASE_FACTOR).max(self.max_rate * FLOOR_FRACTION);
+        let new_episode = current >= self.max_rate;
+        let factor = if new_episode {
+            FIRST_DECREASE_FACTOR
+        } else {
+            DECREASE_FACTOR
+        };
+        let lowered = (current * factor).max(self.max_rate * FLOOR_FRACTION);
         self.lowered = Some((lowered, now));
-        if current >= self.max_rate {
+        if new_episode {
             Lowering::NewEpisode(lowered)
         } else {
             Lowering::Lowered(lowered)
@@ -337,15 +350,16 @@ mod tests {
     fn refusals_lower_the_rate_at_most_once_a_second() {
         let t0 = Instant::now();
         let mut p = Pacer::new(100, t0);
-        assert_eq!(p.on_rate_limited(t0), Lowering::NewEpisode(75.0));
+        assert_eq!(p.on_rate_limited(t0), Lowering::NewEpisode(90.0));
         // Thirty more refusals within the second change nothing.
         for i in 1..=30 {
             let at = t0 + Duration::from_millis(i * 30);
             assert_eq!(p.on_rate_limited(at), Lowering::Unchanged);
         }
-        assert_eq!(p.rate(t0 + Duration::from_millis(999)), 75.0);
+        assert_eq!(p.rate(t0 + Duration::from_millis(999)), 90.0);
+        // Refusals that go on cut by a quarter each second.
         let at = t0 + Duration::from_secs(1);
-        assert_eq!(p.on_rate_limited(at), Lowering::Lowered(75.0 * 0.75));
+        assert_eq!(p.on_rate_limited(at), Lowering::Lowered(90.0 * 0.75));
     }
 
     #[test]
@@ -373,12 +387,26 @@ mod tests {
     }
 
     #[test]
-    fn one_decrease_is_back_at_ninety_percent_in_under_three_seconds() {
+    fn one_decrease_costs_a_tenth_and_is_over_in_under_two_seconds() {
         let t0 = Instant::now();
         let mut p = Pacer::new(100, t0);
         let _ = p.on_rate_limited(t0);
-        assert!(p.rate(t0 + Duration::from_millis(2190)) < 90.0);
-        assert!(p.rate(t0 + Duration::from_millis(2200)) >= 90.0 - 1e-9);
+        assert!(close(p.rate(t0), 90.0));
+        assert!(p.rate(t0 + Duration::from_millis(1790)) < 100.0);
+        assert!(close(p.rate(t0 + Duration::from_millis(1800)), 100.0));
+    }
+
+    #[test]
+    fn two_seconds_of_refusals_cut_by_a_tenth_then_a_quarter() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(100, t0);
+        assert_eq!(p.on_rate_limited(t0), Lowering::NewEpisode(90.0));
+        let at = t0 + Duration::from_millis(1500);
+        // Half a second of climbing (6.25) before the second cut.
+        let Lowering::Lowered(r) = p.on_rate_limited(at) else {
+            panic!("a second decrease in the same episode");
+        };
+        assert!(close(r, (90.0 + 6.25) * 0.75), "{r}");
     }
 
     #[test]
@@ -388,7 +416,7 @@ mod tests {
         let mut sent: Vec<Instant> = (0..100).map(|_| p.reserve(t0)).collect();
         let refused_at = *sent.last().unwrap();
         let _ = p.on_rate_limited(refused_at);
-        // Within the next window at most 75 (plus the recovery) go out.
+        // Within the next window at most 90 go out.
         let mut now = refused_at;
         while now < refused_at + WINDOW {
             match p.try_take(now) {
@@ -397,7 +425,7 @@ mod tests {
             }
         }
         let after = sent.iter().filter(|&&t| t > refused_at).count();
-        assert!(after <= 75, "{after}");
+        assert!(after <= 90, "{after}");
     }
 
     /// After a burst of refusals the allowed rate is back at 0.9 of the
