@@ -8,7 +8,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 /// How many publishes may await their confirm at once.
-pub const CONFIRM_WINDOW: usize = 4096;
+pub(crate) const CONFIRM_WINDOW: usize = 4096;
 
 /// The properties publishers should use (docs/messages.md): JSON, persistent.
 pub fn update_properties() -> BasicProperties {

@@ -20,11 +20,11 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One `basic.ack` to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckOp {
+pub(crate) struct AckOp {
     /// The delivery tag.
-    pub tag: u64,
+    pub(crate) tag: u64,
     /// Acknowledge every outstanding delivery up to `tag`.
-    pub multiple: bool,
+    pub(crate) multiple: bool,
 }
 
 #[derive(Debug)]
@@ -35,7 +35,7 @@ struct Unacked {
 
 /// The tracker for one channel.
 #[derive(Debug, Default)]
-pub struct AckTracker {
+pub(crate) struct AckTracker {
     /// Registered, not yet acknowledged deliveries.
     unacked: BTreeMap<u64, Unacked>,
     /// For each account, the unacked deliveries touching it, oldest first.
@@ -50,14 +50,18 @@ pub struct AckTracker {
 
 impl AckTracker {
     /// A tracker for a fresh channel.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Records a delivery and the accounts it touches (none for an invalid
     /// message). Tags must grow, as they do on one channel; a tag not newer
     /// than the last one is ignored and returns false.
-    pub fn register<'a>(&mut self, tag: u64, accounts: impl IntoIterator<Item = &'a str>) -> bool {
+    pub(crate) fn register<'a>(
+        &mut self,
+        tag: u64,
+        accounts: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
         if tag <= self.last_tag {
             return false;
         }
@@ -83,7 +87,7 @@ impl AckTracker {
 
     /// Marks a delivery as done (applied, or its dead-letter copy confirmed).
     /// Unknown, already settled or already acked tags are ignored.
-    pub fn settle(&mut self, tag: u64) {
+    pub(crate) fn settle(&mut self, tag: u64) {
         if let Some(d) = self.unacked.get_mut(&tag) {
             if !d.settled {
                 d.settled = true;
@@ -95,17 +99,18 @@ impl AckTracker {
 
     /// Settled deliveries not yet acknowledged (held back by the ack-order rule,
     /// or not yet taken).
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting
     }
 
     /// Registered deliveries not yet acknowledged, settled or not.
-    pub fn unacked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn unacked(&self) -> usize {
         self.unacked.len()
     }
 
     /// The acks to send now: everything the ack-order rule allows.
-    pub fn take_acks(&mut self) -> Vec<AckOp> {
+    pub(crate) fn take_acks(&mut self) -> Vec<AckOp> {
         let mut ops = Vec::new();
         // The settled run at the bottom of the window: one multiple ack.
         let mut run_end = None;
