@@ -8,9 +8,8 @@ mod model;
 mod secret;
 mod validate;
 
-pub use load::DEFAULT_CONFIG_PATH;
 pub use model::*;
-pub use secret::{redact_url, AmqpUrl, Secret};
+pub use secret::{AmqpUrl, Secret};
 pub use validate::API_BACKEND_TIMEOUT_MS;
 
 /// A configuration error; `imattr` exits with status 2 on any of them.

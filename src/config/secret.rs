@@ -43,7 +43,7 @@ impl Secret {
         &self.0
     }
     /// Whether no secret is set.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }
@@ -80,16 +80,16 @@ impl AmqpUrl {
         AmqpUrl(s.into())
     }
     /// The URL with its password, for connecting only.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
     /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
+    pub(crate) fn redacted(&self) -> String {
         redact_url(&self.0)
     }
     /// The URLs of a comma-separated list (nodes of one cluster), in order,
     /// blanks around commas ignored.
-    pub fn split(&self) -> Vec<AmqpUrl> {
+    pub(crate) fn split(&self) -> Vec<AmqpUrl> {
         split_urls(&self.0)
             .into_iter()
             .map(str::trim)
@@ -122,7 +122,7 @@ impl Serialize for AmqpUrl {
 }
 /// Replaces the password in `scheme://user:password@host…` with `***`, in
 /// every URL of a comma-separated list.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     split_urls(url)
         .into_iter()
         .map(redact_one_url)
