@@ -50,7 +50,7 @@ pub fn env_vars(config: &Config) -> Vec<(String, String)> {
 }
 
 /// A random suffix for names.
-pub fn suffix() -> String {
+pub(crate) fn suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
