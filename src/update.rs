@@ -13,11 +13,11 @@ use serde::Deserialize;
 /// Largest body accepted, in bytes (1 MiB).
 pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// Longest account, in bytes.
-pub(crate) const MAX_ACCOUNT_BYTES: usize = 32;
+pub const MAX_ACCOUNT_BYTES: usize = 32;
 /// Longest attribute name, in bytes.
-pub(crate) const MAX_NAME_BYTES: usize = 50;
+pub const MAX_NAME_BYTES: usize = 50;
 /// Most attributes per account.
-pub(crate) const MAX_ATTRS: usize = 10;
+pub const MAX_ATTRS: usize = 10;
 /// Most `UserAttrs` entries per message.
 pub(crate) const MAX_ENTRIES: usize = 1000;
 
@@ -26,9 +26,9 @@ pub(crate) const MAX_ENTRIES: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountUpdate {
     /// `To_Account`.
-    pub(crate) account: String,
+    pub account: String,
     /// `(name, value)` pairs.
-    pub(crate) attrs: Vec<(String, String)>,
+    pub attrs: Vec<(String, String)>,
 }
 
 /// The rule an invalid message broke, naming the field (goes into `x-imattr-error`).

@@ -29,7 +29,7 @@ pub(crate) struct Part {
 
 /// One account in a batch: the parts behind it, merged when the request is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Entry {
+pub struct Entry {
     /// The account.
     pub(crate) account: String,
     /// The contributing deliveries, in arrival order.
@@ -66,7 +66,7 @@ struct Pending {
 
 /// The coalescer.
 #[derive(Debug, Default)]
-pub(crate) struct Coalescer {
+pub struct Coalescer {
     pending: HashMap<String, Pending>,
     /// Accounts with pending updates that are not in flight, oldest first.
     ready: BTreeMap<(Instant, u64), String>,
@@ -76,18 +76,12 @@ pub(crate) struct Coalescer {
 
 impl Coalescer {
     /// An empty coalescer.
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds one delivery's update for one account.
-    pub(crate) fn push(
-        &mut self,
-        account: &str,
-        attrs: Vec<(String, String)>,
-        tag: Tag,
-        now: Instant,
-    ) {
+    pub fn push(&mut self, account: &str, attrs: Vec<(String, String)>, tag: Tag, now: Instant) {
         if let Some(p) = self.pending.get_mut(account) {
             match p.parts.last_mut() {
                 // The same delivery touching the account again (cannot happen
@@ -151,7 +145,7 @@ impl Coalescer {
 
     /// Takes the next batch: up to `max_accounts` ready accounts, oldest
     /// first, each once; they are in flight until [`Coalescer::complete`].
-    pub(crate) fn take_batch(&mut self, max_accounts: usize) -> Vec<Entry> {
+    pub fn take_batch(&mut self, max_accounts: usize) -> Vec<Entry> {
         let mut batch = Vec::with_capacity(max_accounts.min(self.ready.len()));
         while batch.len() < max_accounts {
             let Some((_, account)) = self.ready.pop_first() else {
