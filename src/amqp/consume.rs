@@ -27,22 +27,41 @@ pub(crate) struct AckOp {
     pub(crate) multiple: bool,
 }
 
+/// A registered delivery not yet acknowledged.
 #[derive(Debug)]
 struct Unacked {
+    /// Its accounts, each once (none for an invalid message, which nothing
+    /// holds back once settled).
     accounts: Box<[String]>,
+    /// Done with (applied or dead-lettered): only the ack-order rule holds it.
     settled: bool,
 }
 
-/// The tracker for one channel.
+/// The ack tracker for one channel (delivery tags are per channel; a new
+/// channel needs a new tracker).
+///
+/// Invariants between `take_acks` calls:
+/// - `by_account[a]` holds exactly the tags in `unacked` whose accounts
+///   include `a`, ascending (tags are registered in increasing order and
+///   leave only from the front); an emptied queue is removed.
+/// - `waiting` is the number of settled entries in `unacked`.
+/// - A delivery is acked only when it heads the queue of each of its
+///   accounts, so no account ever has an acked delivery above an unacked
+///   one; the `multiple` run qualifies because it is the oldest of all.
+/// - Every settled delivery that can be acked is in `candidates` (unless the
+///   `multiple` run takes it first): it is pushed when it settles and again
+///   when it reaches the head of one of its queues.
+///   Entries may be stale (acked meanwhile, or still held): `take_acks`
+///   checks each with `is_ackable` and drops the ones that fail.
 #[derive(Debug, Default)]
 pub(crate) struct AckTracker {
-    /// Registered, not yet acknowledged deliveries.
+    /// Registered, not yet acknowledged deliveries, by tag.
     unacked: BTreeMap<u64, Unacked>,
     /// For each account, the unacked deliveries touching it, oldest first.
     by_account: HashMap<String, VecDeque<u64>>,
     /// Settled deliveries that may have become ackable.
     candidates: Vec<u64>,
-    /// The newest registered tag.
+    /// The newest registered tag: a tag at or below it is refused.
     last_tag: u64,
     /// Settled, not yet acknowledged.
     waiting: usize,
