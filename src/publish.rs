@@ -19,7 +19,7 @@ pub fn update_properties() -> BasicProperties {
 }
 
 /// A publisher on a channel in confirm mode that keeps up to
-/// [`CONFIRM_WINDOW`] confirms outstanding.
+/// `CONFIRM_WINDOW` confirms outstanding.
 pub struct Publisher {
     channel: Channel,
     exchange: String,

@@ -44,7 +44,7 @@ impl std::fmt::Debug for Sandbox {
 }
 
 /// The `IMATTR_*` environment variables that configure an `imattr` process
-/// exactly like `config`, secrets included (see [`Config::to_env`]).
+/// exactly like `config`, secrets included (see `Config::to_env`).
 pub fn env_vars(config: &Config) -> Vec<(String, String)> {
     config.to_env()
 }

@@ -3,7 +3,7 @@
 //! Pending updates merge per account in arrival order (later value wins) and
 //! remember which deliveries contributed. A batch takes the accounts whose
 //! oldest pending update is oldest, at most `max_accounts`, never an account
-//! already in flight; those accounts stay locked until [`Coalescer::complete`].
+//! already in flight; those accounts stay locked until `Coalescer::complete`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -144,7 +144,7 @@ impl Coalescer {
     }
 
     /// Takes the next batch: up to `max_accounts` ready accounts, oldest
-    /// first, each once; they are in flight until [`Coalescer::complete`].
+    /// first, each once; they are in flight until `Coalescer::complete`.
     pub fn take_batch(&mut self, max_accounts: usize) -> Vec<Entry> {
         let mut batch = Vec::with_capacity(max_accounts.min(self.ready.len()));
         while batch.len() < max_accounts {

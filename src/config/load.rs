@@ -14,7 +14,7 @@ pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/imattr.toml";
 impl Config {
     /// Loads the layers: defaults, then `path` (or `IMATTR_CONFIG`, or
     /// `./config/imattr.toml` when it exists), then the environment. Validates
-    /// everything but the API credentials (see [`Config::validate_api`]).
+    /// everything but the API credentials (see `Config::validate_api`).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let file: Option<PathBuf> = match path {
             Some(p) => Some(p.to_path_buf()),

@@ -1,6 +1,6 @@
 //! Configuration: built-in defaults, then a TOML file, then
 //! `IMATTR_<SECTION>__<KEY>` environment variables. Unknown keys are errors.
-//! [`Config::to_env`] writes a configuration back as those variables.
+//! `Config::to_env` writes a configuration back as those variables.
 
 mod env;
 mod load;

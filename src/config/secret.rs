@@ -28,7 +28,7 @@ fn is_exposed() -> bool {
     EXPOSED.with(Cell::get)
 }
 
-/// A secret string: never shown by `Debug`, `Display` or `Serialize` (but in [`exposed`]).
+/// A secret string: never shown by `Debug`, `Display` or `Serialize` (but in `exposed`).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -69,7 +69,7 @@ impl Serialize for Secret {
 }
 
 /// The AMQP URL: its password is never shown by `Debug`, `Display` or `Serialize`
-/// (but in [`exposed`]).
+/// (but in `exposed`).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct AmqpUrl(String);

@@ -5,8 +5,8 @@
 //! A queue can only be read by taking messages off it, and a message taken
 //! stays "unacknowledged" on the broker until it is acknowledged (gone) or
 //! returned. So every command reads with one consumer whose prefetch window
-//! ([`PassConfig::window`], 2,000 by default, never more than
-//! [`pass::MAX_WINDOW`]) bounds how many messages are out at once, whatever
+//! (`PassConfig::window`, 2,000 by default, never more than
+//! `pass::MAX_WINDOW`) bounds how many messages are out at once, whatever
 //! the queue holds, and reads exactly the messages ready when it started (the
 //! count of a passive queue declare): dead letters that arrive meanwhile are
 //! left alone, so `replay` ends even while the worker dead-letters again what

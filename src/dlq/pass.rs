@@ -39,7 +39,7 @@ impl Default for PassConfig {
 }
 
 impl PassConfig {
-    /// A window of `window` messages (clamped to 1..=[`MAX_WINDOW`]),
+    /// A window of `window` messages (clamped to 1..=`MAX_WINDOW`),
     /// committed every half window.
     pub fn with_window(window: u16) -> PassConfig {
         let window = window.clamp(1, MAX_WINDOW);
