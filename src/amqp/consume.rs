@@ -68,7 +68,6 @@ pub(crate) struct AckTracker {
 }
 
 impl AckTracker {
-    /// A tracker for a fresh channel.
     pub(crate) fn new() -> Self {
         Self::default()
     }

@@ -50,7 +50,6 @@ impl Nodes {
         Nodes { nodes, next: 0 }
     }
 
-    /// How many nodes there are.
     pub(crate) fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -21,7 +21,6 @@ pub(crate) type Tag = u64;
 /// One delivery's contribution to one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Part {
-    /// The delivery.
     pub(crate) tag: Tag,
     /// What it sets for this account.
     pub(crate) attrs: Vec<(String, String)>,
@@ -30,7 +29,6 @@ pub(crate) struct Part {
 /// One account in a batch: the parts behind it, merged when the request is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// The account.
     pub(crate) account: String,
     /// The contributing deliveries, in arrival order.
     pub(crate) parts: Vec<Part>,
@@ -64,18 +62,25 @@ struct Pending {
     key: (Instant, u64),
 }
 
-/// The coalescer.
+/// Pending updates per account, and which accounts are in flight. `push`
+/// adds to them, `take_batch` takes the oldest ready accounts and locks them,
+/// `complete` unlocks them; updates pushed for a locked account wait and
+/// become ready on `complete`, so an account is never in two requests at once.
 #[derive(Debug, Default)]
 pub struct Coalescer {
+    /// Every account with updates not yet taken, in flight or not.
     pending: HashMap<String, Pending>,
     /// Accounts with pending updates that are not in flight, oldest first.
     ready: BTreeMap<(Instant, u64), String>,
+    /// Accounts taken by `take_batch` and not yet `complete`d.
     in_flight: HashSet<String>,
+    /// The second half of `ready`'s keys: tells apart updates that arrived
+    /// at the same instant.
     seq: u64,
 }
 
 impl Coalescer {
-    /// An empty coalescer.
+    /// Nothing pending, nothing in flight.
     pub fn new() -> Self {
         Self::default()
     }

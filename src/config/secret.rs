@@ -42,7 +42,6 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// Whether no secret is set.
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

@@ -329,7 +329,6 @@ impl SimHandle {
         self.serve().await
     }
 
-    /// Stops the simulator.
     pub(crate) async fn shutdown(mut self) {
         self.pause().await;
     }

@@ -188,12 +188,11 @@ impl Client {
         })
     }
 
-    /// The signer.
+    /// The UserSig source every request of this client signs with.
     pub fn signer(&self) -> &Arc<Signer> {
         &self.signer
     }
 
-    /// The rate limiter.
     pub(crate) fn limiter(&self) -> &Arc<RateLimiter> {
         &self.limiter
     }

@@ -245,7 +245,6 @@ impl Signer {
         }
     }
 
-    /// The SDKAppID.
     pub(crate) fn sdkappid(&self) -> u64 {
         self.sdkappid
     }
