@@ -16,7 +16,7 @@ use crate::health::Health;
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once; returns its handle.
-pub fn prometheus() -> Option<PrometheusHandle> {
+pub(crate) fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()

@@ -20,19 +20,19 @@ use crate::simulator::{Faults, Stats, Store};
 
 /// One figure of the report.
 #[derive(Debug, Clone, Serialize)]
-pub struct Figure {
+pub(crate) struct Figure {
     /// Scenario number and name.
-    pub scenario: String,
+    pub(crate) scenario: String,
     /// What was measured.
-    pub metric: String,
+    pub(crate) metric: String,
     /// The measurement.
-    pub value: f64,
+    pub(crate) value: f64,
     /// Its unit.
-    pub unit: String,
+    pub(crate) unit: String,
     /// The target, if any.
-    pub target: Option<String>,
+    pub(crate) target: Option<String>,
     /// Whether the target was met.
-    pub pass: Option<bool>,
+    pub(crate) pass: Option<bool>,
 }
 
 struct Sizes {
@@ -84,10 +84,10 @@ const QUICK: Sizes = Sizes {
 };
 
 /// Prefetch used by the hot-accounts scenario (see BENCHMARKS.md).
-pub const HOT_PREFETCH: u16 = 20_000;
+pub(crate) const HOT_PREFETCH: u16 = 20_000;
 
 /// The scenarios, numbered from 1.
-pub const SCENARIOS: [&str; 8] = [
+pub(crate) const SCENARIOS: [&str; 8] = [
     "broker-bound drain",
     "API-bound",
     "hot accounts",
@@ -99,7 +99,12 @@ pub const SCENARIOS: [&str; 8] = [
 ];
 
 /// Runs every scenario (or only scenario `only`) and prints the table (or JSON).
-pub async fn run(base: Config, quick: bool, json: bool, only: Option<u8>) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    base: Config,
+    quick: bool,
+    json: bool,
+    only: Option<u8>,
+) -> anyhow::Result<()> {
     let sizes = if quick { QUICK } else { FULL };
     let mut figures = Vec::new();
     let say = |s: &str| {
@@ -295,7 +300,7 @@ fn bench_tweak(c: &mut Config) {
 /// scenario 1 to compare against. Consumes `count` messages from the
 /// configured queue and acks them (`multiple` every prefetch/4); prints the
 /// seconds from consuming to the last ack.
-pub async fn bare_consumer(config: &Config, count: usize) -> anyhow::Result<()> {
+pub(crate) async fn bare_consumer(config: &Config, count: usize) -> anyhow::Result<()> {
     let prefetch = config.amqp.prefetch;
     let conn =
         crate::amqp::nodes::connect_first(&config.amqp, "imattr bench bare consumer").await?;
@@ -925,7 +930,11 @@ async fn latency(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
 /// Dead letters of every kind, `n` of them, into the sandbox's dead-letter
 /// exchange on `channels` pipelined confirm channels: 60% rejected (90033),
 /// 20% retries exhausted, 10% invalid, 10% expired by RabbitMQ itself.
-pub async fn fill_dead_letters(config: &Config, n: usize, channels: usize) -> anyhow::Result<()> {
+pub(crate) async fn fill_dead_letters(
+    config: &Config,
+    n: usize,
+    channels: usize,
+) -> anyhow::Result<()> {
     use crate::amqp::deadletter::{dead_letter_properties, Failure, Reason};
     use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
     let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr bench dead letters").await?;
@@ -1098,7 +1107,7 @@ async fn run_tool(config: &Config, args: &[&str]) -> anyhow::Result<ToolRun> {
 
 /// Scenario 6: `dlq stats`, `list --limit 20`, `export` and `replay --dry-run`
 /// on a queue of `n` dead letters, each as its own process.
-pub async fn dead_letters(base: &Config, n: usize) -> anyhow::Result<Vec<Figure>> {
+pub(crate) async fn dead_letters(base: &Config, n: usize) -> anyhow::Result<Vec<Figure>> {
     let name = "8 dead letters";
     let sb = Sandbox::start(base, "imattr.bench", &["n"], Faults::default(), bench_tweak).await?;
     let c = sb.config.clone();

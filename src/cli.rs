@@ -106,16 +106,16 @@ pub enum Command {
 pub struct PublishArgs {
     /// The account (To_Account) to update.
     #[arg(long, requires = "attr", conflicts_with = "file")]
-    pub account: Option<String>,
+    pub(crate) account: Option<String>,
     /// An attribute as name=value; repeat for several.
     #[arg(long, value_name = "NAME=VALUE")]
-    pub attr: Vec<String>,
+    pub(crate) attr: Vec<String>,
     /// NDJSON file, one message body per line; `-` reads stdin.
     #[arg(long, value_name = "PATH")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Publish the valid lines of a file and skip the invalid ones.
     #[arg(long)]
-    pub skip_invalid: bool,
+    pub(crate) skip_invalid: bool,
 }
 
 /// `imattr dlq …`.
@@ -185,13 +185,13 @@ pub enum DlqCommand {
 pub struct DlqFilter {
     /// Only messages with this x-imattr-error-code.
     #[arg(long)]
-    pub code: Option<i64>,
+    pub(crate) code: Option<i64>,
     /// Only messages with this reason (broker:… for those RabbitMQ dead-lettered itself).
     #[arg(long, value_parser = crate::dlq::REASONS)]
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// Only messages about this account.
     #[arg(long)]
-    pub account: Option<String>,
+    pub(crate) account: Option<String>,
 }
 
 impl From<DlqFilter> for crate::dlq::Filter {
@@ -209,45 +209,45 @@ impl From<DlqFilter> for crate::dlq::Filter {
 pub struct SimulateArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:18080")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Probability of answering 91000.
     #[arg(long, default_value_t = 0.0)]
-    pub fail_rate: f64,
+    pub(crate) fail_rate: f64,
     /// Latency per request, `MS` or `MIN..MAX`.
     #[arg(long, default_value = "0")]
-    pub latency_ms: String,
+    pub(crate) latency_ms: String,
     /// Requests per second per API before 60007 (0 turns it off).
     #[arg(long, default_value_t = 100)]
-    pub rate_limit: u32,
+    pub(crate) rate_limit: u32,
     /// `strict`: at most --rate-limit admitted requests in any sliding
     /// 1-second window; `lenient`: a token bucket (bursts, then the rate).
     #[arg(long, default_value = "strict")]
-    pub rate_limit_mode: crate::simulator::RateLimitMode,
+    pub(crate) rate_limit_mode: crate::simulator::RateLimitMode,
     /// Probability of answering HTTP 500.
     #[arg(long, default_value_t = 0.0)]
-    pub http_error_rate: f64,
+    pub(crate) http_error_rate: f64,
     /// Answer 91000 to every im_set_attr holding this account (repeatable).
     #[arg(long)]
-    pub fail_account: Vec<String>,
+    pub(crate) fail_account: Vec<String>,
     /// Accounts per im_set_attr before 90018.
     #[arg(long, default_value_t = 100)]
-    pub max_accounts: usize,
+    pub(crate) max_accounts: usize,
     /// Answer 90033 whenever this attribute appears (repeatable).
     #[arg(long)]
-    pub reject_attr: Vec<String>,
+    pub(crate) reject_attr: Vec<String>,
     /// Answer every request with 90009.
     #[arg(long)]
-    pub misconfigured: bool,
+    pub(crate) misconfigured: bool,
     /// Attribute names registered at start, comma-separated.
     #[arg(long, value_delimiter = ',')]
-    pub attr_names: Vec<String>,
+    pub(crate) attr_names: Vec<String>,
     /// Seed of the fault injection.
     #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    pub(crate) seed: u64,
 }
 
 /// Parses `MS` or `MIN..MAX`.
-pub fn parse_latency(s: &str) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn parse_latency(s: &str) -> anyhow::Result<(u64, u64)> {
     let bad = || anyhow::anyhow!("--latency-ms takes MS or MIN..MAX, e.g. 5..20 (got {s:?})");
     match s.split_once("..") {
         Some((a, b)) => {
@@ -268,7 +268,7 @@ pub fn parse_latency(s: &str) -> anyhow::Result<(u64, u64)> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -288,7 +288,7 @@ pub async fn shutdown_signal() {
 }
 
 /// A token cancelled on SIGTERM/SIGINT.
-pub fn cancel_on_signal() -> CancellationToken {
+pub(crate) fn cancel_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {

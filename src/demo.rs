@@ -14,7 +14,7 @@ const ACCOUNTS: usize = 2_000;
 const UPDATES: usize = 20_000;
 
 /// Runs the demo; fails (exit 1) if the final state is not the expected one.
-pub async fn run(base: Config) -> anyhow::Result<()> {
+pub(crate) async fn run(base: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("imattr demo: simulator + worker + {UPDATES} updates over {ACCOUNTS} accounts");
     println!("  RabbitMQ: {}", base.amqp.url);

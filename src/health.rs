@@ -47,12 +47,12 @@ impl Health {
     /// Whether this worker is the queue's active consumer (see
     /// docs/several-workers.md for how it knows); false: a standby, or not
     /// consuming at all.
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
     }
 
     /// `active` or `standby`, for `/healthz`.
-    pub fn role(&self) -> &'static str {
+    pub(crate) fn role(&self) -> &'static str {
         if self.is_active() {
             "active"
         } else {
@@ -99,7 +99,7 @@ impl Health {
     }
 
     /// Why dead-letter copies cannot be published right now, if they cannot.
-    pub fn dead_letter_failure(&self) -> Option<String> {
+    pub(crate) fn dead_letter_failure(&self) -> Option<String> {
         self.dead_letters_failing
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -8,7 +8,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 /// How many publishes may await their confirm at once.
-pub const CONFIRM_WINDOW: usize = 4096;
+pub(crate) const CONFIRM_WINDOW: usize = 4096;
 
 /// The properties publishers should use (docs/messages.md): JSON, persistent.
 pub fn update_properties() -> BasicProperties {
@@ -19,7 +19,7 @@ pub fn update_properties() -> BasicProperties {
 }
 
 /// A publisher on a channel in confirm mode that keeps up to
-/// [`CONFIRM_WINDOW`] confirms outstanding.
+/// `CONFIRM_WINDOW` confirms outstanding.
 pub struct Publisher {
     channel: Channel,
     exchange: String,

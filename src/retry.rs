@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 /// Time spent in transient failure, against a limit.
 #[derive(Debug, Clone)]
-pub struct TransientBudget {
+pub(crate) struct TransientBudget {
     max: Option<Duration>,
     spent: Duration,
     /// When the last answer was transient: when it came.
@@ -21,7 +21,7 @@ pub struct TransientBudget {
 
 impl TransientBudget {
     /// A budget of `max` (None: unlimited).
-    pub fn new(max: Option<Duration>) -> Self {
+    pub(crate) fn new(max: Option<Duration>) -> Self {
         TransientBudget {
             max,
             spent: Duration::ZERO,
@@ -30,13 +30,13 @@ impl TransientBudget {
     }
 
     /// A budget of `max_elapsed_secs` seconds, 0 meaning unlimited.
-    pub fn from_secs(max_elapsed_secs: u64) -> Self {
+    pub(crate) fn from_secs(max_elapsed_secs: u64) -> Self {
         Self::new((max_elapsed_secs > 0).then(|| Duration::from_secs(max_elapsed_secs)))
     }
 
     /// Records an answer that came at `now`; `transient` when it was a
     /// transient failure (the time until the next answer then counts).
-    pub fn answer(&mut self, now: Instant, transient: bool) {
+    pub(crate) fn answer(&mut self, now: Instant, transient: bool) {
         if let Some(since) = self.since.take() {
             self.spent += now.saturating_duration_since(since);
         }
@@ -46,12 +46,13 @@ impl TransientBudget {
     }
 
     /// Time counted so far.
-    pub fn spent(&self) -> Duration {
+    #[cfg(test)]
+    pub(crate) fn spent(&self) -> Duration {
         self.spent
     }
 
     /// Whether waiting `wait` more would go past the limit: then give up now.
-    pub fn exhausted_after(&self, wait: Duration) -> bool {
+    pub(crate) fn exhausted_after(&self, wait: Duration) -> bool {
         self.max.is_some_and(|max| self.spent + wait > max)
     }
 }

@@ -49,13 +49,13 @@ impl std::fmt::Debug for Sandbox {
 }
 
 /// The `IMATTR_*` environment variables that configure an `imattr` process
-/// exactly like `config`, secrets included (see [`Config::to_env`]).
+/// exactly like `config`, secrets included (see `Config::to_env`).
 pub fn env_vars(config: &Config) -> Vec<(String, String)> {
     config.to_env()
 }
 
 /// A random suffix for names.
-pub fn suffix() -> String {
+pub(crate) fn suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 

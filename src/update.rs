@@ -11,7 +11,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 /// Largest body accepted, in bytes (1 MiB).
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// Longest account, in bytes.
 pub const MAX_ACCOUNT_BYTES: usize = 32;
 /// Longest attribute name, in bytes.
@@ -19,7 +19,7 @@ pub const MAX_NAME_BYTES: usize = 50;
 /// Most attributes per account.
 pub const MAX_ATTRS: usize = 10;
 /// Most `UserAttrs` entries per message.
-pub const MAX_ENTRIES: usize = 1000;
+pub(crate) const MAX_ENTRIES: usize = 1000;
 
 /// One account's update: attribute (name, value) pairs in arrival order,
 /// each name once.
@@ -148,7 +148,7 @@ pub fn parse(body: &[u8], rules: &Rules<'_>) -> Result<Vec<AccountUpdate>, Inval
 
 /// The account an invalid body names, when it names one plainly (a
 /// top-level `To_Account` string of 1 to 32 bytes), for `x-imattr-account`.
-pub fn guess_account(body: &[u8]) -> Option<String> {
+pub(crate) fn guess_account(body: &[u8]) -> Option<String> {
     if body.len() > MAX_BODY_BYTES {
         return None;
     }
@@ -166,7 +166,7 @@ pub fn guess_account(body: &[u8]) -> Option<String> {
 
 /// Merges `newer` into `into`: a later value for the same name wins, new
 /// names are appended in order.
-pub fn merge_attrs(into: &mut Vec<(String, String)>, newer: Vec<(String, String)>) {
+pub(crate) fn merge_attrs(into: &mut Vec<(String, String)>, newer: Vec<(String, String)>) {
     for (k, v) in newer {
         match into.iter_mut().find(|(name, _)| *name == k) {
             Some(slot) => slot.1 = v,

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{AmqpConfig, AuthMechanism, ConfigError};
 
 /// How to start a broker, for error messages.
-pub const START_HINT: &str =
+pub(crate) const START_HINT: &str =
     "is RabbitMQ running? Start one with `rabbitmq-server -detached` or `docker compose up -d rabbitmq`";
 
 /// The broker could not be reached or refused us.
@@ -29,24 +29,12 @@ pub enum ConnectError {
     Broker {
         /// The URL, password redacted.
         url: String,
-        /// What went wrong, as far as the error tells.
-        problem: Problem,
         /// The one-line explanation shown to the operator.
         message: String,
         /// What lapin said (inside `message`; not named `source`, which
         /// thiserror would chain and anyhow print a second time).
         cause: lapin::Error,
     },
-}
-
-impl ConnectError {
-    /// What went wrong, when the broker was tried at all.
-    pub fn problem(&self) -> Option<Problem> {
-        match self {
-            ConnectError::Config(_) => None,
-            ConnectError::Broker { problem, .. } => Some(*problem),
-        }
-    }
 }
 
 /// Opens a connection named `name` (shown in the management UI and by
@@ -58,7 +46,6 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
         let problem = classify(&Attempt::of(cfg, &cause));
         ConnectError::Broker {
             url: cfg.url.redacted(),
-            problem,
             message: format!("{} ({cause})", describe(problem, cfg)),
             cause,
         }
@@ -83,7 +70,7 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
 
 /// Reads the TLS files named in `cfg` into lapin's TLS settings (rustls),
 /// checking that each holds what it should. Errors name the key and the file.
-pub fn tls_config(cfg: &AmqpConfig) -> Result<OwnedTLSConfig, ConfigError> {
+pub(crate) fn tls_config(cfg: &AmqpConfig) -> Result<OwnedTLSConfig, ConfigError> {
     let mut tls = OwnedTLSConfig::default();
     if !cfg.tls_ca_file.is_empty() {
         let pem = read("amqp.tls_ca_file", &cfg.tls_ca_file)?;
@@ -143,7 +130,7 @@ fn file_error(field: &'static str, path: &str, what: &str) -> ConfigError {
 
 /// What went wrong when connecting, as far as the error tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Problem {
+pub(crate) enum Problem {
     /// Nothing listens at the address.
     Refused,
     /// The broker's certificate chains to no trusted CA.
@@ -175,18 +162,18 @@ pub enum Problem {
 
 /// The facts about a failed connection attempt that [`classify`] looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// Whether the URL is `amqps://`.
-    pub tls: bool,
+    pub(crate) tls: bool,
     /// The kind of the I/O error, when it was one.
-    pub io_kind: Option<io::ErrorKind>,
+    pub(crate) io_kind: Option<io::ErrorKind>,
     /// The error's text, with its sources.
-    pub text: String,
+    pub(crate) text: String,
 }
 
 impl Attempt {
     /// The facts of `err`, an error connecting with `cfg`.
-    pub fn of(cfg: &AmqpConfig, err: &lapin::Error) -> Attempt {
+    pub(crate) fn of(cfg: &AmqpConfig, err: &lapin::Error) -> Attempt {
         let mut text = err.to_string();
         let io_kind = match err.kind() {
             lapin::ErrorKind::IOError(e) => {
@@ -210,7 +197,7 @@ impl Attempt {
 
 /// Decides what went wrong from an attempt's facts. The texts are rustls's
 /// and lapin's own (rustls `Error` and `CertificateError` display forms).
-pub fn classify(a: &Attempt) -> Problem {
+pub(crate) fn classify(a: &Attempt) -> Problem {
     let t = a.text.as_str();
     if a.io_kind == Some(io::ErrorKind::ConnectionRefused) {
         return Problem::Refused;
@@ -283,7 +270,7 @@ pub fn classify(a: &Attempt) -> Problem {
 }
 
 /// One line for the operator: what went wrong and what to do.
-pub fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
+pub(crate) fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
     match problem {
         Problem::Refused => format!("connection refused; {START_HINT}"),
         Problem::UntrustedCertificate if cfg.tls_ca_file.is_empty() => {

@@ -20,44 +20,66 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// One `basic.ack` to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckOp {
+pub(crate) struct AckOp {
     /// The delivery tag.
-    pub tag: u64,
+    pub(crate) tag: u64,
     /// Acknowledge every outstanding delivery up to `tag`.
-    pub multiple: bool,
+    pub(crate) multiple: bool,
 }
 
+/// A registered delivery not yet acknowledged.
 #[derive(Debug)]
 struct Unacked {
+    /// Its accounts, each once (none for an invalid message, which nothing
+    /// holds back once settled).
     accounts: Box<[String]>,
+    /// Done with (applied or dead-lettered): only the ack-order rule holds it.
     settled: bool,
 }
 
-/// The tracker for one channel.
+/// The ack tracker for one channel (delivery tags are per channel; a new
+/// channel needs a new tracker).
+///
+/// Invariants between `take_acks` calls:
+/// - `by_account[a]` holds exactly the tags in `unacked` whose accounts
+///   include `a`, ascending (tags are registered in increasing order and
+///   leave only from the front); an emptied queue is removed.
+/// - `waiting` is the number of settled entries in `unacked`.
+/// - A delivery is acked only when it heads the queue of each of its
+///   accounts, so no account ever has an acked delivery above an unacked
+///   one; the `multiple` run qualifies because it is the oldest of all.
+/// - Every settled delivery that can be acked is in `candidates` (unless the
+///   `multiple` run takes it first): it is pushed when it settles and again
+///   when it reaches the head of one of its queues.
+///   Entries may be stale (acked meanwhile, or still held): `take_acks`
+///   checks each with `is_ackable` and drops the ones that fail.
 #[derive(Debug, Default)]
-pub struct AckTracker {
-    /// Registered, not yet acknowledged deliveries.
+pub(crate) struct AckTracker {
+    /// Registered, not yet acknowledged deliveries, by tag.
     unacked: BTreeMap<u64, Unacked>,
     /// For each account, the unacked deliveries touching it, oldest first.
     by_account: HashMap<String, VecDeque<u64>>,
     /// Settled deliveries that may have become ackable.
     candidates: Vec<u64>,
-    /// The newest registered tag.
+    /// The newest registered tag: a tag at or below it is refused.
     last_tag: u64,
     /// Settled, not yet acknowledged.
     waiting: usize,
 }
 
 impl AckTracker {
-    /// A tracker for a fresh channel.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Records a delivery and the accounts it touches (none for an invalid
     /// message). Tags must grow, as they do on one channel; a tag not newer
     /// than the last one is ignored and returns false.
-    pub fn register<'a>(&mut self, tag: u64, accounts: impl IntoIterator<Item = &'a str>) -> bool {
+    pub(crate) fn register<'a>(
+        &mut self,
+        tag: u64,
+        accounts: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
         if tag <= self.last_tag {
             return false;
         }
@@ -83,7 +105,7 @@ impl AckTracker {
 
     /// Marks a delivery as done (applied, or its dead-letter copy confirmed).
     /// Unknown, already settled or already acked tags are ignored.
-    pub fn settle(&mut self, tag: u64) {
+    pub(crate) fn settle(&mut self, tag: u64) {
         if let Some(d) = self.unacked.get_mut(&tag) {
             if !d.settled {
                 d.settled = true;
@@ -95,17 +117,17 @@ impl AckTracker {
 
     /// Settled deliveries not yet acknowledged (held back by the ack-order rule,
     /// or not yet taken).
-    pub fn waiting(&self) -> usize {
+    pub(crate) fn waiting(&self) -> usize {
         self.waiting
     }
 
     /// Registered deliveries not yet acknowledged, settled or not.
-    pub fn unacked(&self) -> usize {
+    pub(crate) fn unacked(&self) -> usize {
         self.unacked.len()
     }
 
     /// The acks to send now: everything the ack-order rule allows.
-    pub fn take_acks(&mut self) -> Vec<AckOp> {
+    pub(crate) fn take_acks(&mut self) -> Vec<AckOp> {
         let mut ops = Vec::new();
         // The settled run at the bottom of the window: one multiple ack.
         let mut run_end = None;

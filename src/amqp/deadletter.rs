@@ -10,28 +10,28 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 /// `x-imattr-reason`.
 pub const H_REASON: &str = "x-imattr-reason";
 /// `x-imattr-error-code`.
-pub const H_ERROR_CODE: &str = "x-imattr-error-code";
+pub(crate) const H_ERROR_CODE: &str = "x-imattr-error-code";
 /// `x-imattr-error`.
-pub const H_ERROR: &str = "x-imattr-error";
+pub(crate) const H_ERROR: &str = "x-imattr-error";
 /// `x-imattr-account`.
-pub const H_ACCOUNT: &str = "x-imattr-account";
+pub(crate) const H_ACCOUNT: &str = "x-imattr-account";
 /// `x-imattr-attempts`.
-pub const H_ATTEMPTS: &str = "x-imattr-attempts";
+pub(crate) const H_ATTEMPTS: &str = "x-imattr-attempts";
 /// `x-imattr-failed-at`.
-pub const H_FAILED_AT: &str = "x-imattr-failed-at";
+pub(crate) const H_FAILED_AT: &str = "x-imattr-failed-at";
 /// `x-imattr-source-queue`.
-pub const H_SOURCE_QUEUE: &str = "x-imattr-source-queue";
+pub(crate) const H_SOURCE_QUEUE: &str = "x-imattr-source-queue";
 /// `x-imattr-original-routing-key`.
-pub const H_ROUTING_KEY: &str = "x-imattr-original-routing-key";
+pub(crate) const H_ROUTING_KEY: &str = "x-imattr-original-routing-key";
 /// `x-imattr-failed-accounts`: on the dead letter of a message holding several
 /// accounts, an array of those that failed (the others were applied).
-pub const H_FAILED_ACCOUNTS: &str = "x-imattr-failed-accounts";
+pub(crate) const H_FAILED_ACCOUNTS: &str = "x-imattr-failed-accounts";
 /// `x-imattr-replays`: how many times `dlq replay` sent it back.
 pub const H_REPLAYS: &str = "x-imattr-replays";
 
 /// Why a confirmed publish did not go through.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub(crate) enum PublishError {
     /// The channel or connection failed (the channel may be closed now).
     #[error("publishing failed: {0}")]
     Channel(#[from] lapin::Error),
@@ -63,7 +63,7 @@ pub enum Reason {
 
 impl Reason {
     /// The header value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Reason::InvalidMessage => "invalid-message",
             Reason::Rejected => "rejected",
@@ -166,7 +166,7 @@ pub fn dead_letter_properties(
 /// (the channel must be in confirm mode). Only a copy that reached a queue
 /// counts: a nack, a returned (unroutable) message or a failed channel is an
 /// error.
-pub async fn publish_confirmed(
+pub(crate) async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
@@ -303,7 +303,7 @@ pub fn header_i64(headers: &FieldTable, name: &str) -> Option<i64> {
 }
 
 /// A header as text.
-pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
+pub(crate) fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
     match headers.inner().get(name)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
@@ -314,7 +314,7 @@ pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
 }
 
 /// Converts an AMQP value to JSON (for `dlq list --json` and `dlq export`).
-pub fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
+pub(crate) fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
     use serde_json::Value as J;
     match v {
         AMQPValue::Boolean(b) => J::Bool(*b),
@@ -342,7 +342,7 @@ pub fn amqp_to_json(v: &AMQPValue) -> serde_json::Value {
 }
 
 /// A field table as a JSON object.
-pub fn table_to_json(t: &FieldTable) -> serde_json::Value {
+pub(crate) fn table_to_json(t: &FieldTable) -> serde_json::Value {
     serde_json::Value::Object(
         t.inner()
             .iter()

@@ -1,7 +1,7 @@
 //! RabbitMQ: connecting, topology, acknowledgement tracking and dead-lettering.
 
-pub mod connect;
-pub mod consume;
+pub(crate) mod connect;
+pub(crate) mod consume;
 pub mod deadletter;
-pub mod nodes;
+pub(crate) mod nodes;
 pub mod topology;

@@ -9,7 +9,10 @@ use crate::config::AmqpConfig;
 
 /// Connects to the first node of `cfg.url` that answers, in the listed
 /// order (the tools: `publish`, `dlq`, …). The error is the last node's.
-pub async fn connect_first(cfg: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
+pub(crate) async fn connect_first(
+    cfg: &AmqpConfig,
+    name: &str,
+) -> Result<Connection, ConnectError> {
     let mut nodes = Nodes::new(cfg);
     let mut last = None;
     for _ in 0..nodes.len() {
@@ -32,14 +35,14 @@ pub async fn connect_first(cfg: &AmqpConfig, name: &str) -> Result<Connection, C
 /// The nodes in turn: each connection attempt takes the next one, wrapping
 /// around, so a worker whose node went away tries another one first.
 #[derive(Debug, Clone)]
-pub struct Nodes {
+pub(crate) struct Nodes {
     nodes: Vec<AmqpConfig>,
     next: usize,
 }
 
 impl Nodes {
     /// The nodes of `cfg.url`, starting with the first.
-    pub fn new(cfg: &AmqpConfig) -> Nodes {
+    pub(crate) fn new(cfg: &AmqpConfig) -> Nodes {
         let mut nodes = cfg.nodes();
         if nodes.is_empty() {
             nodes.push(cfg.clone());
@@ -47,19 +50,13 @@ impl Nodes {
         Nodes { nodes, next: 0 }
     }
 
-    /// How many nodes there are.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.nodes.len()
-    }
-
-    /// Whether there are none (never: [`Nodes::new`] keeps at least one).
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
     }
 
     /// The node to try now (its index and its one-URL configuration); the
     /// following call returns the one after it.
-    pub fn next_node(&mut self) -> (usize, &AmqpConfig) {
+    pub(crate) fn next_node(&mut self) -> (usize, &AmqpConfig) {
         let i = self.next % self.nodes.len();
         self.next = (i + 1) % self.nodes.len();
         (i, &self.nodes[i])

@@ -8,7 +8,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 use crate::config::AmqpConfig;
 
 // Connecting lives in `connect`; these stay reachable here for callers.
-pub use super::connect::{connect, ConnectError, START_HINT};
+pub use super::connect::{connect, ConnectError};
 
 /// Opens a channel in publisher-confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
@@ -20,7 +20,7 @@ pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
 }
 
 /// Declares both exchanges and queues and their bindings, idempotently.
-pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
+pub(crate) async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..Default::default()
@@ -92,7 +92,7 @@ pub async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> 
 
 /// The updates queue's arguments: dead-letter exchange, queue type and, with
 /// `single_active_consumer`, `x-single-active-consumer`.
-pub fn queue_arguments(cfg: &AmqpConfig) -> FieldTable {
+pub(crate) fn queue_arguments(cfg: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-dead-letter-exchange".into(),
@@ -119,20 +119,20 @@ pub fn queue_arguments(cfg: &AmqpConfig) -> FieldTable {
 )]
 pub struct QueueMismatch {
     /// The queue's name.
-    pub queue: String,
+    pub(crate) queue: String,
     /// The argument that differs, e.g. `x-single-active-consumer`.
-    pub argument: String,
+    pub(crate) argument: String,
     /// Its value on the broker, as the broker words it (`none`: not set).
-    pub current: String,
+    pub(crate) current: String,
     /// The value we asked for, as the broker words it.
-    pub wanted: String,
+    pub(crate) wanted: String,
     /// Which setting to change to match the existing queue.
-    pub hint: String,
+    pub(crate) hint: String,
 }
 
 impl QueueMismatch {
     /// The mismatch in a refused declaration of `queue`, if that is what `err` is.
-    pub fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueMismatch> {
+    pub(crate) fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueMismatch> {
         match err.kind() {
             lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406 => {
                 Self::parse(queue, e.get_message().as_str())
@@ -144,7 +144,7 @@ impl QueueMismatch {
     /// Reads the broker's reply text, e.g. `PRECONDITION_FAILED - inequivalent
     /// arg 'x-single-active-consumer' for queue 'q' in vhost '/': received none
     /// but current is the value 'true' of type 'bool'`.
-    pub fn parse(queue: &str, text: &str) -> Option<QueueMismatch> {
+    pub(crate) fn parse(queue: &str, text: &str) -> Option<QueueMismatch> {
         let rest = text.split_once("inequivalent arg '")?.1;
         let (argument, rest) = rest.split_once('\'')?;
         let rest = rest.split_once(": received ")?.1;

@@ -3,7 +3,7 @@
 //! Pending updates merge per account in arrival order (later value wins) and
 //! remember which deliveries contributed. A batch takes the accounts whose
 //! oldest pending update is oldest, at most `max_accounts`, never an account
-//! already in flight; those accounts stay locked until [`Coalescer::complete`].
+//! already in flight; those accounts stay locked until `Coalescer::complete`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -16,34 +16,32 @@ mod cap;
 pub(crate) use cap::BatchCap;
 
 /// Identifies a delivery (its delivery tag on the consuming channel).
-pub type Tag = u64;
+pub(crate) type Tag = u64;
 
 /// One delivery's contribution to one account.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    /// The delivery.
-    pub tag: Tag,
+pub(crate) struct Part {
+    pub(crate) tag: Tag,
     /// What it sets for this account.
-    pub attrs: Vec<(String, String)>,
+    pub(crate) attrs: Vec<(String, String)>,
 }
 
 /// One account in a batch: the parts behind it, merged when the request is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// The account.
-    pub account: String,
+    pub(crate) account: String,
     /// The contributing deliveries, in arrival order.
-    pub parts: Vec<Part>,
+    pub(crate) parts: Vec<Part>,
 }
 
 impl Entry {
     /// An entry made of the given parts.
-    pub fn from_parts(account: String, parts: Vec<Part>) -> Entry {
+    pub(crate) fn from_parts(account: String, parts: Vec<Part>) -> Entry {
         Entry { account, parts }
     }
 
     /// The parts merged in order, later values winning (borrowed, no copies).
-    pub fn merged(&self) -> Vec<(&str, &str)> {
+    pub(crate) fn merged(&self) -> Vec<(&str, &str)> {
         let mut out: Vec<(&str, &str)> = Vec::new();
         for p in &self.parts {
             for (k, v) in &p.attrs {
@@ -64,18 +62,25 @@ struct Pending {
     key: (Instant, u64),
 }
 
-/// The coalescer.
+/// Pending updates per account, and which accounts are in flight. `push`
+/// adds to them, `take_batch` takes the oldest ready accounts and locks them,
+/// `complete` unlocks them; updates pushed for a locked account wait and
+/// become ready on `complete`, so an account is never in two requests at once.
 #[derive(Debug, Default)]
 pub struct Coalescer {
+    /// Every account with updates not yet taken, in flight or not.
     pending: HashMap<String, Pending>,
     /// Accounts with pending updates that are not in flight, oldest first.
     ready: BTreeMap<(Instant, u64), String>,
+    /// Accounts taken by `take_batch` and not yet `complete`d.
     in_flight: HashSet<String>,
+    /// The second half of `ready`'s keys: tells apart updates that arrived
+    /// at the same instant.
     seq: u64,
 }
 
 impl Coalescer {
-    /// An empty coalescer.
+    /// Nothing pending, nothing in flight.
     pub fn new() -> Self {
         Self::default()
     }
@@ -106,43 +111,45 @@ impl Coalescer {
     }
 
     /// Accounts with pending updates that could go out now.
-    pub fn ready_accounts(&self) -> usize {
+    pub(crate) fn ready_accounts(&self) -> usize {
         self.ready.len()
     }
 
     /// Accounts with pending updates, in flight or not.
-    pub fn pending_accounts(&self) -> usize {
+    pub(crate) fn pending_accounts(&self) -> usize {
         self.pending.len()
     }
 
     /// Accounts in flight.
-    pub fn in_flight_accounts(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn in_flight_accounts(&self) -> usize {
         self.in_flight.len()
     }
 
     /// Whether nothing is pending and nothing is in flight.
-    pub fn is_idle(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_idle(&self) -> bool {
         self.pending.is_empty() && self.in_flight.is_empty()
     }
 
     /// When the oldest ready update arrived.
-    pub fn oldest_ready(&self) -> Option<Instant> {
+    pub(crate) fn oldest_ready(&self) -> Option<Instant> {
         self.ready.keys().next().map(|(t, _)| *t)
     }
 
     /// When a batch becomes due by age (None when nothing is ready).
-    pub fn deadline(&self, max_wait: Duration) -> Option<Instant> {
+    pub(crate) fn deadline(&self, max_wait: Duration) -> Option<Instant> {
         self.oldest_ready().map(|t| t + max_wait)
     }
 
     /// Whether a batch should go out now: `max_accounts` ready, or the oldest
     /// ready update has waited `max_wait`.
-    pub fn is_due(&self, now: Instant, max_accounts: usize, max_wait: Duration) -> bool {
+    pub(crate) fn is_due(&self, now: Instant, max_accounts: usize, max_wait: Duration) -> bool {
         self.ready.len() >= max_accounts || self.deadline(max_wait).is_some_and(|d| d <= now)
     }
 
     /// Takes the next batch: up to `max_accounts` ready accounts, oldest
-    /// first, each once; they are in flight until [`Coalescer::complete`].
+    /// first, each once; they are in flight until `Coalescer::complete`.
     pub fn take_batch(&mut self, max_accounts: usize) -> Vec<Entry> {
         let mut batch = Vec::with_capacity(max_accounts.min(self.ready.len()));
         while batch.len() < max_accounts {
@@ -163,7 +170,7 @@ impl Coalescer {
     }
 
     /// Unlocks accounts whose request finished; their newer updates become ready.
-    pub fn complete<'a>(&mut self, accounts: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn complete<'a>(&mut self, accounts: impl IntoIterator<Item = &'a str>) {
         for a in accounts {
             if self.in_flight.remove(a) {
                 if let Some(p) = self.pending.get(a) {
@@ -174,7 +181,8 @@ impl Coalescer {
     }
 
     /// Whether an account is in flight.
-    pub fn is_in_flight(&self, account: &str) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_in_flight(&self, account: &str) -> bool {
         self.in_flight.contains(account)
     }
 }

@@ -11,7 +11,7 @@ impl Config {
     /// environment layer of [`Config::load`] reads back exactly this
     /// configuration. The values carry the secrets in clear: give them to a
     /// child process, never to a log.
-    pub fn to_env(&self) -> Vec<(String, String)> {
+    pub(crate) fn to_env(&self) -> Vec<(String, String)> {
         // Plain data with string keys always serializes.
         let value = secret::exposed(|| Value::serialize(self).ok())
             .expect("a Config serializes to a figment value");

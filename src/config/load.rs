@@ -9,12 +9,12 @@ use figment::Figment;
 use super::{Config, ConfigError};
 
 /// Where the default config file lives, relative to the working directory.
-pub const DEFAULT_CONFIG_PATH: &str = "config/imattr.toml";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/imattr.toml";
 
 impl Config {
     /// Loads the layers: defaults, then `path` (or `IMATTR_CONFIG`, or
     /// `./config/imattr.toml` when it exists), then the environment. Validates
-    /// everything but the API credentials (see [`Config::validate_api`]).
+    /// everything but the API credentials (see `Config::validate_api`).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let file: Option<PathBuf> = match path {
             Some(p) => Some(p.to_path_buf()),
@@ -43,7 +43,7 @@ impl Config {
     }
 
     /// Extracts and validates a configuration from any figment (used by tests).
-    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    pub(crate) fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(|e| {
             // figment's errors name the key and the source; never echo values.
             let msgs: Vec<String> = e.into_iter().map(|e| describe_figment_error(&e)).collect();
@@ -54,7 +54,7 @@ impl Config {
     }
 
     /// The effective configuration as TOML, secrets redacted.
-    pub fn to_redacted_toml(&self) -> String {
+    pub(crate) fn to_redacted_toml(&self) -> String {
         toml_string(self)
     }
 }

@@ -1,6 +1,6 @@
 //! Configuration: built-in defaults, then a TOML file, then
 //! `IMATTR_<SECTION>__<KEY>` environment variables. Unknown keys are errors.
-//! [`Config::to_env`] writes a configuration back as those variables.
+//! `Config::to_env` writes a configuration back as those variables.
 
 mod env;
 mod load;
@@ -8,9 +8,8 @@ mod model;
 mod secret;
 mod validate;
 
-pub use load::DEFAULT_CONFIG_PATH;
 pub use model::*;
-pub use secret::{redact_url, AmqpUrl, Secret};
+pub use secret::{AmqpUrl, Secret};
 pub use validate::API_BACKEND_TIMEOUT_MS;
 
 /// A configuration error; `imattr` exits with status 2 on any of them.

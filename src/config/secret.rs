@@ -28,7 +28,7 @@ fn is_exposed() -> bool {
     EXPOSED.with(Cell::get)
 }
 
-/// A secret string: never shown by `Debug`, `Display` or `Serialize` (but in [`exposed`]).
+/// A secret string: never shown by `Debug`, `Display` or `Serialize` (but in `exposed`).
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -42,8 +42,7 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// Whether no secret is set.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }
@@ -69,7 +68,7 @@ impl Serialize for Secret {
 }
 
 /// The AMQP URL: its password is never shown by `Debug`, `Display` or `Serialize`
-/// (but in [`exposed`]).
+/// (but in `exposed`).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct AmqpUrl(String);
@@ -80,16 +79,16 @@ impl AmqpUrl {
         AmqpUrl(s.into())
     }
     /// The URL with its password, for connecting only.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
     /// The URL with any password replaced by `***`.
-    pub fn redacted(&self) -> String {
+    pub(crate) fn redacted(&self) -> String {
         redact_url(&self.0)
     }
     /// The URLs of a comma-separated list (nodes of one cluster), in order,
     /// blanks around commas ignored.
-    pub fn split(&self) -> Vec<AmqpUrl> {
+    pub(crate) fn split(&self) -> Vec<AmqpUrl> {
         split_urls(&self.0)
             .into_iter()
             .map(str::trim)
@@ -122,7 +121,7 @@ impl Serialize for AmqpUrl {
 }
 /// Replaces the password in `scheme://user:password@host…` with `***`, in
 /// every URL of a comma-separated list.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     split_urls(url)
         .into_iter()
         .map(redact_one_url)

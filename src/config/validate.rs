@@ -28,7 +28,7 @@ fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(
 
 impl Config {
     /// Checks the range of every key (not the API credentials: see [`Config::validate_api`]).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.tencent.validate()?;
         self.batch.validate()?;
@@ -41,14 +41,14 @@ impl Config {
 
     /// Checks what commands that call the API need: a sdkappid and exactly one
     /// of `secret_key` / `usersig`.
-    pub fn validate_api(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate_api(&self) -> Result<(), ConfigError> {
         self.tencent.validate_api()
     }
 }
 
 impl AmqpConfig {
     /// Checks `[amqp]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let urls = self.url.split();
         ensure(
             !urls.is_empty(),
@@ -123,7 +123,7 @@ impl AmqpConfig {
 
 impl TencentConfig {
     /// Checks `[tencent]` but the credentials (see [`TencentConfig::validate_api`]).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if !self.base_url.is_empty() {
             self.validate_base_url()?;
         }
@@ -188,7 +188,7 @@ impl TencentConfig {
 
     /// Checks what commands that call the API need: a sdkappid and exactly one
     /// of `secret_key` / `usersig`.
-    pub fn validate_api(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate_api(&self) -> Result<(), ConfigError> {
         ensure(
             self.sdkappid != 0,
             "tencent.sdkappid",
@@ -210,7 +210,7 @@ impl TencentConfig {
 
 impl BatchConfig {
     /// Checks `[batch]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             (1..=100).contains(&self.max_accounts),
             "batch.max_accounts",
@@ -229,7 +229,7 @@ impl BatchConfig {
 
 impl RetryConfig {
     /// Checks `[retry]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             self.initial_interval_ms > 0,
             "retry.initial_interval_ms",
@@ -271,7 +271,7 @@ impl RetryConfig {
 
 impl AttributesConfig {
     /// Checks `[attributes]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             self.max_value_bytes > 0,
             "attributes.max_value_bytes",
@@ -294,7 +294,7 @@ impl AttributesConfig {
 
 impl AdminConfig {
     /// Checks `[admin]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
             "admin.listen",
@@ -308,7 +308,7 @@ impl AdminConfig {
 
 impl LogConfig {
     /// Checks `[log]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             tracing_subscriber::EnvFilter::try_new(&self.level).is_ok(),
             "log.level",
@@ -319,7 +319,7 @@ impl LogConfig {
 
 impl ShutdownConfig {
     /// Checks `[shutdown]`.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         ensure(
             (1..=MAX_SHUTDOWN_SECS).contains(&self.timeout_secs),
             "shutdown.timeout_secs",

@@ -5,8 +5,8 @@
 //! A queue can only be read by taking messages off it, and a message taken
 //! stays "unacknowledged" on the broker until it is acknowledged (gone) or
 //! returned. So every command reads with one consumer whose prefetch window
-//! ([`PassConfig::window`], 2,000 by default, never more than
-//! [`pass::MAX_WINDOW`]) bounds how many messages are out at once, whatever
+//! (`PassConfig::window`, 2,000 by default, never more than
+//! `pass::MAX_WINDOW`) bounds how many messages are out at once, whatever
 //! the queue holds, and reads exactly the messages ready when it started (the
 //! count of a passive queue declare): dead letters that arrive meanwhile are
 //! left alone, so `replay` ends even while the worker dead-letters again what
@@ -47,9 +47,9 @@
 //! removal a replay needs, and would change the topology existing queues have.
 
 pub mod pass;
-pub mod replay;
-pub mod stats;
-pub mod view;
+pub(crate) mod replay;
+pub(crate) mod stats;
+pub(crate) mod view;
 
 use std::io::{IsTerminal, Write};
 
@@ -58,10 +58,11 @@ use lapin::options::QueuePurgeOptions;
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
-pub use pass::{PassConfig, PassReport, Step, Visit};
-pub use replay::{replay_properties, Outgoing};
-pub use stats::{Stats, StatsReport};
-pub use view::{print_table, DeadLetterView, Filter, Meta, Table, REASONS};
+pub use pass::PassConfig;
+pub(crate) use pass::{PassReport, Visit};
+pub(crate) use stats::Stats;
+pub use view::{DeadLetterView, Filter};
+pub(crate) use view::{Table, REASONS};
 
 use crate::amqp::topology;
 use crate::config::Config;
@@ -121,13 +122,13 @@ impl Dlq {
     }
 
     /// Stops a pass at its next batch boundary when `cancel` fires.
-    pub fn with_cancel(mut self, cancel: CancellationToken) -> Dlq {
+    pub(crate) fn with_cancel(mut self, cancel: CancellationToken) -> Dlq {
         self.cancel = cancel;
         self
     }
 
     /// Shows a progress bar on stderr when it is a terminal.
-    pub fn with_progress(mut self, on: bool) -> Dlq {
+    pub(crate) fn with_progress(mut self, on: bool) -> Dlq {
         self.progress = on && std::io::stderr().is_terminal();
         self
     }
@@ -139,7 +140,7 @@ impl Dlq {
     }
 
     /// Ready messages and consumers of the dead-letter queue.
-    pub async fn count(&self) -> anyhow::Result<(u32, u32)> {
+    pub(crate) async fn count(&self) -> anyhow::Result<(u32, u32)> {
         pass::count(&self.channel, &self.config.amqp.dead_letter_queue).await
     }
 
@@ -171,7 +172,7 @@ impl Dlq {
 
     /// Hands `sink` the dead letters matching `filter`, oldest first, at most
     /// `limit`, leaving the queue as it was.
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         filter: &Filter,
         limit: Option<usize>,
@@ -229,7 +230,7 @@ impl Dlq {
     }
 
     /// Counts the dead letters (memory bounded whatever their number).
-    pub async fn stats(&self) -> anyhow::Result<Stats> {
+    pub(crate) async fn stats(&self) -> anyhow::Result<Stats> {
         let mut s = Stats::default();
         self.pass(self.pass_config, &mut |meta, _, body| {
             s.add(meta, body.len());
@@ -265,7 +266,7 @@ impl Dlq {
     }
 
     /// Deletes every dead letter; returns how many.
-    pub async fn purge(&self) -> anyhow::Result<u32> {
+    pub(crate) async fn purge(&self) -> anyhow::Result<u32> {
         let queue = &self.config.amqp.dead_letter_queue;
         let (_, consumers) = self.count().await?;
         // A running pass would put its window back after the purge.

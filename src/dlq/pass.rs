@@ -20,16 +20,16 @@ use super::view::Meta;
 use crate::amqp::deadletter;
 
 /// The most messages a pass may hold unacknowledged at once.
-pub const MAX_WINDOW: u16 = 10_000;
+pub(crate) const MAX_WINDOW: u16 = 10_000;
 
 /// How a pass reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PassConfig {
     /// Prefetch: the most messages unacknowledged at once (≤ [`MAX_WINDOW`]).
-    pub window: u16,
+    pub(crate) window: u16,
     /// Messages per batch of copies and acknowledgements (≤ `window`); half
     /// the window keeps the broker delivering while a batch is confirmed.
-    pub batch: u16,
+    pub(crate) batch: u16,
 }
 
 impl Default for PassConfig {
@@ -39,7 +39,7 @@ impl Default for PassConfig {
 }
 
 impl PassConfig {
-    /// A window of `window` messages (clamped to 1..=[`MAX_WINDOW`]),
+    /// A window of `window` messages (clamped to 1..=`MAX_WINDOW`),
     /// committed every half window.
     pub fn with_window(window: u16) -> PassConfig {
         let window = window.clamp(1, MAX_WINDOW);
@@ -52,7 +52,7 @@ impl PassConfig {
 
 /// What to do with a message.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Leave it in the queue, in its place.
     Keep,
     /// Publish this to the updates exchange (confirmed), then remove it.
@@ -61,16 +61,16 @@ pub enum Step {
 
 /// A visitor's answer: the step, and whether it needs no further message.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Visit {
+pub(crate) struct Visit {
     /// What to do with this message.
-    pub step: Step,
+    pub(crate) step: Step,
     /// Nothing more is wanted after this one.
-    pub enough: bool,
+    pub(crate) enough: bool,
 }
 
 impl Visit {
     /// Keep it; go on.
-    pub fn keep() -> Visit {
+    pub(crate) fn keep() -> Visit {
         Visit {
             step: Step::Keep,
             enough: false,
@@ -78,7 +78,7 @@ impl Visit {
     }
 
     /// Move it; go on.
-    pub fn moved(o: Outgoing) -> Visit {
+    pub(crate) fn moved(o: Outgoing) -> Visit {
         Visit {
             step: Step::Move(Box::new(o)),
             enough: false,
@@ -86,7 +86,7 @@ impl Visit {
     }
 
     /// The same, and nothing more is wanted.
-    pub fn enough(mut self, enough: bool) -> Visit {
+    pub(crate) fn enough(mut self, enough: bool) -> Visit {
         self.enough = enough;
         self
     }
@@ -94,52 +94,53 @@ impl Visit {
 
 /// What a pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PassReport {
+pub(crate) struct PassReport {
     /// Messages ready in the queue when the pass started.
-    pub present: u64,
+    pub(crate) present: u64,
     /// Messages read.
-    pub seen: u64,
+    pub(crate) seen: u64,
     /// Messages moved to the updates exchange.
-    pub moved: u64,
+    pub(crate) moved: u64,
     /// Whether messages were rotated (copied to the tail); if not, every kept
     /// message went back to its place untouched.
-    pub rotated: bool,
+    pub(crate) rotated: bool,
     /// The queue ran dry before `present` messages were read (someone else
     /// removed messages during the pass).
-    pub short: bool,
+    pub(crate) short: bool,
 }
 
 /// The pass was stopped (SIGINT/SIGTERM) at a batch boundary.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted after {seen} of {present} messages ({moved} replayed); nothing was lost")]
-pub struct Interrupted {
+pub(crate) struct Interrupted {
     /// Messages read.
-    pub seen: u64,
+    pub(crate) seen: u64,
     /// Messages present at the start.
-    pub present: u64,
+    pub(crate) present: u64,
     /// Messages moved.
-    pub moved: u64,
+    pub(crate) moved: u64,
 }
 
 /// After this long without a delivery the pass checks whether the queue ran dry.
 const IDLE: Duration = Duration::from_secs(5);
 
 /// What a pass asks about each message: its facts, properties and body.
-pub type Visitor<'a> = dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit> + 'a;
+pub(crate) type Visitor<'a> =
+    dyn FnMut(&Meta, &BasicProperties, &[u8]) -> anyhow::Result<Visit> + 'a;
 
 /// Where a pass reads and writes.
-pub struct Target<'a> {
+pub(crate) struct Target<'a> {
     /// The connection (the pass opens its own channels on it).
-    pub conn: &'a Connection,
+    pub(crate) conn: &'a Connection,
     /// The dead-letter queue.
-    pub queue: &'a str,
+    pub(crate) queue: &'a str,
     /// Where moved messages go (`amqp.exchange`).
-    pub exchange: &'a str,
+    pub(crate) exchange: &'a str,
 }
 
 /// Reads the messages present in `queue` at the start, once each, in order,
 /// and does with each what `visit` says; see the `dlq` module documentation.
-pub async fn run(
+pub(crate) async fn run(
     target: &Target<'_>,
     config: PassConfig,
     visit: &mut Visitor<'_>,

@@ -13,19 +13,19 @@ use crate::amqp::deadletter::{self, header_i64};
 
 /// A message to republish.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     /// Its routing key.
-    pub routing_key: String,
+    pub(crate) routing_key: String,
     /// Its body.
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     /// Its properties.
-    pub properties: BasicProperties,
+    pub(crate) properties: BasicProperties,
 }
 
 /// The original properties without the `x-imattr-*` headers, plus
 /// `x-imattr-replays` incremented; persistent, and without `user_id` (the
 /// broker refuses a `user_id` other than the connection's own).
-pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
+pub(crate) fn replay_properties(p: &BasicProperties) -> BasicProperties {
     let old = p.headers().clone().unwrap_or_default();
     let replays = header_i64(&old, deadletter::H_REPLAYS).unwrap_or(0);
     let mut headers = FieldTable::default();
@@ -45,7 +45,7 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
 
 /// The same properties without `user_id`: the broker refuses a message whose
 /// `user_id` is not the publishing connection's user.
-pub fn without_user_id(p: &BasicProperties) -> BasicProperties {
+pub(crate) fn without_user_id(p: &BasicProperties) -> BasicProperties {
     if p.user_id().is_none() {
         return p.clone();
     }
@@ -92,7 +92,7 @@ struct Entry<'a> {
 /// single-update body for one entry, else `{"UserAttrs":[…]}`. `None` when the
 /// whole body should go (not that shape, no entry matches, or all do), so
 /// nothing is ever dropped by mistake.
-pub fn narrow(body: &[u8], failed: &[String]) -> Option<(Vec<u8>, Option<String>)> {
+pub(crate) fn narrow(body: &[u8], failed: &[String]) -> Option<(Vec<u8>, Option<String>)> {
     if failed.is_empty() {
         return None;
     }
@@ -132,7 +132,7 @@ pub fn narrow(body: &[u8], failed: &[String]) -> Option<(Vec<u8>, Option<String>
 
 /// What replaying a dead letter publishes: only the failed accounts' entries
 /// unless `whole`, to its original routing key.
-pub fn outgoing(meta: &Meta, props: &BasicProperties, body: &[u8], whole: bool) -> Outgoing {
+pub(crate) fn outgoing(meta: &Meta, props: &BasicProperties, body: &[u8], whole: bool) -> Outgoing {
     let original_key = meta.routing_key.clone().unwrap_or_default();
     let narrowed = if whole {
         None

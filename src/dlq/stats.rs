@@ -9,14 +9,14 @@ use serde::Serialize;
 use super::view::{local_time, Meta};
 
 /// Distinct accounts counted exactly; past that the top list is approximate.
-pub const ACCOUNT_COUNTERS: usize = 10_000;
+pub(crate) const ACCOUNT_COUNTERS: usize = 10_000;
 
 /// The most frequent keys of a stream in bounded memory (Misra–Gries): at
 /// most `capacity` counters. While no counter was ever dropped the counts are
 /// exact; after that each count is a lower bound, short by at most
 /// `total / (capacity + 1)`, and every key more frequent than that is kept.
 #[derive(Debug, Clone)]
-pub struct TopK {
+pub(crate) struct TopK {
     capacity: usize,
     counts: HashMap<String, u64>,
     total: u64,
@@ -25,7 +25,7 @@ pub struct TopK {
 
 impl TopK {
     /// At most `capacity` (≥ 1) counters.
-    pub fn new(capacity: usize) -> TopK {
+    pub(crate) fn new(capacity: usize) -> TopK {
         TopK {
             capacity: capacity.max(1),
             counts: HashMap::new(),
@@ -35,7 +35,7 @@ impl TopK {
     }
 
     /// Counts one occurrence of `key`.
-    pub fn add(&mut self, key: &str) {
+    pub(crate) fn add(&mut self, key: &str) {
         self.total += 1;
         if let Some(c) = self.counts.get_mut(key) {
             *c += 1;
@@ -54,7 +54,7 @@ impl TopK {
     }
 
     /// The `n` largest counts, largest first (ties by key).
-    pub fn top(&self, n: usize) -> Vec<(String, u64)> {
+    pub(crate) fn top(&self, n: usize) -> Vec<(String, u64)> {
         let mut v: Vec<(String, u64)> = self.counts.iter().map(|(k, c)| (k.clone(), *c)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         v.truncate(n);
@@ -62,12 +62,12 @@ impl TopK {
     }
 
     /// Whether the counts are exact.
-    pub fn exact(&self) -> bool {
+    pub(crate) fn exact(&self) -> bool {
         self.exact
     }
 
     /// How far below the true count a reported count may be.
-    pub fn max_error(&self) -> u64 {
+    pub(crate) fn max_error(&self) -> u64 {
         if self.exact {
             0
         } else {
@@ -78,7 +78,7 @@ impl TopK {
 
 /// The running counts of a pass.
 #[derive(Debug, Clone)]
-pub struct Stats {
+pub(crate) struct Stats {
     total: u64,
     bytes: u64,
     by_reason: BTreeMap<String, u64>,
@@ -98,39 +98,39 @@ impl Default for Stats {
 
 /// What `dlq stats --json` prints.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StatsReport {
+pub(crate) struct StatsReport {
     /// Dead letters counted.
-    pub total: u64,
+    pub(crate) total: u64,
     /// Their bodies' total size, in bytes.
-    pub body_bytes: u64,
+    pub(crate) body_bytes: u64,
     /// By reason (`none` when a message says nothing).
-    pub by_reason: BTreeMap<String, u64>,
+    pub(crate) by_reason: BTreeMap<String, u64>,
     /// By `x-imattr-error-code` (`none` when absent).
-    pub by_error_code: BTreeMap<String, u64>,
+    pub(crate) by_error_code: BTreeMap<String, u64>,
     /// By source queue (`none` when absent).
-    pub by_source_queue: BTreeMap<String, u64>,
+    pub(crate) by_source_queue: BTreeMap<String, u64>,
     /// The accounts with the most dead letters, most first.
-    pub top_accounts: Vec<AccountCount>,
+    pub(crate) top_accounts: Vec<AccountCount>,
     /// Whether `top_accounts` counts are exact (else each is a lower bound
     /// short by at most `top_accounts_max_error`).
-    pub top_accounts_exact: bool,
+    pub(crate) top_accounts_exact: bool,
     /// See `top_accounts_exact`.
-    pub top_accounts_max_error: u64,
+    pub(crate) top_accounts_max_error: u64,
     /// Earliest failure time, Unix ms.
-    pub oldest_failed_at_ms: Option<i64>,
+    pub(crate) oldest_failed_at_ms: Option<i64>,
     /// Latest failure time, Unix ms.
-    pub newest_failed_at_ms: Option<i64>,
+    pub(crate) newest_failed_at_ms: Option<i64>,
     /// Dead letters that had been replayed before (`x-imattr-replays` > 0).
-    pub replayed_before: u64,
+    pub(crate) replayed_before: u64,
 }
 
 /// One row of `top_accounts`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct AccountCount {
+pub(crate) struct AccountCount {
     /// The account.
-    pub account: String,
+    pub(crate) account: String,
     /// Its dead letters.
-    pub count: u64,
+    pub(crate) count: u64,
 }
 
 fn bump(m: &mut BTreeMap<String, u64>, k: Option<String>) {
@@ -139,7 +139,7 @@ fn bump(m: &mut BTreeMap<String, u64>, k: Option<String>) {
 
 impl Stats {
     /// Counts with at most `account_counters` distinct accounts tracked.
-    pub fn new(account_counters: usize) -> Stats {
+    pub(crate) fn new(account_counters: usize) -> Stats {
         Stats {
             total: 0,
             bytes: 0,
@@ -154,7 +154,7 @@ impl Stats {
     }
 
     /// Counts one dead letter.
-    pub fn add(&mut self, m: &Meta, body_bytes: usize) {
+    pub(crate) fn add(&mut self, m: &Meta, body_bytes: usize) {
         self.total += 1;
         self.bytes += body_bytes as u64;
         bump(&mut self.by_reason, m.reason.clone());
@@ -173,7 +173,7 @@ impl Stats {
     }
 
     /// The report, with the `top` most frequent accounts.
-    pub fn report(&self, top: usize) -> StatsReport {
+    pub(crate) fn report(&self, top: usize) -> StatsReport {
         StatsReport {
             total: self.total,
             body_bytes: self.bytes,
@@ -197,7 +197,7 @@ impl Stats {
 
 impl StatsReport {
     /// Prints the report for a person.
-    pub fn print(&self, out: &mut impl Write, queue: &str) -> std::io::Result<()> {
+    pub(crate) fn print(&self, out: &mut impl Write, queue: &str) -> std::io::Result<()> {
         writeln!(
             out,
             "{queue}: {} dead letters, {} body bytes",

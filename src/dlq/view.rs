@@ -14,10 +14,10 @@ use crate::amqp::deadletter::{self, header_i64, header_str, table_to_json};
 /// The prefix of the reason of dead letters RabbitMQ made itself, followed by
 /// `x-first-death-reason`: `broker:expired`, `broker:maxlen`,
 /// `broker:delivery_limit` or `broker:rejected`.
-pub const BROKER_REASON_PREFIX: &str = "broker:";
+pub(crate) const BROKER_REASON_PREFIX: &str = "broker:";
 
 /// Every reason `--reason` accepts.
-pub const REASONS: [&str; 7] = [
+pub(crate) const REASONS: [&str; 7] = [
     "invalid-message",
     "rejected",
     "retries-exhausted",
@@ -29,31 +29,31 @@ pub const REASONS: [&str; 7] = [
 
 /// The facts about one dead letter that the tools show, count and filter on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Meta {
+pub(crate) struct Meta {
     /// `x-imattr-reason`, or `broker:` + `x-first-death-reason`.
-    pub reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// `x-imattr-error-code` (none for broker-made dead letters).
-    pub code: Option<i64>,
+    pub(crate) code: Option<i64>,
     /// `x-imattr-error`, or a sentence saying what RabbitMQ did.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// `x-imattr-account`; for broker-made dead letters the original routing
     /// key, which publishers set to the account.
-    pub account: Option<String>,
+    pub(crate) account: Option<String>,
     /// `x-imattr-failed-accounts`: the accounts of a several-account message
     /// that failed (the others were applied).
-    pub failed_accounts: Vec<String>,
+    pub(crate) failed_accounts: Vec<String>,
     /// `x-imattr-attempts`.
-    pub attempts: Option<i64>,
+    pub(crate) attempts: Option<i64>,
     /// `x-imattr-failed-at`, or the time of the latest `x-death`, Unix ms.
-    pub failed_at_ms: Option<i64>,
+    pub(crate) failed_at_ms: Option<i64>,
     /// `x-imattr-source-queue`, or `x-first-death-queue`.
-    pub source_queue: Option<String>,
+    pub(crate) source_queue: Option<String>,
     /// The routing key the message was first published with.
-    pub routing_key: Option<String>,
+    pub(crate) routing_key: Option<String>,
     /// Made by RabbitMQ (`x-death`), not by imattr.
-    pub broker_made: bool,
+    pub(crate) broker_made: bool,
     /// `x-imattr-replays`.
-    pub replays: i64,
+    pub(crate) replays: i64,
 }
 
 fn text(v: &AMQPValue) -> Option<String> {
@@ -80,7 +80,7 @@ fn latest_death(headers: &FieldTable) -> Option<&FieldTable> {
 }
 
 /// A header holding an array of strings (or one string).
-pub fn header_strings(headers: &FieldTable, name: &str) -> Vec<String> {
+pub(crate) fn header_strings(headers: &FieldTable, name: &str) -> Vec<String> {
     match table_get(headers, name) {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().iter().filter_map(text).collect(),
         Some(v) => text(v).into_iter().collect(),
@@ -92,7 +92,7 @@ impl Meta {
     /// Reads a dead letter's headers. `delivery_routing_key` is the key it was
     /// delivered with, used only when no header keeps the original one and it
     /// is not `dlq` (a rotated copy is delivered with the queue's own name).
-    pub fn read(headers: &FieldTable, delivery_routing_key: &str, dlq: &str) -> Meta {
+    pub(crate) fn read(headers: &FieldTable, delivery_routing_key: &str, dlq: &str) -> Meta {
         let death = latest_death(headers);
         let death_str = |k: &str| death.and_then(|d| table_get(d, k)).and_then(text);
         let imattr_reason = header_str(headers, deadletter::H_REASON);
@@ -159,7 +159,7 @@ impl Meta {
 
     /// The accounts this dead letter is about: the failed ones of a
     /// several-account message, else its account.
-    pub fn accounts(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn accounts(&self) -> impl Iterator<Item = &str> {
         let failed = !self.failed_accounts.is_empty();
         self.failed_accounts
             .iter()
@@ -182,12 +182,12 @@ pub struct Filter {
 
 impl Filter {
     /// Whether it takes everything.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.code.is_none() && self.reason.is_none() && self.account.is_none()
     }
 
     /// Whether a dead letter matches.
-    pub fn matches(&self, m: &Meta) -> bool {
+    pub(crate) fn matches(&self, m: &Meta) -> bool {
         self.code.is_none_or(|c| m.code == Some(c))
             && self
                 .reason
@@ -234,7 +234,7 @@ pub struct DeadLetterView {
 
 impl DeadLetterView {
     /// The view of a message's properties and body.
-    pub fn new(meta: &Meta, props: &BasicProperties, body: &[u8]) -> Self {
+    pub(crate) fn new(meta: &Meta, props: &BasicProperties, body: &[u8]) -> Self {
         let headers = props.headers().clone().unwrap_or_default();
         let (body, body_encoding) = match std::str::from_utf8(body) {
             Ok(s) => (s.to_string(), "utf8"),
@@ -300,14 +300,14 @@ const SIZING_ROWS: usize = 1000;
 
 /// Prints dead letters as an aligned table, streaming.
 #[derive(Debug, Default)]
-pub struct Table {
+pub(crate) struct Table {
     pending: Vec<[String; 7]>,
     widths: Option<[usize; 7]>,
 }
 
 impl Table {
     /// Adds a row; prints once the columns are sized.
-    pub fn push(&mut self, out: &mut impl Write, v: &DeadLetterView) -> std::io::Result<()> {
+    pub(crate) fn push(&mut self, out: &mut impl Write, v: &DeadLetterView) -> std::io::Result<()> {
         let accounts = if v.failed_accounts.is_empty() {
             v.account.clone().unwrap_or_else(|| "-".into())
         } else {
@@ -352,21 +352,12 @@ impl Table {
     }
 
     /// Prints what is left; returns whether any row was printed.
-    pub fn finish(mut self, out: &mut impl Write) -> std::io::Result<bool> {
+    pub(crate) fn finish(mut self, out: &mut impl Write) -> std::io::Result<bool> {
         if self.widths.is_none() && !self.pending.is_empty() {
             self.flush(out)?;
         }
         Ok(self.widths.is_some())
     }
-}
-
-/// Prints dead letters as an aligned table.
-pub fn print_table(out: &mut impl Write, views: &[DeadLetterView]) -> std::io::Result<()> {
-    let mut t = Table::default();
-    for v in views {
-        t.push(out, v)?;
-    }
-    t.finish(out).map(|_| ())
 }
 
 fn line(widths: &[usize; 7], cells: &[String; 7]) -> String {
@@ -392,7 +383,7 @@ fn cut(s: &str, max: usize) -> String {
 }
 
 /// Unix milliseconds as local time.
-pub fn local_time(ms: i64) -> String {
+pub(crate) fn local_time(ms: i64) -> String {
     use chrono::TimeZone;
     match chrono::Local.timestamp_millis_opt(ms) {
         chrono::LocalResult::Single(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),

@@ -50,7 +50,7 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// The limiter of one API; both readings keep their state so the mode can
 /// change while the simulator runs.
 #[derive(Debug, Default)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     /// Strict: when each request admitted in the last second arrived.
     admitted: VecDeque<Instant>,
     /// Lenient: tokens left and when they were last refilled.
@@ -59,7 +59,7 @@ pub struct Limiter {
 
 impl Limiter {
     /// Whether a request arriving at `now` is admitted; `per_sec` 0 admits all.
-    pub fn admit(&mut self, mode: RateLimitMode, per_sec: u32, now: Instant) -> bool {
+    pub(crate) fn admit(&mut self, mode: RateLimitMode, per_sec: u32, now: Instant) -> bool {
         if per_sec == 0 {
             return true;
         }

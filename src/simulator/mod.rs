@@ -21,13 +21,13 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use limiter::{Limiter, RateLimitMode};
+pub(crate) use limiter::{Limiter, RateLimitMode};
 
 /// The secret key the simulator uses unless told otherwise (the documented test key).
 pub const DEFAULT_SECRET_KEY: &str =
     "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
 /// The SDKAppID the simulator uses unless told otherwise.
-pub const DEFAULT_SDKAPPID: u64 = 1400000000;
+pub(crate) const DEFAULT_SDKAPPID: u64 = 1400000000;
 
 /// Injected faults; all can change while the simulator runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,7 +110,7 @@ impl Default for SimOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
     /// Requests by API, then by ErrorCode (HTTP 500 counted as code -500).
-    pub requests: BTreeMap<String, BTreeMap<i64, u64>>,
+    pub(crate) requests: BTreeMap<String, BTreeMap<i64, u64>>,
     /// Account entries written by successful `im_set_attr` calls.
     pub accounts_written: u64,
     /// Successful `im_set_attr` calls.
@@ -148,7 +148,7 @@ impl Stats {
 }
 
 /// The attribute store: account → name → value.
-pub type Store = HashMap<String, BTreeMap<String, String>>;
+pub(crate) type Store = HashMap<String, BTreeMap<String, String>>;
 
 /// Everything that changes while the simulator runs, behind one lock.
 struct SimState {
@@ -212,7 +212,7 @@ impl Shared {
 }
 
 /// One account written by a successful `im_set_attr`, and when.
-pub type Applied = (String, BTreeMap<String, String>, Instant);
+pub(crate) type Applied = (String, BTreeMap<String, String>, Instant);
 
 /// A running simulator.
 pub struct SimHandle {
@@ -265,11 +265,6 @@ impl SimHandle {
         Ok(())
     }
 
-    /// The address it listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// `http://addr`, for `tencent.base_url`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
@@ -295,20 +290,9 @@ impl SimHandle {
         self.shared.lock().stats.clone()
     }
 
-    /// The current faults.
-    pub fn faults(&self) -> Faults {
-        self.shared.lock().faults.clone()
-    }
-
     /// Changes the faults.
     pub fn set_faults(&self, f: Faults) {
         self.shared.lock().faults = f;
-    }
-
-    /// Refuses every API request with 60007 for `d` from now (a burst of
-    /// refusals, as when someone else spends the app's quota).
-    pub fn refuse_for(&self, d: std::time::Duration) {
-        self.shared.lock().refuse_until = Some(tokio::time::Instant::now() + d);
     }
 
     /// Changes some faults.
@@ -317,12 +301,12 @@ impl SimHandle {
     }
 
     /// Starts (or stops) recording every account written, with the time.
-    pub fn record_applies(&self, on: bool) {
+    pub(crate) fn record_applies(&self, on: bool) {
         self.shared.lock().applies = on.then(Vec::new);
     }
 
     /// Takes what was recorded so far.
-    pub fn take_applies(&self) -> Vec<Applied> {
+    pub(crate) fn take_applies(&self) -> Vec<Applied> {
         self.shared
             .lock()
             .applies
@@ -345,8 +329,7 @@ impl SimHandle {
         self.serve().await
     }
 
-    /// Stops the simulator.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         self.pause().await;
     }
 }

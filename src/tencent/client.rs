@@ -20,45 +20,41 @@ pub mod api {
     /// Sets attributes.
     pub const SET_ATTR: &str = "im_set_attr";
     /// Reads attributes.
-    pub const GET_ATTR: &str = "im_get_attr";
-    /// Removes attributes.
-    pub const REMOVE_ATTR: &str = "im_remove_attr";
+    pub(crate) const GET_ATTR: &str = "im_get_attr";
     /// Reads the app's attribute names.
-    pub const GET_ATTR_NAME: &str = "im_get_attr_name";
-    /// Registers attribute names.
-    pub const SET_ATTR_NAME: &str = "im_set_attr_name";
+    pub(crate) const GET_ATTR_NAME: &str = "im_get_attr_name";
 }
 
 /// The common response envelope plus the fields of the sibling APIs.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-pub struct ApiResponse {
+pub(crate) struct ApiResponse {
     /// `OK` or `FAIL`.
     #[serde(rename = "ActionStatus", default)]
-    pub action_status: String,
+    pub(crate) action_status: String,
     /// 0 on success.
     #[serde(rename = "ErrorCode", default)]
-    pub error_code: i64,
+    pub(crate) error_code: i64,
     /// Human-readable error.
     #[serde(rename = "ErrorInfo", default)]
-    pub error_info: String,
+    pub(crate) error_info: String,
     /// `im_get_attr`'s answer.
     #[serde(rename = "UserAttrs", default, skip_serializing_if = "Option::is_none")]
-    pub user_attrs: Option<Vec<UserAttrs>>,
+    pub(crate) user_attrs: Option<Vec<UserAttrs>>,
     /// `im_get_attr_name`'s answer.
     #[serde(rename = "AttrNames", default, skip_serializing_if = "Option::is_none")]
-    pub attr_names: Option<BTreeMap<String, String>>,
+    pub(crate) attr_names: Option<BTreeMap<String, String>>,
 }
 
 impl ApiResponse {
     /// A success envelope.
-    pub fn ok() -> Self {
+    pub(crate) fn ok() -> Self {
         ApiResponse {
             action_status: "OK".into(),
             ..Default::default()
         }
     }
     /// A failure envelope.
-    pub fn fail(code: i64, info: impl Into<String>) -> Self {
+    pub(crate) fn fail(code: i64, info: impl Into<String>) -> Self {
         ApiResponse {
             action_status: "FAIL".into(),
             error_code: code,
@@ -70,17 +66,17 @@ impl ApiResponse {
 
 /// One account's attributes, as the API spells it.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-pub struct UserAttrs {
+pub(crate) struct UserAttrs {
     /// The account.
     #[serde(rename = "To_Account")]
-    pub to_account: String,
+    pub(crate) to_account: String,
     /// Attribute name → value.
     #[serde(rename = "Attrs", default)]
-    pub attrs: BTreeMap<String, String>,
+    pub(crate) attrs: BTreeMap<String, String>,
 }
 
 /// Serialises `[(name, value)]` as a JSON object, without copying.
-pub struct AttrPairs<'a>(pub &'a [(&'a str, &'a str)]);
+pub(crate) struct AttrPairs<'a>(pub &'a [(&'a str, &'a str)]);
 
 impl Serialize for AttrPairs<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -124,9 +120,9 @@ pub struct CallResult {
     /// Its class, as `tencent::errors::classify` decides.
     pub class: Class,
     /// The parsed body when there was one.
-    pub body: Option<ApiResponse>,
+    pub(crate) body: Option<ApiResponse>,
     /// How long the request took.
-    pub latency: Duration,
+    pub(crate) latency: Duration,
 }
 
 /// An error of the convenience calls used by the operator tools.
@@ -134,13 +130,13 @@ pub struct CallResult {
 #[error("{api} failed ({class}): {info}")]
 pub struct ApiError {
     /// The API called.
-    pub api: &'static str,
+    pub(crate) api: &'static str,
     /// The class of the answer.
-    pub class: Class,
+    pub(crate) class: Class,
     /// ErrorCode, 0 when none.
-    pub code: i64,
+    pub(crate) code: i64,
     /// What went wrong.
-    pub info: String,
+    pub(crate) info: String,
 }
 
 /// The client. Cheap to clone; all clones share the pool, signer and limiter.
@@ -155,7 +151,7 @@ pub struct Client {
 
 impl Client {
     /// Builds a client from the configuration (which must pass `validate_api`).
-    pub fn from_config(config: &Config) -> anyhow::Result<Client> {
+    pub(crate) fn from_config(config: &Config) -> anyhow::Result<Client> {
         let t = &config.tencent;
         Client::new(
             &config.api_base_url(),
@@ -192,13 +188,12 @@ impl Client {
         })
     }
 
-    /// The signer.
+    /// The UserSig source every request of this client signs with.
     pub fn signer(&self) -> &Arc<Signer> {
         &self.signer
     }
 
-    /// The rate limiter.
-    pub fn limiter(&self) -> &Arc<RateLimiter> {
+    pub(crate) fn limiter(&self) -> &Arc<RateLimiter> {
         &self.limiter
     }
 
@@ -224,19 +219,12 @@ impl Client {
         self.send(api, body).await
     }
 
-    /// Sends one request at once, for a caller that has just taken a rate
-    /// slot with `limiter().try_acquire()`. Never fails: every failure is a
-    /// [`Reply`].
-    pub async fn call_in_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
-        let _permit = self.in_flight.acquire().await;
-        self.send(api, body).await
-    }
-
-    /// [`Client::call`] (or [`Client::call_in_slot`] when `in_slot`) unless
+    /// [`Client::call`] (skipping the rate limiter when `in_slot`: the caller
+    /// has just taken a slot with `limiter().try_acquire()`) unless
     /// `stop` fires while it waits for its turn: then None, and nothing was
     /// sent (a stopped session must not send while another one may hold
     /// the same messages).
-    pub async fn call_unless_stopped(
+    pub(crate) async fn call_unless_stopped(
         &self,
         api: &str,
         body: Vec<u8>,
@@ -356,15 +344,8 @@ impl Client {
         }
     }
 
-    /// `im_set_attr` for the given accounts.
-    pub async fn set_attr(&self, users: &[UserAttrs]) -> Result<(), ApiError> {
-        self.call_json(api::SET_ATTR, &serde_json::json!({ "UserAttrs": users }))
-            .await
-            .map(|_| ())
-    }
-
     /// `im_get_attr` for up to any number of accounts (sent 100 at a time).
-    pub async fn get_attr(&self, accounts: &[String]) -> Result<Vec<UserAttrs>, ApiError> {
+    pub(crate) async fn get_attr(&self, accounts: &[String]) -> Result<Vec<UserAttrs>, ApiError> {
         let mut out = Vec::with_capacity(accounts.len());
         for chunk in accounts.chunks(100) {
             let r = self
@@ -375,33 +356,12 @@ impl Client {
         Ok(out)
     }
 
-    /// `im_remove_attr`: removes the named attributes of each account.
-    pub async fn remove_attr(&self, removals: &[(String, Vec<String>)]) -> Result<(), ApiError> {
-        let list: Vec<_> = removals
-            .iter()
-            .map(|(a, names)| serde_json::json!({"To_Account": a, "Attrs": names}))
-            .collect();
-        self.call_json(api::REMOVE_ATTR, &serde_json::json!({ "UserAttrs": list }))
-            .await
-            .map(|_| ())
-    }
-
     /// `im_get_attr_name`: the app's attribute names by slot ("0" to "9").
     pub async fn get_attr_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
         let r = self
             .call_json(api::GET_ATTR_NAME, &serde_json::json!({}))
             .await?;
         Ok(r.attr_names.unwrap_or_default())
-    }
-
-    /// `im_set_attr_name`: registers names by slot ("0" to "9").
-    pub async fn set_attr_names(&self, names: &BTreeMap<String, String>) -> Result<(), ApiError> {
-        self.call_json(
-            api::SET_ATTR_NAME,
-            &serde_json::json!({ "AttrNames": names }),
-        )
-        .await
-        .map(|_| ())
     }
 }
 

@@ -70,7 +70,7 @@ pub enum Class {
 
 impl Class {
     /// A short lowercase name, for logs and metrics.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Class::Success => "success",
             Class::Transient => "transient",
@@ -91,25 +91,25 @@ impl fmt::Display for Class {
 }
 
 /// Codes that are retried as they are.
-pub const TRANSIENT_CODES: &[i64] = &[91000, 60008, 60013, 60014, 70169, 70500];
+pub(crate) const TRANSIENT_CODES: &[i64] = &[91000, 60008, 60013, 60014, 70169, 70500];
 /// Codes of the frequency limit.
-pub const RATE_LIMITED_CODES: &[i64] = &[60007, 60011, 60018, 60019];
+pub(crate) const RATE_LIMITED_CODES: &[i64] = &[60007, 60011, 60018, 60019];
 /// Codes that mean the UserSig expired.
-pub const SIGNATURE_EXPIRED_CODES: &[i64] = &[70001, 70052];
+pub(crate) const SIGNATURE_EXPIRED_CODES: &[i64] = &[70001, 70052];
 /// Codes that mean the UserSig is bad: renewed once, then misconfigured.
-pub const SIGNATURE_ONCE_CODES: &[i64] = &[60004, 60005, 70003, 70005];
+pub(crate) const SIGNATURE_ONCE_CODES: &[i64] = &[60004, 60005, 70003, 70005];
 /// Too many accounts in one request.
-pub const TOO_MANY_ACCOUNTS_CODE: i64 = 90018;
+pub(crate) const TOO_MANY_ACCOUNTS_CODE: i64 = 90018;
 /// Codes that reject the content of the request.
-pub const REJECTED_CODES: &[i64] = &[90033, 90001, 60003, 60015, 70107, 70402];
+pub(crate) const REJECTED_CODES: &[i64] = &[90033, 90001, 60003, 60015, 70107, 70402];
 /// Codes that mean the deployment is wrong, not the data.
-pub const MISCONFIGURED_CODES: &[i64] = &[
+pub(crate) const MISCONFIGURED_CODES: &[i64] = &[
     90009, 60002, 60006, 60009, 60010, 60012, 60016, 60017, 60020, 60021, 70009, 70013, 70014,
     70016, 70020, 70050, 70114, 70398, 70403, 90045,
 ];
 
 /// Classifies a reply (the table in docs/messages.md).
-pub fn classify(reply: &Reply) -> Class {
+pub(crate) fn classify(reply: &Reply) -> Class {
     match reply {
         Reply::HttpStatus(_) | Reply::Timeout | Reply::Connection(_) | Reply::Unparseable(_) => {
             Class::Transient
@@ -121,7 +121,7 @@ pub fn classify(reply: &Reply) -> Class {
 }
 
 /// Classifies an `ActionStatus`/`ErrorCode` pair.
-pub fn classify_code(action_ok: bool, code: i64) -> Class {
+pub(crate) fn classify_code(action_ok: bool, code: i64) -> Class {
     if code == 0 {
         return if action_ok {
             Class::Success

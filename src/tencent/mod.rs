@@ -1,10 +1,10 @@
 //! Tencent Cloud Chat: the REST client, UserSig and the meaning of answers.
 
 pub mod client;
-pub mod errors;
-pub mod ratelimit;
+pub(crate) mod errors;
+pub(crate) mod ratelimit;
 pub mod usersig;
 
 pub use client::Client;
-pub use errors::{classify, Class, Reply};
+pub use errors::{Class, Reply};
 pub use usersig::Signer;

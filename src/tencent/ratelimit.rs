@@ -33,12 +33,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The sliding window the configured rate applies to, with the margin.
-pub const WINDOW: Duration = Duration::from_millis(1000 + SKEW_MARGIN.as_millis() as u64);
+pub(crate) const WINDOW: Duration = Duration::from_millis(1000 + SKEW_MARGIN.as_millis() as u64);
 /// Extra width of the window that absorbs differences in how long requests
 /// take from taking their slot to reaching the server.
-pub const SKEW_MARGIN: Duration = Duration::from_millis(20);
+pub(crate) const SKEW_MARGIN: Duration = Duration::from_millis(20);
 /// Rate-limited answers lower the rate at most this often.
-pub const DECREASE_SPACING: Duration = Duration::from_secs(1);
+pub(crate) const DECREASE_SPACING: Duration = Duration::from_secs(1);
 /// What the first rate-limited answer of an episode (the rate was at the
 /// configured one) multiplies the allowed rate by.
 const FIRST_DECREASE_FACTOR: f64 = 0.9;
@@ -57,7 +57,7 @@ const PACING_BURST: f64 = 3.0;
 
 /// What a rate-limited answer did to the allowed rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Lowering {
+pub(crate) enum Lowering {
     /// The rate was at the configured one: a new episode of refusals began,
     /// now at this rate.
     NewEpisode(f64),
@@ -69,7 +69,7 @@ pub enum Lowering {
 
 /// The pure pacing state: every decision takes the current instant.
 #[derive(Debug, Clone)]
-pub struct Pacer {
+pub(crate) struct Pacer {
     max_rate: f64,
     /// Send instants (including reserved future ones), oldest first; only
     /// the last `max_rate` and only those within a window of the newest.
@@ -82,7 +82,7 @@ pub struct Pacer {
 
 impl Pacer {
     /// A pacer for `per_sec` requests a second (at least 1), idle at `now`.
-    pub fn new(per_sec: u32, now: Instant) -> Self {
+    pub(crate) fn new(per_sec: u32, now: Instant) -> Self {
         let max_rate = f64::from(per_sec.max(1));
         Pacer {
             max_rate,
@@ -93,12 +93,12 @@ impl Pacer {
     }
 
     /// The configured rate.
-    pub fn max_rate(&self) -> f64 {
+    pub(crate) fn max_rate(&self) -> f64 {
         self.max_rate
     }
 
     /// The allowed rate at `now`, requests per second.
-    pub fn rate(&self, now: Instant) -> f64 {
+    pub(crate) fn rate(&self, now: Instant) -> f64 {
         match self.lowered {
             None => self.max_rate,
             Some((r, at)) => {
@@ -118,7 +118,7 @@ impl Pacer {
     }
 
     /// The earliest instant at or after `now` a request may start.
-    pub fn next_slot(&self, now: Instant) -> Instant {
+    pub(crate) fn next_slot(&self, now: Instant) -> Instant {
         let rate = self.rate(now);
         let interval = Duration::from_secs_f64(1.0 / rate);
         let tolerance = interval.mul_f64(PACING_BURST - 1.0);
@@ -135,7 +135,7 @@ impl Pacer {
     }
 
     /// Takes a slot at `now` if one is free; else says when the next is.
-    pub fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
+    pub(crate) fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
         let next = self.next_slot(now);
         if next > now {
             return Err(next);
@@ -145,7 +145,7 @@ impl Pacer {
     }
 
     /// Takes the next free slot, possibly in the future, and returns it.
-    pub fn reserve(&mut self, now: Instant) -> Instant {
+    pub(crate) fn reserve(&mut self, now: Instant) -> Instant {
         let at = self.next_slot(now);
         self.record(at);
         at
@@ -162,7 +162,7 @@ impl Pacer {
     }
 
     /// The API answered "rate limited" at `now`.
-    pub fn on_rate_limited(&mut self, now: Instant) -> Lowering {
+    pub(crate) fn on_rate_limited(&mut self, now: Instant) -> Lowering {
         if let Some((_, at)) = self.lowered {
             if now.saturating_duration_since(at) < DECREASE_SPACING {
                 return Lowering::Unchanged;
@@ -187,13 +187,13 @@ impl Pacer {
 
 /// The shared limiter of one API; share it behind an `Arc`.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     pacer: Mutex<Pacer>,
 }
 
 impl RateLimiter {
     /// A limiter allowing `per_sec` requests in any window (see [`WINDOW`]).
-    pub fn new(per_sec: u32) -> Self {
+    pub(crate) fn new(per_sec: u32) -> Self {
         RateLimiter {
             pacer: Mutex::new(Pacer::new(per_sec, Instant::now())),
         }
@@ -205,35 +205,30 @@ impl RateLimiter {
 
     /// Takes a slot now if one is free; else returns when the next one is.
     /// The caller that takes it must send at once.
-    pub fn try_acquire(&self) -> Result<(), Instant> {
+    pub(crate) fn try_acquire(&self) -> Result<(), Instant> {
         self.pacer().try_take(Instant::now())
-    }
-
-    /// When the next slot is free (now, if one is).
-    pub fn next_slot(&self) -> Instant {
-        self.pacer().next_slot(Instant::now())
     }
 
     /// Reserves the next slot and waits for it. Slots are reserved in order,
     /// so waiters are served first come, first served, and
     /// [`RateLimiter::try_acquire`] never takes a slot one of them holds.
-    pub async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         let at = self.pacer().reserve(Instant::now());
         tokio::time::sleep_until(at).await;
     }
 
     /// The API answered "rate limited".
-    pub fn on_rate_limited(&self) -> Lowering {
+    pub(crate) fn on_rate_limited(&self) -> Lowering {
         self.pacer().on_rate_limited(Instant::now())
     }
 
     /// The allowed rate now, requests per second.
-    pub fn current_rate(&self) -> f64 {
+    pub(crate) fn current_rate(&self) -> f64 {
         self.pacer().rate(Instant::now())
     }
 
     /// The configured rate, requests per second.
-    pub fn max_rate(&self) -> f64 {
+    pub(crate) fn max_rate(&self) -> f64 {
         self.pacer().max_rate()
     }
 }

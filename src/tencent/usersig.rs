@@ -53,22 +53,22 @@ pub enum UserSigError {
 pub struct SigDoc {
     /// Always "2.0".
     #[serde(rename = "TLS.ver")]
-    pub ver: String,
+    pub(crate) ver: String,
     /// The identifier signed for.
     #[serde(rename = "TLS.identifier")]
-    pub identifier: String,
+    pub(crate) identifier: String,
     /// The SDKAppID.
     #[serde(rename = "TLS.sdkappid")]
-    pub sdkappid: u64,
+    pub(crate) sdkappid: u64,
     /// Lifetime in seconds.
     #[serde(rename = "TLS.expire")]
     pub expire: u64,
     /// Unix seconds of signing.
     #[serde(rename = "TLS.time")]
-    pub time: u64,
+    pub(crate) time: u64,
     /// base64 HMAC-SHA256.
     #[serde(rename = "TLS.sig")]
-    pub sig: String,
+    pub(crate) sig: String,
 }
 
 /// Unix time now, in seconds.
@@ -80,7 +80,13 @@ pub fn unix_now() -> u64 {
 }
 
 /// The `TLS.sig` field: base64 HMAC-SHA256 of the content string.
-pub fn hmac_sig(key: &str, identifier: &str, sdkappid: u64, time: u64, expire: u64) -> String {
+pub(crate) fn hmac_sig(
+    key: &str,
+    identifier: &str,
+    sdkappid: u64,
+    time: u64,
+    expire: u64,
+) -> String {
     let content = format!(
         "TLS.identifier:{identifier}\nTLS.sdkappid:{sdkappid}\nTLS.time:{time}\nTLS.expire:{expire}\n"
     );
@@ -122,7 +128,7 @@ pub fn gen_usersig_at(
 }
 
 /// Decodes a UserSig into its document without checking anything.
-pub fn decode_usersig(usersig: &str) -> Result<SigDoc, UserSigError> {
+pub(crate) fn decode_usersig(usersig: &str) -> Result<SigDoc, UserSigError> {
     let b64: String = usersig
         .chars()
         .map(|c| match c {
@@ -210,7 +216,7 @@ impl Signer {
     }
 
     /// A signer that always hands out `usersig`.
-    pub fn fixed(usersig: Secret, sdkappid: u64, identifier: &str) -> Self {
+    pub(crate) fn fixed(usersig: Secret, sdkappid: u64, identifier: &str) -> Self {
         Self::new(SigSource::Fixed(usersig), sdkappid, identifier, 0)
     }
 
@@ -226,7 +232,7 @@ impl Signer {
     }
 
     /// The signer the configuration asks for.
-    pub fn from_config(t: &crate::config::TencentConfig) -> Self {
+    pub(crate) fn from_config(t: &crate::config::TencentConfig) -> Self {
         if t.secret_key.is_empty() {
             Self::fixed(t.usersig.clone(), t.sdkappid, &t.identifier)
         } else {
@@ -239,13 +245,12 @@ impl Signer {
         }
     }
 
-    /// The SDKAppID.
-    pub fn sdkappid(&self) -> u64 {
+    pub(crate) fn sdkappid(&self) -> u64 {
         self.sdkappid
     }
 
     /// The administrator identifier.
-    pub fn identifier(&self) -> &str {
+    pub(crate) fn identifier(&self) -> &str {
         &self.identifier
     }
 
@@ -285,14 +290,14 @@ impl Signer {
     }
 
     /// Whether [`Signer::invalidate`] can get a fresh usersig (false for a fixed one).
-    pub fn is_renewable(&self) -> bool {
+    pub(crate) fn is_renewable(&self) -> bool {
         matches!(self.source, SigSource::Key(_))
     }
 
     /// Drops the cached usersig so that the next request gets a fresh one
     /// (after a signature-class answer). Returns false for a fixed usersig,
     /// which cannot be renewed.
-    pub fn invalidate(&self) -> bool {
+    pub(crate) fn invalidate(&self) -> bool {
         match &self.source {
             SigSource::Fixed(_) => false,
             SigSource::Key(_) => {
@@ -303,7 +308,7 @@ impl Signer {
     }
 
     /// A usersig for another identifier (for `imattr sig --identifier`).
-    pub fn usersig_for(&self, identifier: &str) -> Option<String> {
+    pub(crate) fn usersig_for(&self, identifier: &str) -> Option<String> {
         match &self.source {
             SigSource::Fixed(_) => None,
             SigSource::Key(key) => Some(gen_usersig_at(

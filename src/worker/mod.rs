@@ -1,15 +1,15 @@
 //! `imattr run`: RabbitMQ → validated, coalesced batches → `im_set_attr`,
 //! with each delivery acknowledged only after its outcome (docs/design.md).
 //!
-//! - this module: the run loop — connect, run one [`session`], learn how it
+//! - this module: the run loop — connect, run one `session`, learn how it
 //!   ended, reconnect with backoff;
-//! - [`session`]: one broker session's event loop, which owns all mutable
+//! - `session`: one broker session's event loop, which owns all mutable
 //!   state (deliveries, coalescer, ack tracker) and only moves data;
-//! - [`batch`]: one batch run to its end (send, retry, split, bisect), in its
+//! - `batch`: one batch run to its end (send, retry, split, bisect), in its
 //!   own task, reporting one outcome per (delivery, account).
 //!
 //! The decisions live in pure code: [`crate::update`], [`crate::coalesce`],
-//! [`crate::amqp::consume`], [`crate::tencent::errors`] and [`batch::next_step`].
+//! `crate::amqp::consume`, `crate::tencent::errors` and `batch::next_step`.
 
 mod batch;
 mod session;

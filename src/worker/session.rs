@@ -78,20 +78,35 @@ async fn only_consumer(ch: &Channel, queue: &str) -> bool {
     }
 }
 
-/// What the session's tasks report back; the loop applies each to its state.
+/// What the session's tasks report back over `ctx.events`; only the event
+/// loop changes the session's state, in [`Session::on_event`].
+///
+/// The channel is unbounded so that a task never waits on the loop; one
+/// task's events arrive in the order it sent them. A task that was aborted
+/// (shutdown timeout) may never send its `BatchDone` or `Resumed`: that
+/// happens only when the session ends anyway.
 pub(super) enum Event {
     /// A batch ran to its end: unlock `accounts` in the coalescer and settle
     /// one (delivery, account) per outcome. Parts without an outcome (the
     /// session stopped) stay unacked.
     BatchDone {
+        /// Every account of the batch, with an outcome or not: all were
+        /// marked in flight by `take_batch`.
         accounts: Vec<String>,
+        /// One per (delivery, account) part that got a verdict; a delivery
+        /// is finished when its `Msg::remaining` reaches zero.
         outcomes: Vec<PartOutcome>,
     },
-    /// The broker confirmed the dead-letter copy of `tag`: the original may be acked.
+    /// The broker confirmed the dead-letter copy of `tag`: the original may
+    /// be acked. `reason` labels the dead-letter counter.
     DeadLettered { tag: Tag, reason: Reason },
-    /// A batch got a misconfigured answer and is now probing.
+    /// A batch got a misconfigured answer (`code`, `info` as the API said
+    /// them, for the log line and /health) and is now probing. Each batch
+    /// sends at most one before its matching [`Event::Resumed`].
     Paused { code: i64, info: String },
-    /// A batch that reported [`Event::Paused`] finished (applied or stopped).
+    /// A batch that reported [`Event::Paused`] got an answer that ends the
+    /// pause (see `Attempt::answered`), or finished (applied or stopped):
+    /// one per `Paused`.
     Resumed,
 }
 
@@ -101,6 +116,16 @@ pub(super) enum Event {
 /// it is in `messages` until its accounts are all settled and it is acked or
 /// dead-lettered; each of its accounts is in the coalescer (pending or in
 /// flight) until that account's outcome comes back.
+///
+/// A delivery's path: [`Session::on_delivery`] registers it in `acks`, keeps
+/// it in `messages` and pushes its accounts into `coalescer`;
+/// [`Session::dispatch`] takes due accounts into a batch task; the task's
+/// [`Event::BatchDone`] counts down `Msg::remaining`; at zero
+/// [`Session::finish`] either settles it in `acks` (all applied) or spawns
+/// its dead-letter publish, whose [`Event::DeadLettered`] settles it then.
+/// `flush_acks` sends what `acks` allows. `messages.len() + acks.waiting()`
+/// is the unsettled count /health reports, and shutdown drains until
+/// `messages` and `tasks` are empty.
 pub(super) struct Session<'a> {
     config: &'a Config,
     health: Arc<Health>,
@@ -109,23 +134,39 @@ pub(super) struct Session<'a> {
     /// Dead-letter copies, on a confirm channel reopened when the broker closes it.
     dead_letters: Arc<DeadLetterPublisher>,
     consumer: lapin::Consumer,
+    /// For `basic.cancel` at shutdown (not sent with single-active-consumer).
     consumer_tag: String,
+    /// Pending updates by account; an account is in flight, and is not put
+    /// in another batch, from `take_batch` until its batch's `BatchDone`.
     coalescer: Coalescer,
     /// Decides which acks may go out without passing an older unacked
     /// delivery that touches the same accounts.
     acks: AckTracker,
+    /// Deliveries not yet acked nor dead-lettered, by delivery tag. An entry
+    /// leaves when it is settled in `acks`: at once when all its accounts
+    /// were applied, or on [`Event::DeadLettered`].
     messages: HashMap<Tag, Msg>,
     /// Batch tasks and dead-letter publishes; all end before the session does.
     tasks: JoinSet<()>,
+    /// Batch tasks spawned whose `BatchDone` has not come back (dead-letter
+    /// publishes are in `tasks` but not counted); at most `tencent.max_in_flight`.
     batches_in_flight: usize,
     /// When a batch is due but no rate slot is free: when the next one is.
     next_slot: Option<Instant>,
+    /// The receiving end of `ctx.events`.
     events_rx: mpsc::UnboundedReceiver<Event>,
+    /// Shared with every batch task: the client, the retry settings, the
+    /// batch-size cap, the event sender and `stop`, which [`Session::run`]
+    /// fires when the session ends.
     ctx: Arc<BatchCtx>,
-    /// Batches currently probing after a misconfigured answer (each reports
-    /// [`Event::Paused`] once and [`Event::Resumed`] once). While it is above
-    /// zero no batch is formed and nothing is consumed; the counter, not a
-    /// flag, so one batch recovering does not resume while another still fails.
+    /// Batches currently probing after a misconfigured answer: +1 on
+    /// [`Event::Paused`], -1 on [`Event::Resumed`], and each batch sends them
+    /// in pairs. While it is above zero no batch is formed, nothing is taken
+    /// from the consumer (the broker stops at the prefetch count) and a shutdown does not
+    /// wait for a flush that cannot happen; events and acks still go on. A
+    /// counter, not a flag: several batches may probe at once, and the first
+    /// one to get through must not resume while another still fails. The
+    /// /health pause and the `imattr_paused` gauge change only on 0 <-> 1.
     paused_by: usize,
     /// Until when batches go out by age only, not by size: redelivered
     /// messages arrive back to back, and an account's older and newer
@@ -136,7 +177,8 @@ pub(super) struct Session<'a> {
     /// over redelivered messages, whose previous holder (a worker that died)
     /// may have had requests in flight (see [`Session::on_delivery`]).
     hold_until: Option<Instant>,
-    /// Deliveries received by this session.
+    /// Deliveries received by this session; a redelivery while it is still
+    /// 0 is a takeover and sets `hold_until`.
     received: u64,
 }
 
