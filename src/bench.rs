@@ -104,8 +104,12 @@ pub(crate) async fn run(
     quick: bool,
     json: bool,
     only: Option<u8>,
+    dead_letters_n: Option<usize>,
 ) -> anyhow::Result<()> {
-    let sizes = if quick { QUICK } else { FULL };
+    let mut sizes = if quick { QUICK } else { FULL };
+    if let Some(n) = dead_letters_n {
+        sizes.dead_letters = n;
+    }
     let mut figures = Vec::new();
     let say = |s: &str| {
         if !json {

@@ -80,6 +80,9 @@ pub enum Command {
         /// Run only this scenario (1 to 8; 8 is the dead-letter tools).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
         only: Option<u8>,
+        /// Dead letters for scenario 8 (default 1,000,000; 5,000 with --quick).
+        #[arg(long)]
+        dead_letters: Option<usize>,
     },
     /// Print a shell completion script.
     #[command(
@@ -327,7 +330,12 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Publish(a) => crate::cmd::publish::run(a, &config).await,
         Command::Dlq(c) => crate::cmd::dlq::run(c, &config).await,
         Command::Demo => crate::demo::run(config).await,
-        Command::Bench { quick, json, only } => crate::bench::run(config, quick, json, only).await,
+        Command::Bench {
+            quick,
+            json,
+            only,
+            dead_letters,
+        } => crate::bench::run(config, quick, json, only, dead_letters).await,
         Command::BenchConsumer { count } => crate::bench::bare_consumer(&config, count).await,
         Command::Completions { .. } | Command::Man => {
             write_generated(&command, &mut std::io::stdout().lock())

@@ -183,6 +183,8 @@ struct Batch {
     /// pass ending inside its first batch rotates nothing.
     copies: Vec<(BasicProperties, Vec<u8>)>,
     last_tag: Option<u64>,
+    /// Messages to move, with their delivery tags, not yet published.
+    to_move: Vec<(u64, Box<Outgoing>)>,
     moves: Vec<(u64, PublisherConfirm)>,
 }
 
@@ -209,6 +211,17 @@ pub async fn count(ch: &Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
         .await
         .with_context(|| format!("inspecting queue {queue}"))?;
     Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Runs publishes together: each one's future resolves only when lapin's
+/// I/O thread has written it, so awaiting them one by one costs a thread
+/// hand-off per message. The futures are first polled in order, which is when
+/// each takes its confirm number and queues its frames, so they go out in order.
+async fn publish_all<F>(publishes: impl Iterator<Item = F>) -> lapin::Result<Vec<PublisherConfirm>>
+where
+    F: std::future::Future<Output = lapin::Result<PublisherConfirm>>,
+{
+    futures_util::future::try_join_all(publishes).await
 }
 
 fn check(confirmation: Confirmation, exchange: &str) -> anyhow::Result<()> {
@@ -369,23 +382,37 @@ impl Pass<'_> {
     }
 
     async fn move_out(&mut self, tag: u64, o: Box<Outgoing>) -> anyhow::Result<()> {
-        let confirm = self
-            .out()
-            .await?
-            .basic_publish(
-                ShortString::from(self.target.exchange),
-                ShortString::try_new(o.routing_key).unwrap_or_default(),
+        self.batch.to_move.push((tag, o));
+        Ok(())
+    }
+
+    /// Publishes the batch's moved messages to the updates exchange, all at
+    /// once and in order (see [`publish_all`]).
+    async fn publish_moves(&mut self) -> anyhow::Result<()> {
+        let to_move = std::mem::take(&mut self.batch.to_move);
+        if to_move.is_empty() {
+            return Ok(());
+        }
+        let out = self.out().await?;
+        let exchange = ShortString::from(self.target.exchange);
+        let confirms = publish_all(to_move.iter().map(|(_, o)| {
+            out.basic_publish(
+                exchange.clone(),
+                ShortString::try_new(o.routing_key.clone()).unwrap_or_default(),
                 // Mandatory: an exchange bound to no queue would drop it.
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
                 },
                 &o.body,
-                o.properties,
+                o.properties.clone(),
             )
-            .await
-            .context("republishing a dead letter")?;
-        self.batch.moves.push((tag, confirm));
+        }))
+        .await
+        .context("republishing a dead letter")?;
+        self.batch
+            .moves
+            .extend(to_move.iter().map(|(tag, _)| *tag).zip(confirms));
         Ok(())
     }
 
@@ -396,22 +423,25 @@ impl Pass<'_> {
         let Some(last) = self.batch.last_tag else {
             return Ok(());
         };
+        self.publish_moves().await?;
         let copies = std::mem::take(&mut self.batch.copies);
         if !copies.is_empty() {
             let out = self.out().await?;
-            for (props, body) in copies {
-                let c = out
-                    .basic_publish(
-                        "".into(),
-                        ShortString::from(self.target.queue),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props,
-                    )
-                    .await
-                    .context("copying a dead letter to the tail of the queue")?;
-                self.batch.moves.push((0, c));
-            }
+            let queue = ShortString::from(self.target.queue);
+            let confirms = publish_all(copies.iter().map(|(props, body)| {
+                out.basic_publish(
+                    "".into(),
+                    queue.clone(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props.clone(),
+                )
+            }))
+            .await
+            .context("copying a dead letter to the tail of the queue")?;
+            self.batch
+                .moves
+                .extend(confirms.into_iter().map(|c| (0, c)));
         }
         for (_, c) in self.batch.moves.drain(..) {
             check(
@@ -437,6 +467,7 @@ impl Pass<'_> {
             report.rotated = true;
             return Ok(());
         }
+        self.publish_moves().await?;
         for (tag, c) in std::mem::take(&mut self.batch.moves) {
             check(
                 c.await.context("waiting for a publisher confirm")?,
