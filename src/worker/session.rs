@@ -35,6 +35,10 @@ use crate::update::{self, Rules};
 /// Deliveries taken from the consumer's buffer per turn of the event loop.
 const DELIVERY_BURST: usize = 256;
 
+/// How long acks that can only go one by one may wait for a `multiple` ack
+/// to cover them (see `Session::flush_acks`).
+const SINGLES_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A delivery being worked on: kept whole until it is acked or its
 /// dead-letter copy is confirmed, because the copy is the original body.
 struct Msg {
@@ -153,6 +157,9 @@ pub(super) struct Session<'a> {
     batches_in_flight: usize,
     /// When a batch is due but no rate slot is free: when the next one is.
     next_slot: Option<Instant>,
+    /// When the acks left for later (behind an unsettled delivery at the
+    /// bottom of the window) go out one by one at the latest; see `flush_acks`.
+    singles_at: Instant,
     /// The receiving end of `ctx.events`.
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// Shared with every batch task: the client, the retry settings, the
@@ -247,6 +254,7 @@ impl<'a> Session<'a> {
             tasks: JoinSet::new(),
             batches_in_flight: 0,
             next_slot: None,
+            singles_at: Instant::now(),
             events_rx,
             ctx,
             paused_by: 0,
@@ -289,7 +297,7 @@ impl<'a> Session<'a> {
         let mut draining: Option<Instant> = None;
         loop {
             self.dispatch(draining.is_some());
-            if let Err(e) = self.flush_acks().await {
+            if let Err(e) = self.flush_acks(draining.is_some()).await {
                 return Ok(End::Lost(format!("acknowledging failed: {e}")));
             }
             metrics::gauge!("imattr_pending_accounts")
@@ -357,10 +365,11 @@ impl<'a> Session<'a> {
                     );
                     self.ctx.stop.cancel();
                     self.tasks.abort_all();
-                    let _ = self.flush_acks().await;
+                    let _ = self.flush_acks(true).await;
                     return Ok(End::Shutdown(draining.unwrap_or_else(Instant::now)));
                 }
                 Some(ev) = self.events_rx.recv() => self.on_event(ev),
+                _ = tokio::time::sleep_until(self.singles_at), if self.acks.waiting() > 0 => {}
                 Some(res) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(e) = res {
                         if e.is_panic() {
@@ -624,10 +633,23 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Sends every ack [`AckTracker::take_acks`] allows now.
-    async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
+    /// Sends the acks [`AckTracker::take_acks_with`] allows now. Acks
+    /// behind an unsettled delivery can only go one by one, and a broker
+    /// pays for each (a hot account keeps the bottom of the window busy, and
+    /// single acks then cost the broker more than the deliveries). So they
+    /// wait up to [`SINGLES_DELAY`], or until a quarter of the prefetch
+    /// window waits, or `force` (shutdown): by then one `multiple` ack
+    /// usually covers them. Waiting is safe: redelivered, they are applied
+    /// again in order.
+    async fn flush_acks(&mut self, force: bool) -> Result<(), lapin::Error> {
+        let now = Instant::now();
+        let pressure = (usize::from(self.config.amqp.prefetch) / 4).max(1);
+        let singles = force || now >= self.singles_at || self.acks.waiting() >= pressure;
+        if singles {
+            self.singles_at = now + SINGLES_DELAY;
+        }
         let before = self.acks.unacked();
-        let ops = self.acks.take_acks();
+        let ops = self.acks.take_acks_with(singles);
         let acked = before.saturating_sub(self.acks.unacked()) as u64;
         // All at once: each ack's future resolves when lapin's I/O thread has
         // written it, so awaiting them one by one costs a thread hand-off per
