@@ -849,11 +849,13 @@ async fn memory(base: &Config, s: &Sizes) -> anyhow::Result<Vec<Figure>> {
             "msgs/s",
         ));
     }
-    let growth = peaks[1] / peaks[0];
+    // Bounded means a queue ten times longer costs no more than allocator
+    // noise: runs of the same size differ by up to ~10 MiB on this machine.
+    let growth = peaks[1] - peaks[0];
     out.push(target(
-        fig(name, "peak RSS large / small", growth, "ratio"),
-        "<= 1.25 (bounded)",
-        growth <= 1.25,
+        fig(name, "peak RSS large - small", growth, "MiB"),
+        "<= 16 MiB (bounded)",
+        growth <= 16.0,
     ));
     Ok(out)
 }
