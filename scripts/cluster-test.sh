@@ -13,13 +13,16 @@
 #     (DLQ=classic: a classic dead-letter queue on the stopped node instead).
 # It stops only the nodes it started (never the broker on 5672), also on
 # failure. Needs root (the nodes run as user rabbitmq).
-# Usage: scripts/cluster-test.sh (KEEP=1 keeps its temporary directory with
+# Installs jq if missing. Usage: scripts/cluster-test.sh (KEEP=1 keeps its temporary directory with
 # the node and worker logs; MESSAGES=, ACCOUNTS= resize it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "cluster-test: run as root (the nodes run as user rabbitmq)" >&2; exit 1; }
 command -v rabbitmq-server >/dev/null || { echo "cluster-test: rabbitmq-server is not installed" >&2; exit 1; }
+if ! command -v jq >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
+fi
 command -v jq >/dev/null || { echo "cluster-test: needs jq" >&2; exit 1; }
 
 T0=$SECONDS
@@ -79,7 +82,16 @@ ctl() { local i=$1; shift; as_node "$i" timeout 60 /usr/lib/rabbitmq/bin/rabbitm
 cleanup() {
   local rc=$?
   set +e
+  # SIGTERM, 5 s, then SIGKILL: a stopping worker flushes for up to
+  # shutdown.timeout_secs against a simulator and nodes going away.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for _ in $(seq 1 50); do
+    alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   for i in "${STARTED[@]}"; do
     ctl "$i" stop >/dev/null 2>&1 || {
       # The node did not answer: end its own Erlang VM, found by its pid file.
