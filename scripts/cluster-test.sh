@@ -42,12 +42,15 @@ ACCOUNTS=${ACCOUNTS:-5000}
 say() { echo "cluster-test: $*"; }
 fail() { echo "cluster-test: FAILED: $*" >&2; exit 1; }
 
+# Ports 20000-29999: below the kernel's ephemeral range (32768 and up), which
+# a busy machine's outgoing connections may hold when a node binds, and below
+# the CLI's own distribution ports (35672-35682).
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 TAKEN=""
 spare_port() {
   local p
   for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 10000))
     if port_free "$p" && ! grep -qw "$p" <<<"$TAKEN"; then echo "$p"; return; fi
   done
   echo "cluster-test: no spare port" >&2
@@ -100,7 +103,8 @@ cleanup() {
   done
   if [ "$rc" != 0 ]; then
     echo "cluster-test: worker log tail:" >&2
-    tail -n 30 "$WORK/join.log" "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+    tail -n 30 "$WORK"/start?.log "$WORK/join.log" "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+    for i in "${STARTED[@]}"; do tail -n 5 "$WORK/n$i/log/"*@localhost.log 2>/dev/null >&2; done
   fi
   if [ -n "${KEEP:-}" ]; then echo "cluster-test: kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit "$rc"
@@ -119,7 +123,7 @@ start_node() {
   : >"$d/rabbitmq-env.conf"
   chown -R rabbitmq: "$d"
   STARTED+=("$i")
-  (cd "$RMQ_HOME" && as_node "$i" /usr/lib/rabbitmq/bin/rabbitmq-server -detached) >/dev/null
+  (cd "$RMQ_HOME" && as_node "$i" /usr/lib/rabbitmq/bin/rabbitmq-server -detached) >"$WORK/start$i.log" 2>&1
 }
 await_node() {
   local i=$1 t0=$SECONDS
