@@ -41,6 +41,9 @@ ACCOUNTS=${ACCOUNTS:-5000}
 
 say() { echo "cluster-test: $*"; }
 fail() { echo "cluster-test: FAILED: $*" >&2; exit 1; }
+# The cluster itself could not be set up (a node did not start or join): nothing
+# about imattr was tested. Exit 3 so a caller may try once more.
+setup_fail() { echo "cluster-test: SETUP FAILED: $*" >&2; exit 3; }
 
 # Ports 20000-29999: below the kernel's ephemeral range (32768 and up), which
 # a busy machine's outgoing connections may hold when a node binds, and below
@@ -129,7 +132,7 @@ await_node() {
   local i=$1 t0=$SECONDS
   # await_startup fails at once while the VM is not registered yet: poll, bounded.
   until ctl "$i" await_startup --timeout 20 >/dev/null 2>&1; do
-    [ $((SECONDS - t0)) -lt 120 ] || fail "node $i did not start in 120 s"
+    [ $((SECONDS - t0)) -lt 120 ] || setup_fail "node $i did not start in 120 s"
     sleep 1
   done
 }
@@ -139,12 +142,12 @@ say "3 nodes started in $((SECONDS - T0)) s"
 # One after the other: joins at once can race on the cluster's schema. The
 # CLI's complaints while a node restarts its app go to join.log.
 for i in 2 3; do
-  ctl "$i" stop_app >>"$WORK/join.log" 2>&1 || fail "node $i: stop_app failed"
-  ctl "$i" join_cluster "$(node_name 1)" >>"$WORK/join.log" 2>&1 || fail "node $i: join_cluster failed"
-  ctl "$i" start_app >>"$WORK/join.log" 2>&1 || fail "node $i: start_app failed"
+  ctl "$i" stop_app >>"$WORK/join.log" 2>&1 || setup_fail "node $i: stop_app failed"
+  ctl "$i" join_cluster "$(node_name 1)" >>"$WORK/join.log" 2>&1 || setup_fail "node $i: join_cluster failed"
+  ctl "$i" start_app >>"$WORK/join.log" 2>&1 || setup_fail "node $i: start_app failed"
 done
 members=$(ctl 1 cluster_status --formatter json | jq '.running_nodes | length')
-[ "$members" = 3 ] || fail "the cluster has $members running nodes, not 3"
+[ "$members" = 3 ] || setup_fail "the cluster has $members running nodes, not 3"
 say "3 nodes up and joined in $((SECONDS - T0)) s (AMQP ports ${AMQP_PORT[*]})"
 
 # --- Simulator and worker ----------------------------------------------------
