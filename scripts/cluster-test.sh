@@ -7,19 +7,27 @@
 # mid-stream, publishes the rest, and checks:
 #   - nothing lost: the API's final state is the last value published per account;
 #   - no account in two requests at once, no value going backwards (simulator stats);
-#   - nothing dead-lettered, nothing left in the queue.
-# It stops only the nodes it started (never the broker on 5672). Needs root
-# (the nodes run as user rabbitmq). Usage: scripts/cluster-test.sh
-# (KEEP=1 keeps its temporary directory with the node and worker logs).
+#   - nothing dead-lettered, nothing left in the queue;
+#   - the dead-letter queue is quorum too, and the worker declares its
+#     topology on a surviving node although the stopped one hosted both queues
+#     (DLQ=classic: a classic dead-letter queue on the stopped node instead).
+# It stops only the nodes it started (never the broker on 5672), also on
+# failure. Needs root (the nodes run as user rabbitmq).
+# Installs jq if missing. Usage: scripts/cluster-test.sh (KEEP=1 keeps its temporary directory with
+# the node and worker logs; MESSAGES=, ACCOUNTS= resize it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "cluster-test: run as root (the nodes run as user rabbitmq)" >&2; exit 1; }
 command -v rabbitmq-server >/dev/null || { echo "cluster-test: rabbitmq-server is not installed" >&2; exit 1; }
+if ! command -v jq >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq
+fi
 command -v jq >/dev/null || { echo "cluster-test: needs jq" >&2; exit 1; }
 
 T0=$SECONDS
 cargo build --locked --quiet
+echo "cluster-test: built in $((SECONDS - T0)) s"
 BIN=$PWD/target/debug/imattr
 
 SUFFIX=$$-$RANDOM
@@ -29,17 +37,23 @@ RMQ_HOME=$(getent passwd rabbitmq | cut -d: -f6)
 PIDS=()
 STARTED=()
 MESSAGES=${MESSAGES:-20000}
-ACCOUNTS=${ACCOUNTS:-500}
+ACCOUNTS=${ACCOUNTS:-5000}
 
 say() { echo "cluster-test: $*"; }
 fail() { echo "cluster-test: FAILED: $*" >&2; exit 1; }
+# The cluster itself could not be set up (a node did not start or join): nothing
+# about imattr was tested. Exit 3 so a caller may try once more.
+setup_fail() { echo "cluster-test: SETUP FAILED: $*" >&2; exit 3; }
 
+# Ports 20000-29999: below the kernel's ephemeral range (32768 and up), which
+# a busy machine's outgoing connections may hold when a node binds, and below
+# the CLI's own distribution ports (35672-35682).
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 TAKEN=""
 spare_port() {
   local p
   for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 10000))
     if port_free "$p" && ! grep -qw "$p" <<<"$TAKEN"; then echo "$p"; return; fi
   done
   echo "cluster-test: no spare port" >&2
@@ -54,6 +68,7 @@ for i in 1 2 3; do
   DIST_PORT[$i]=$(spare_port); TAKEN="$TAKEN ${DIST_PORT[$i]}"
 done
 SIM_PORT=$(spare_port); TAKEN="$TAKEN $SIM_PORT"
+ADMIN_PORT=$(spare_port); TAKEN="$TAKEN $ADMIN_PORT"
 
 # Runs a RabbitMQ command as user rabbitmq for node i: its home holds the
 # Erlang cookie all nodes share; the rest is the node's own environment.
@@ -73,7 +88,16 @@ ctl() { local i=$1; shift; as_node "$i" timeout 60 /usr/lib/rabbitmq/bin/rabbitm
 cleanup() {
   local rc=$?
   set +e
+  # SIGTERM, 5 s, then SIGKILL: a stopping worker flushes for up to
+  # shutdown.timeout_secs against a simulator and nodes going away.
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for _ in $(seq 1 50); do
+    alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   for i in "${STARTED[@]}"; do
     ctl "$i" stop >/dev/null 2>&1 || {
       # The node did not answer: end its own Erlang VM, found by its pid file.
@@ -82,7 +106,8 @@ cleanup() {
   done
   if [ "$rc" != 0 ]; then
     echo "cluster-test: worker log tail:" >&2
-    tail -n 30 "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+    tail -n 30 "$WORK"/start?.log "$WORK/join.log" "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+    for i in "${STARTED[@]}"; do tail -n 5 "$WORK/n$i/log/"*@localhost.log 2>/dev/null >&2; done
   fi
   if [ -n "${KEEP:-}" ]; then echo "cluster-test: kept $WORK" >&2; else rm -rf "$WORK"; fi
   exit "$rc"
@@ -101,34 +126,36 @@ start_node() {
   : >"$d/rabbitmq-env.conf"
   chown -R rabbitmq: "$d"
   STARTED+=("$i")
-  (cd "$RMQ_HOME" && as_node "$i" /usr/lib/rabbitmq/bin/rabbitmq-server -detached) >/dev/null
+  (cd "$RMQ_HOME" && as_node "$i" /usr/lib/rabbitmq/bin/rabbitmq-server -detached) >"$WORK/start$i.log" 2>&1
 }
 await_node() {
   local i=$1 t0=$SECONDS
   # await_startup fails at once while the VM is not registered yet: poll, bounded.
   until ctl "$i" await_startup --timeout 20 >/dev/null 2>&1; do
-    [ $((SECONDS - t0)) -lt 120 ] || fail "node $i did not start in 120 s"
+    [ $((SECONDS - t0)) -lt 120 ] || setup_fail "node $i did not start in 120 s"
     sleep 1
   done
 }
 for i in 1 2 3; do start_node "$i"; done
 for i in 1 2 3; do await_node "$i"; done
+say "3 nodes started in $((SECONDS - T0)) s"
+# One after the other: joins at once can race on the cluster's schema. The
+# CLI's complaints while a node restarts its app go to join.log.
 for i in 2 3; do
-  ctl "$i" stop_app >/dev/null
-  ctl "$i" join_cluster "$(node_name 1)" >/dev/null
-  ctl "$i" start_app >/dev/null
+  ctl "$i" stop_app >>"$WORK/join.log" 2>&1 || setup_fail "node $i: stop_app failed"
+  ctl "$i" join_cluster "$(node_name 1)" >>"$WORK/join.log" 2>&1 || setup_fail "node $i: join_cluster failed"
+  ctl "$i" start_app >>"$WORK/join.log" 2>&1 || setup_fail "node $i: start_app failed"
 done
 members=$(ctl 1 cluster_status --formatter json | jq '.running_nodes | length')
-[ "$members" = 3 ] || fail "the cluster has $members running nodes, not 3"
+[ "$members" = 3 ] || setup_fail "the cluster has $members running nodes, not 3"
 say "3 nodes up and joined in $((SECONDS - T0)) s (AMQP ports ${AMQP_PORT[*]})"
 
 # --- Simulator and worker ----------------------------------------------------
 url() { echo "amqp://guest:guest@127.0.0.1:${AMQP_PORT[$1]}/%2f"; }
 export IMATTR_AMQP__URL="$(url 1),$(url 2),$(url 3)"
-# The publisher lists node 3 first, so it declares the topology there: the
-# dead-letter queue is a classic queue, which lives on one node and is
-# unavailable while that node is down (docs/several-workers.md).
-PUBLISH_URLS="$(url 3),$(url 2),$(url 1)"
+# The tools list node 1 first like the worker: both queues' leaders start on
+# node 1, the one the worker connects to and the test stops.
+PUBLISH_URLS="$(url 1),$(url 2),$(url 3)"
 export IMATTR_AMQP__QUEUE="imattr.cluster.$SUFFIX.updates"
 export IMATTR_AMQP__EXCHANGE="imattr.cluster.$SUFFIX.updates"
 export IMATTR_AMQP__DEAD_LETTER_QUEUE="imattr.cluster.$SUFFIX.dead"
@@ -138,16 +165,28 @@ export IMATTR_TENCENT__BASE_URL="http://127.0.0.1:$SIM_PORT"
 export IMATTR_TENCENT__SDKAPPID=1400000000
 export IMATTR_TENCENT__SECRET_KEY=cluster-test-secret-key
 export IMATTR_ATTRIBUTES__ALLOWED='[n]'
-export IMATTR_ADMIN__LISTEN=""
+export IMATTR_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT"
 export IMATTR_BATCH__MAX_ACCOUNTS=20
 export IMATTR_TENCENT__MAX_IN_FLIGHT=4
 export IMATTR_RETRY__MAX_ELAPSED_SECS=0
+export IMATTR_TENCENT__TIMEOUT_MS=3500
 SIM="http://127.0.0.1:$SIM_PORT/__simulator"
 
-"$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n --latency-ms 5..15 --rate-limit 0 \
+"$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n --latency-ms 50..150 --rate-limit 0 \
   >"$WORK/simulator.log" 2>&1 &
 PIDS+=($!)
-IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 3
+if [ "${DLQ:-}" = classic ]; then
+  # A classic dead-letter queue on node 1, as declared before amqp.queue_type
+  # was quorum: declared with a throwaway classic updates queue and exchange.
+  IMATTR_AMQP__URL="$(url 1)" IMATTR_AMQP__QUEUE_TYPE=classic \
+    IMATTR_AMQP__QUEUE="$IMATTR_AMQP__QUEUE.old" IMATTR_AMQP__EXCHANGE="$IMATTR_AMQP__EXCHANGE.old" \
+    "$BIN" dlq list --limit 1 >/dev/null
+  ctl 1 delete_queue "$IMATTR_AMQP__QUEUE.old" >/dev/null
+fi
+IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 1
+dlq_type=$(ctl 1 list_queues -q --no-table-headers name type | awk -v q="$IMATTR_AMQP__DEAD_LETTER_QUEUE" '$1 == q { print $2 }')
+want_type=quorum; [ "${DLQ:-}" = classic ] && want_type=classic
+[ "$dlq_type" = "$want_type" ] || fail "the dead-letter queue is ${dlq_type:-missing}, not $want_type"
 "$BIN" run >"$WORK/worker.log" 2>&1 &
 WORKER=$!
 PIDS+=("$WORKER")
@@ -169,35 +208,55 @@ stream() { # from count
 written() { curl -sf "$SIM/stats" | jq '.accounts_written' || echo 0; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
-HALF=$((MESSAGES / 2))
-stream 0 "$HALF" | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
-for _ in $(seq 1 300); do
-  [ "$(written)" -gt 1000 ] && break
-  sleep 0.1
-done
-
-# --- Stop the worker's node mid-stream ----------------------------------------
 # list_connections shows the whole cluster's connections; a connection's
-# pid (<node.N.N.N>) names the node it lives on.
+# pid (<node.N.N.N>) names the node it lives on. Found before publishing, so
+# that the stop follows the first writes closely.
 holder=$(ctl 1 list_connections -q --no-table-headers pid client_properties |
   grep -F "imattr run $IMATTR_AMQP__QUEUE pid $WORKER" | awk '{ print $1 }' | head -n 1)
 victim=""
 for i in 1 2 3; do [[ "$holder" == "<$(node_name "$i")."* ]] && victim=$i; done
 [ -n "$victim" ] || fail "no node holds the worker's connection"
+
+# The worker applies about 800 accounts a second (4 requests of 20 accounts
+# in flight, 50-150 ms each): the first half takes seconds, so it is
+# mid-stream, holding unacked messages, when its node stops.
+HALF=$((MESSAGES / 2))
+stream 0 "$HALF" | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
+for _ in $(seq 1 300); do
+  [ "$(written)" -gt 200 ] && break
+  sleep 0.1
+done
+
+# --- Stop the worker's node mid-stream ----------------------------------------
 before=$(written)
 say "stopping node $victim (the worker's) after $before accounts written"
 stopped_at=$(now_ms)
 ctl "$victim" stop >/dev/null
-# Publish the rest while the cluster runs on two nodes.
-stream "$HALF" $((MESSAGES - HALF)) | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
-# Working again: connected to another node and applying.
-connects() { grep -c "Connected to RabbitMQ" "$WORK/worker.log" || true; }
+# Working again: connected to another node, consuming (the worker's log: its
+# first delivery after the lost session) and applying (the API's count grows
+# after the reconnect; a redelivery first holds requests for tencent.timeout_ms).
+plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$WORK/worker.log"; }
+connects() { plain_log | grep -c "Connected to RabbitMQ" || true; }
+log_ms() { date -d "$1" +%s%3N; }
 for _ in $(seq 1 1200); do
-  [ "$(connects)" -ge 2 ] && [ "$(written)" -gt "$before" ] && break
+  [ "$(connects)" -ge 2 ] && break
   sleep 0.1
 done
 [ "$(connects)" -ge 2 ] || fail "the worker did not connect to another node"
-recovery_ms=$(($(now_ms) - stopped_at))
+reconnected=$(written)
+for _ in $(seq 1 1200); do
+  [ "$(written)" -gt "$reconnected" ] && break
+  sleep 0.1
+done
+[ "$(written)" -gt "$reconnected" ] || fail "the worker did not apply anything after reconnecting"
+applying_ms=$(($(now_ms) - stopped_at))
+lost_at=$(plain_log | grep -m1 "Lost the broker session" | awk '{ print $1 }')
+back_at=$(plain_log | awk '/Lost the broker session/ { lost = 1 } lost && /Active: this worker/ { print $1; exit }')
+[ -n "$lost_at" ] && [ -n "$back_at" ] || fail "no lost session and takeover in the worker's log"
+consuming_ms=$(($(log_ms "$back_at") - stopped_at))
+failed_sessions=$(plain_log | grep -c "Broker session failed" || true)
+# Publish the rest while the cluster runs on two nodes.
+stream "$HALF" $((MESSAGES - HALF)) | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
 
 # --- Wait for the end and check -----------------------------------------------
 stream 0 "$MESSAGES" | jq -s 'map({(.To_Account): {n: .Attrs.n}}) | add' >"$WORK/expected.json"
@@ -215,11 +274,19 @@ done
 stats=$(curl -sf "$SIM/stats")
 overlaps=$(jq '.overlapping_account_requests' <<<"$stats")
 regressions=$(jq '.regressions // 0' <<<"$stats")
-dead=$(depth "$IMATTR_AMQP__DEAD_LETTER_QUEUE")
 [ "$overlaps" = 0 ] || fail "$overlaps times an account was in two requests at once"
 [ "$regressions" = 0 ] || fail "$regressions values went backwards"
+# Dead letters: the worker's count, and the queue's depth unless it is the
+# classic queue on the stopped node.
+metric() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 ~ "^" m { n += $2 } END { print n + 0 }'; }
+dead=$(metric imattr_messages_dead_lettered_total)
 [ "$dead" = 0 ] || fail "$dead messages dead-lettered"
+if [ "$dlq_type" = quorum ]; then
+  dead=$(depth "$IMATTR_AMQP__DEAD_LETTER_QUEUE")
+  [ "$dead" = 0 ] || fail "$dead messages in $IMATTR_AMQP__DEAD_LETTER_QUEUE"
+fi
+redelivered=$(metric imattr_messages_redelivered_total)
 kill -TERM "$WORKER"
 wait "$WORKER" || fail "the worker did not stop cleanly"
 reconnects=$(($(connects) - 1))
-say "OK: $MESSAGES messages over $ACCOUNTS accounts, node $victim stopped mid-stream; worker applying again ${recovery_ms} ms after the stop ($reconnects reconnect(s)); last value wins, 0 overlaps, 0 regressions, 0 dead letters; $((SECONDS - T0)) s in all"
+say "OK: $MESSAGES messages over $ACCOUNTS accounts, node $victim stopped mid-stream after $before accounts written; worker consuming again ${consuming_ms} ms and applying again ${applying_ms} ms after the stop command ($reconnects reconnect(s), $failed_sessions failed session(s)); $redelivered messages redelivered; dead-letter queue $dlq_type; last value wins, 0 overlaps, 0 regressions, 0 dead letters; $((SECONDS - T0)) s in all"

@@ -92,7 +92,7 @@ impl Sandbox {
         config.validate()?;
         let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr sandbox").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
-        topology::declare(&channel, &config.amqp).await?;
+        topology::declare(&conn, &channel, &config.amqp).await?;
         let publisher = Publisher::new(&conn, &config.amqp.exchange).await?;
         Ok(Sandbox {
             sim,

@@ -525,6 +525,78 @@ async fn quorum_queues_work_too() {
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason.as_deref(), Some("rejected"));
+    // The dead-letter queue is quorum too (a classic one would be lost with
+    // its node): declaring it classic is refused.
+    let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut classic = lapin::types::FieldTable::default();
+    classic.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("classic".into()),
+    );
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let refused = ch
+        .queue_declare(
+            sb.config.amqp.dead_letter_queue.as_str().into(),
+            durable,
+            classic,
+        )
+        .await;
+    assert!(refused.is_err(), "the dead-letter queue is not quorum");
+    let _ = conn.close(200, "done".into()).await;
+    sb.cleanup().await.unwrap();
+}
+
+/// A classic dead-letter queue from before `amqp.queue_type = quorum` is
+/// kept: the worker declares the rest, runs, and dead-letters into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
+    let faults = Faults {
+        reject_attrs: vec!["bad".into()],
+        ..Faults::default()
+    };
+    // Declared classic, both queues; the updates queue is then moved to
+    // quorum (deleted, redeclared by the worker), the dead-letter queue is not.
+    let mut sb = sandbox(&["k", "bad"], faults, |_| {}).await;
+    let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        sb.config.amqp.queue.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    sb.config.amqp.queue_type = imattr::config::QueueType::Quorum;
+    sb.start_worker();
+    // The worker's topology declaration binds the new queue; publish after it.
+    for _ in 0..600 {
+        if sb.health.is_consuming() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sb.health.is_consuming(),
+        "the worker did not start consuming"
+    );
+    for i in 0..50 {
+        sb.publish(update(&format!("c{}", i % 5), &[("k", &i.to_string())]))
+            .await
+            .unwrap();
+    }
+    sb.publish(update("c0", &[("bad", "x")])).await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(sb.state()["c4"]["k"], "49");
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
     sb.cleanup().await.unwrap();
 }
 

@@ -5,7 +5,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, QueueType};
 
 // Connecting lives in `connect`; these stay reachable here for callers.
 pub use super::connect::{connect, ConnectError};
@@ -20,12 +20,14 @@ pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
 }
 
 /// Declares both exchanges and queues and their bindings, idempotently.
-pub(crate) async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
+/// The dead-letter queue is declared on a channel of its own from `conn`
+/// (see [`declare_dead_letter_queue`]); the rest on `channel`.
+pub(crate) async fn declare(
+    conn: &Connection,
+    channel: &Channel,
+    cfg: &AmqpConfig,
+) -> anyhow::Result<()> {
     let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
@@ -38,25 +40,11 @@ pub(crate) async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Resu
         )
         .await
         .with_context(|| format!("declaring exchange {}", cfg.dead_letter_exchange))?;
-    channel
-        .queue_declare(
-            cfg.dead_letter_queue.as_str().into(),
-            durable_queue,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declaring queue {}", cfg.dead_letter_queue))?;
-    channel
-        .queue_bind(
-            cfg.dead_letter_queue.as_str().into(),
-            cfg.dead_letter_exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("binding queue {}", cfg.dead_letter_queue))?;
-
+    declare_dead_letter_queue(conn, cfg).await?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     channel
         .exchange_declare(
             cfg.exchange.as_str().into(),
@@ -88,6 +76,86 @@ pub(crate) async fn declare(channel: &Channel, cfg: &AmqpConfig) -> anyhow::Resu
         .await
         .with_context(|| format!("binding queue {}", cfg.queue))?;
     Ok(())
+}
+
+/// Declares the dead-letter queue and binds it, on a channel of its own: a
+/// refusal closes the channel, and two refusals must not stop a worker
+/// (docs/several-workers.md, "A RabbitMQ cluster"): a classic dead-letter
+/// queue declared before it became quorum with the updates queue, and a
+/// classic one whose node is down. Both leave the queue and its binding as
+/// they are, with a warning.
+async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let declared = ch
+        .queue_declare(
+            cfg.dead_letter_queue.as_str().into(),
+            durable_queue,
+            dead_letter_queue_arguments(cfg),
+        )
+        .await;
+    if let Err(e) = declared {
+        let refusal = match e.kind() {
+            lapin::ErrorKind::ProtocolError(p) => {
+                tolerated_refusal(p.get_id(), p.get_message().as_str())
+            }
+            _ => None,
+        };
+        return match refusal {
+            Some(why) => {
+                tracing::warn!(queue = %cfg.dead_letter_queue, reason = %e, "{why}");
+                Ok(())
+            }
+            None => {
+                Err(anyhow::Error::new(e)
+                    .context(format!("declaring queue {}", cfg.dead_letter_queue)))
+            }
+        };
+    }
+    ch.queue_bind(
+        cfg.dead_letter_queue.as_str().into(),
+        cfg.dead_letter_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .with_context(|| format!("binding queue {}", cfg.dead_letter_queue))?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// The dead-letter queue's arguments: quorum like the updates queue, so that
+/// it survives a node's loss too; a classic one has none (as before).
+pub fn dead_letter_queue_arguments(cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if cfg.queue_type != QueueType::Classic {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
+        );
+    }
+    args
+}
+
+/// Which refusals of the dead-letter queue's declaration leave it as it is
+/// (with the warning returned) instead of failing: another queue type (a
+/// classic queue from before `amqp.queue_type = quorum`), or a classic
+/// queue's node down (`NOT_FOUND - home node … is down or inaccessible`).
+/// Anything else, e.g. another dead-letter argument, still fails.
+pub fn tolerated_refusal(code: u16, text: &str) -> Option<&'static str> {
+    match code {
+        406 if text.contains("inequivalent arg 'x-queue-type'") => Some(
+            "The dead-letter queue exists with another queue type; keeping it (a classic queue is unavailable while its node is down)",
+        ),
+        404 if text.contains("is down or inaccessible") => Some(
+            "The dead-letter queue's node is down; going on without declaring it (dead-lettering may fail until the node is back)",
+        ),
+        _ => None,
+    }
 }
 
 /// The updates queue's arguments: dead-letter exchange, queue type and, with
@@ -229,6 +297,38 @@ mod tests {
             "",
         ] {
             assert_eq!(QueueMismatch::parse("q", other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_dead_letter_queue_is_quorum_with_the_updates_queue() {
+        let mut cfg = AmqpConfig::default();
+        assert!(dead_letter_queue_arguments(&cfg).inner().is_empty());
+        cfg.queue_type = QueueType::Quorum;
+        assert_eq!(
+            dead_letter_queue_arguments(&cfg)
+                .inner()
+                .get("x-queue-type"),
+            Some(&AMQPValue::LongString(LongString::from("quorum")))
+        );
+    }
+
+    #[test]
+    fn some_refusals_of_the_dead_letter_queue_are_tolerated() {
+        let cases = [
+            (406, "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'd' in vhost '/': received the value 'quorum' of type 'longstr' but current is none", true),
+            (404, "NOT_FOUND - home node 'rabbit@rmq1' of durable queue 'd' in vhost '/' is down or inaccessible", true),
+            (406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'd' in vhost '/': received none but current is the value '10' of type 'long'", false),
+            (403, "ACCESS_REFUSED - access to queue 'd' in vhost '/' refused for user 'u'", false),
+            (404, "NOT_FOUND - no queue 'd' in vhost '/'", false),
+            (405, "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'd' in vhost '/'", false),
+        ];
+        for (code, text, tolerated) in cases {
+            assert_eq!(
+                tolerated_refusal(code, text).is_some(),
+                tolerated,
+                "{code} {text}"
+            );
         }
     }
 

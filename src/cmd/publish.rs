@@ -77,7 +77,7 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
     }
     let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr publish").await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
-    crate::amqp::topology::declare(&ch, &config.amqp).await?;
+    crate::amqp::topology::declare(&conn, &ch, &config.amqp).await?;
     let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;
     let bar = if messages.len() > 1000 {
         indicatif::ProgressBar::new(messages.len() as u64)

@@ -104,7 +104,7 @@ impl Dlq {
     pub async fn open(config: &Config) -> anyhow::Result<Dlq> {
         let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr dlq").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
-        topology::declare(&channel, &config.amqp).await?;
+        topology::declare(&conn, &channel, &config.amqp).await?;
         Ok(Dlq {
             conn,
             channel,

@@ -201,7 +201,7 @@ impl<'a> Session<'a> {
     ) -> anyhow::Result<Session<'a>> {
         let a = &config.amqp;
         let consume_ch = conn.create_channel().await.context("opening a channel")?;
-        topology::declare(&consume_ch, a).await?;
+        topology::declare(conn, &consume_ch, a).await?;
         consume_ch
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
