@@ -5,10 +5,12 @@
 //! The rule: a delivery is not acked while an older unacked delivery touching
 //! one of the same accounts is still unacked, so that a redelivery of
 //! whatever is unacked never brings an account back to an older value.
-//! Within that rule every settled delivery is acked as soon as possible: the
-//! settled run above the oldest unacked delivery goes out as one `multiple`
-//! ack, and settled deliveries behind a gap go out one by one when none of
-//! their accounts is held by an older unacked delivery (settled or not).
+//! Within that rule the settled run above the oldest unacked delivery goes
+//! out as one `multiple` ack whenever asked; settled deliveries behind a gap
+//! go out one by one when none of their accounts is held by an older unacked
+//! delivery (settled or not), and only when the caller asks for them
+//! (`take_acks_with(true)`): the worker holds them back briefly so that a
+//! later `multiple` ack covers them.
 //!
 //! Each account keeps its unacked deliveries in a queue, oldest first; a
 //! settled delivery is ackable exactly when it heads the queue of each of its

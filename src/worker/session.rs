@@ -374,6 +374,8 @@ impl<'a> Session<'a> {
                     if let Err(e) = res {
                         if e.is_panic() {
                             error!(error = %e, "A batch task panicked; its messages stay unacked until the session restarts");
+                            // The channel is still open: send what was held back.
+                            let _ = self.flush_acks(true).await;
                             return Ok(End::Lost("a batch task panicked".into()));
                         }
                     }
@@ -387,7 +389,11 @@ impl<'a> Session<'a> {
                         match d {
                             Some(Ok(delivery)) => self.on_delivery(delivery),
                             Some(Err(e)) => return Ok(End::Lost(format!("consumer error: {e}"))),
-                            None => return Ok(End::Lost("the broker cancelled the consumer".into())),
+                            None => {
+                                // The channel may still take the acks held back.
+                                let _ = self.flush_acks(true).await;
+                                return Ok(End::Lost("the broker cancelled the consumer".into()));
+                            }
                         }
                         taken += 1;
                         if taken < DELIVERY_BURST {
