@@ -2,7 +2,6 @@
 //! exchanges and queues, and the worker in-process. The demo, the benchmarks
 //! and the integration tests all stand on it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,8 +32,6 @@ pub struct Sandbox {
     conn: Connection,
     channel: Channel,
     publisher: Mutex<Publisher>,
-    /// Messages published through [`Sandbox::publish`].
-    published: AtomicU64,
     /// Deliveries acked by in-process workers before the current one.
     acked_before: u64,
     cleaned: bool,
@@ -103,7 +100,6 @@ impl Sandbox {
             conn,
             channel,
             publisher: Mutex::new(publisher),
-            published: AtomicU64::new(0),
             acked_before: 0,
             cleaned: false,
         })
@@ -145,14 +141,7 @@ impl Sandbox {
             .lock()
             .await
             .publish(&rk, body, update_properties())
-            .await?;
-        self.published.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Messages published so far through [`Sandbox::publish`].
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
+            .await
     }
 
     /// Deliveries acked so far by this sandbox's in-process workers.
@@ -180,7 +169,8 @@ impl Sandbox {
     /// deliveries as were published here, or (when a child process took
     /// some) the broker itself says none is unacknowledged.
     pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
-        self.confirm().await?;
+        // Everything published here, confirmed (the publisher counts them).
+        let published = self.confirm().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let queue = self.config.amqp.queue.clone();
         let mut quiet = 0;
@@ -191,7 +181,7 @@ impl Sandbox {
                     self.depth(&queue).await.unwrap_or(u32::MAX),
                     self.health.unsettled(),
                     self.acked(),
-                    self.published.load(Ordering::Relaxed),
+                    published,
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -202,7 +192,7 @@ impl Sandbox {
             if quiet < 3 {
                 continue;
             }
-            if self.acked() >= self.published.load(Ordering::Relaxed)
+            if self.acked() >= published
                 || crate::bench::rabbitmqctl_unacked(&queue).await == Some(0)
             {
                 return Ok(());

@@ -325,7 +325,8 @@ impl Pass<'_> {
                     self.batch.kept += 1;
                 }
                 Step::Move(o) => {
-                    self.move_out(d.delivery_tag, o).await?;
+                    // Published with the batch's copies, in order (`publish_moves`).
+                    self.batch.to_move.push((d.delivery_tag, o));
                     report.moved += 1;
                 }
             }
@@ -379,11 +380,6 @@ impl Pass<'_> {
             self.out = Some(crate::amqp::topology::confirm_channel(self.target.conn).await?);
         }
         self.out.clone().context("no publishing channel")
-    }
-
-    async fn move_out(&mut self, tag: u64, o: Box<Outgoing>) -> anyhow::Result<()> {
-        self.batch.to_move.push((tag, o));
-        Ok(())
     }
 
     /// Publishes the batch's moved messages to the updates exchange, all at

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{FutureExt, StreamExt};
@@ -37,7 +38,7 @@ const DELIVERY_BURST: usize = 256;
 
 /// How long acks that can only go one by one may wait for a `multiple` ack
 /// to cover them (see `Session::flush_acks`).
-const SINGLES_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+const SINGLES_DELAY: Duration = Duration::from_millis(250);
 
 /// A delivery being worked on: kept whole until it is acked or its
 /// dead-letter copy is confirmed, because the copy is the original body.
@@ -268,6 +269,10 @@ impl<'a> Session<'a> {
     /// every task of this session before returning.
     pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let end = self.event_loop(cancel).await;
+        // Acks held back by `flush_acks` go out while the channel may still
+        // take them (a cancelled consumer, a panicked task); on a lost
+        // connection this fails at once and they are redelivered, in order.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.flush_acks(true)).await;
         // Nothing from this session may still be in flight when the next one
         // starts: stop retries and wait for requests under way to finish;
         // past the shutdown deadline, abort them (nothing acked, all redelivered).
@@ -374,8 +379,6 @@ impl<'a> Session<'a> {
                     if let Err(e) = res {
                         if e.is_panic() {
                             error!(error = %e, "A batch task panicked; its messages stay unacked until the session restarts");
-                            // The channel is still open: send what was held back.
-                            let _ = self.flush_acks(true).await;
                             return Ok(End::Lost("a batch task panicked".into()));
                         }
                     }
@@ -389,11 +392,7 @@ impl<'a> Session<'a> {
                         match d {
                             Some(Ok(delivery)) => self.on_delivery(delivery),
                             Some(Err(e)) => return Ok(End::Lost(format!("consumer error: {e}"))),
-                            None => {
-                                // The channel may still take the acks held back.
-                                let _ = self.flush_acks(true).await;
-                                return Ok(End::Lost("the broker cancelled the consumer".into()));
-                            }
+                            None => return Ok(End::Lost("the broker cancelled the consumer".into())),
                         }
                         taken += 1;
                         if taken < DELIVERY_BURST {
