@@ -161,6 +161,8 @@ pub(super) struct Session<'a> {
     /// When the acks left for later (behind an unsettled delivery at the
     /// bottom of the window) go out one by one at the latest; see `flush_acks`.
     singles_at: Instant,
+    /// Ends when the newest dead-letter task ends; the next one waits for it.
+    dead_letter_turn: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The receiving end of `ctx.events`.
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// Shared with every batch task: the client, the retry settings, the
@@ -256,6 +258,7 @@ impl<'a> Session<'a> {
             batches_in_flight: 0,
             next_slot: None,
             singles_at: Instant::now(),
+            dead_letter_turn: None,
             events_rx,
             ctx,
             paused_by: 0,
@@ -572,7 +575,17 @@ impl<'a> Session<'a> {
             error = %failure.error,
             "Dead-lettering a message"
         );
+        // One dead letter at a time, in the order they were settled: two
+        // tasks racing for the channel could swap them, and a replay would
+        // then apply an account's older message after its newer one.
+        let (done, turn) = tokio::sync::oneshot::channel::<()>();
+        let previous = self.dead_letter_turn.replace(turn);
         self.tasks.spawn(async move {
+            if let Some(previous) = previous {
+                // Resolves when the previous task ends, whatever its outcome.
+                let _ = previous.await;
+            }
+            let _done = done;
             let confirmed = deadletter::publish_until_confirmed(
                 &publisher,
                 &routing_key,
