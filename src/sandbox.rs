@@ -192,9 +192,7 @@ impl Sandbox {
             if quiet < 3 {
                 continue;
             }
-            if self.acked() >= published
-                || crate::bench::rabbitmqctl_unacked(&queue).await == Some(0)
-            {
+            if self.acked() >= published || rabbitmqctl_unacked(&queue).await == Some(0) {
                 return Ok(());
             }
             quiet = 0;
@@ -223,6 +221,33 @@ impl Sandbox {
         self.sim.pause().await;
         Ok(())
     }
+}
+
+/// The broker's own count of unacknowledged messages in `queue`, from
+/// `rabbitmqctl` (exact, about a second per call); `None` if it cannot run.
+pub async fn rabbitmqctl_unacked(queue: &str) -> Option<u64> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next()? == queue)
+            .then(|| f.next()?.parse().ok())
+            .flatten()
+    })
 }
 
 async fn delete_topology(channel: &Channel, a: &crate::config::AmqpConfig) -> anyhow::Result<()> {
