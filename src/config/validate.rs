@@ -16,6 +16,11 @@ const MAX_BATCH_WAIT_MS: u64 = 60_000;
 const MAX_RETRY_INTERVAL_MS: u64 = 3_600_000;
 const MAX_RETRY_ELAPSED_SECS: u64 = 604_800;
 const MAX_SHUTDOWN_SECS: u64 = 3600;
+const MIN_LEASE_MS: u64 = 1000;
+const MAX_LEASE_MS: u64 = 60_000;
+const MAX_TAKEOVER_HOLD_MS: u64 = 600_000;
+const MIN_HELD_BYTES: u64 = 4 << 20;
+const MAX_HELD_BYTES: u64 = 1 << 40;
 
 /// `Ok` when `ok`, else an error naming `field`.
 fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
@@ -31,6 +36,15 @@ impl Config {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.tencent.validate()?;
+        let least = self.least_takeover_hold().as_millis() as u64;
+        let hold = self.amqp.takeover_hold_ms;
+        ensure(
+            hold == 0 || (least..=MAX_TAKEOVER_HOLD_MS).contains(&hold),
+            "amqp.takeover_hold_ms",
+            format!(
+                "must be 0 (derived) or {least} (amqp.lease_ms + tencent.timeout_ms + 3000, the least safe hold) to {MAX_TAKEOVER_HOLD_MS} (got {hold})"
+            ),
+        )?;
         self.batch.validate()?;
         self.retry.validate()?;
         self.attributes.validate()?;
@@ -81,6 +95,22 @@ impl AmqpConfig {
             "must differ from amqp.queue",
         )?;
         ensure(self.prefetch > 0, "amqp.prefetch", "must be 1 to 65535")?;
+        ensure(
+            (MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms),
+            "amqp.lease_ms",
+            format!(
+                "must be {MIN_LEASE_MS} to {MAX_LEASE_MS}, under the broker's heartbeat timeout (got {})",
+                self.lease_ms
+            ),
+        )?;
+        ensure(
+            (MIN_HELD_BYTES..=MAX_HELD_BYTES).contains(&self.max_held_bytes),
+            "amqp.max_held_bytes",
+            format!(
+                "must be {MIN_HELD_BYTES} (4 MiB: room for the largest valid message) to {MAX_HELD_BYTES} (got {})",
+                self.max_held_bytes
+            ),
+        )?;
         self.validate_tls()
     }
 

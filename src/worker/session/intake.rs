@@ -12,16 +12,18 @@ use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::watch::Watch;
 use super::{Msg, Session};
 use crate::amqp::consume::AckTracker;
 use crate::amqp::deadletter::{DeadLetterPublisher, Failure, Reason};
-use crate::amqp::topology;
+use crate::amqp::readgate::ReadGate;
+use crate::amqp::topology::{self, QueueBusy};
 use crate::attrnames::AttrNames;
 use crate::coalesce::{BatchCap, Coalescer};
-use crate::config::{Config, QueueType};
+use crate::config::{AmqpConfig, Config, QueueType};
+use crate::fence::Fence;
 use crate::health::Health;
 use crate::tencent::Client;
 use crate::update::{self, Rules};
@@ -57,10 +59,15 @@ async fn only_consumer(ch: &Channel, queue: &str) -> bool {
 }
 
 impl<'a> Session<'a> {
-    /// Declares the topology, opens the channels and starts consuming.
+    /// Declares the topology, opens the channels and starts consuming;
+    /// starts watching the session (`watch`). `conn` is read through `gate`;
+    /// dead letters go out on a connection of their own to `node`.
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::worker) async fn start(
         config: &'a Config,
         conn: &Arc<Connection>,
+        gate: Arc<ReadGate>,
+        node: &AmqpConfig,
         client: Client,
         names: AttrNames,
         cap: Arc<BatchCap>,
@@ -74,19 +81,43 @@ impl<'a> Session<'a> {
             .await
             .context("setting the prefetch count")?;
         let dead_letters = Arc::new(DeadLetterPublisher::new(
-            conn.clone(),
-            &a.dead_letter_exchange,
+            node,
+            format!("imattr dead letters {} pid {}", a.queue, std::process::id()),
         ));
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(
                 a.queue.as_str().into(),
                 consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    // Without single-active-consumer only an exclusive consumer
+                    // keeps a reconnecting worker from consuming newer messages
+                    // while its previous connection, half-open, still holds
+                    // older ones (docs/several-workers.md).
+                    exclusive: !a.single_active_consumer,
+                    ..BasicConsumeOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("consuming from queue {}", a.queue))?;
+            .map_err(|e| match QueueBusy::from_error(&a.queue, &e) {
+                Some(busy) => anyhow::Error::new(busy),
+                None => anyhow::Error::new(e).context(format!("consuming from queue {}", a.queue)),
+            })?;
+        // The broker has just answered on the consume channel: the lease runs from here.
+        let fence = Fence::leased(a.lease(), Instant::now());
+        let watcher = tokio::spawn(
+            Watch {
+                conn: conn.clone(),
+                channel: consume_ch.clone(),
+                queue: a.queue.clone(),
+                lease: a.lease(),
+                fence: fence.clone(),
+                gate: gate.clone(),
+                health: health.clone(),
+            }
+            .run(),
+        );
         health.session_started();
         if !a.single_active_consumer {
             // Every consumer of such a queue gets deliveries.
@@ -104,7 +135,7 @@ impl<'a> Session<'a> {
             client,
             retry: config.retry.clone(),
             cap,
-            stop: CancellationToken::new(),
+            fence,
             events: events_tx,
         });
         Ok(Session {
@@ -115,12 +146,15 @@ impl<'a> Session<'a> {
             dead_letters,
             consumer,
             consumer_tag,
+            gate,
+            watcher: Some(watcher),
             coalescer: Coalescer::new(),
             acks: AckTracker::new(),
             messages: HashMap::new(),
             tasks: JoinSet::new(),
             batches_in_flight: 0,
             next_slot: None,
+            at_the_door: false,
             singles_at: Instant::now(),
             dead_letter_turn: None,
             events_rx,
@@ -151,9 +185,27 @@ impl<'a> Session<'a> {
             taken += 1;
             if taken < DELIVERY_BURST {
                 next = self.consumer.next().now_or_never();
+                if next.is_none() {
+                    // lapin holds no complete delivery: what it read so far
+                    // is counted in what the session holds now.
+                    self.gate.claim_all();
+                }
             }
         }
         Ok(())
+    }
+
+    /// Takes what the consumer has buffered, if anything; when nothing,
+    /// tells the read gate that lapin holds no delivery (so that what it
+    /// read since, answers and heartbeats, stops counting).
+    pub(super) fn take_buffered(&mut self) -> Result<(), End> {
+        match self.consumer.next().now_or_never() {
+            Some(first) => self.take_burst(first),
+            None => {
+                self.gate.claim_all();
+                Ok(())
+            }
+        }
     }
 
     /// Parses a delivery: an invalid one is dead-lettered at once, a valid
@@ -170,10 +222,11 @@ impl<'a> Session<'a> {
             // Another session (maybe another worker's) had it and did not ack it.
             metrics::counter!("imattr_messages_redelivered_total").increment(1);
             if self.received == 0 {
-                // Taking over from a worker that died: its last requests may
-                // still be under way at the API and land after ours, older
-                // values over newer. Wait out its client timeout first.
-                let hold = self.config.tencent.timeout();
+                // Taking over from a session that is gone (another worker's,
+                // or our own previous one): it may still send until its lease
+                // ends, and its last requests may land after ours, older
+                // values over newer. Wait that out first (`amqp.takeover_hold_ms`).
+                let hold = self.config.takeover_hold();
                 info!(hold_ms = hold.as_millis() as u64, "Taking over redelivered messages; holding requests until the previous worker's are over");
                 self.hold_until = Some(Instant::now() + hold);
             }
@@ -186,9 +239,10 @@ impl<'a> Session<'a> {
             max_value_bytes: self.config.attributes.max_value_bytes,
             allowed: names.as_deref(),
         };
-        let parsed = update::parse(&d.data, &rules);
+        let body = self.gate.hold(d.data);
+        let parsed = update::parse(&body, &rules);
         let mut msg = Msg {
-            body: d.data,
+            body: Arc::new(body),
             props: d.properties,
             routing_key: d.routing_key,
             accounts: 0,

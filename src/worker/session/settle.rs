@@ -95,12 +95,15 @@ impl Session<'_> {
             m.routing_key.as_str(),
             deadletter::now_ms(),
         );
+        // The body is shared, not copied: its one copy lives until both the
+        // delivery and its publish are done with it.
         let body = m.body.clone();
         let routing_key = m.routing_key.as_str().to_string();
         let publisher = self.dead_letters.clone();
         let health = self.health.clone();
         let events = self.ctx.events.clone();
-        let stop = self.ctx.stop.clone();
+        let stop = self.ctx.fence.token().clone();
+        let pending = self.gate.dead_letter_pending();
         info!(
             tag,
             reason = failure.reason.as_str(),
@@ -120,6 +123,7 @@ impl Session<'_> {
                 let _ = previous.await;
             }
             let _done = done;
+            let _pending = pending;
             let confirmed = deadletter::publish_until_confirmed(
                 &publisher,
                 &routing_key,
