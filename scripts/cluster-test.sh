@@ -234,7 +234,8 @@ stopped_at=$(now_ms)
 ctl "$victim" stop >/dev/null
 # Working again: connected to another node, consuming (the worker's log: its
 # first delivery after the lost session) and applying (the API's count grows
-# after the reconnect; a redelivery first holds requests for tencent.timeout_ms).
+# after the reconnect; a redelivery first holds requests for amqp.takeover_hold_ms,
+# lease + timeout + 3 s: 16.5 s here).
 plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$WORK/worker.log"; }
 connects() { plain_log | grep -c "Connected to RabbitMQ" || true; }
 log_ms() { date -d "$1" +%s%3N; }

@@ -17,6 +17,7 @@ async fn bench_quick_runs_every_scenario() {
         "6 refusal burst",
         "7 rate-limit regressions",
         "8 dead letters",
+        "9 large bodies",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),

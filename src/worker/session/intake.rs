@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::watch::Watch;
-use super::{Msg, Session};
+use super::{Event, Msg, Session};
 use crate::amqp::consume::AckTracker;
 use crate::amqp::deadletter::{DeadLetterPublisher, Failure, Reason};
 use crate::amqp::readgate::ReadGate;
@@ -33,15 +33,20 @@ use crate::worker::End;
 /// Deliveries taken from the consumer's buffer per turn of the event loop.
 const DELIVERY_BURST: usize = 256;
 
+/// Reports this worker as a standby (one INFO line).
+pub(super) fn stand_by(health: &Health, a: &AmqpConfig) {
+    health.set_active(false);
+    info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
+}
+
 /// Reports this worker as the queue's active consumer (one INFO line).
 fn become_active(health: &Health, a: &crate::config::AmqpConfig, how: &'static str) {
     health.set_active(true);
     info!(queue = %a.queue, detected_by = how, "Active: this worker now consumes the queue");
 }
 
-/// Whether our consumer is the queue's only one (a passive declare counts
-/// them); any doubt answers false, and the first delivery settles it.
-async fn only_consumer(ch: &Channel, queue: &str) -> bool {
+/// The queue's consumers, counted by a passive declare; None when unknown.
+async fn consumers(ch: &Channel, queue: &str) -> Option<u32> {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -50,10 +55,10 @@ async fn only_consumer(ch: &Channel, queue: &str) -> bool {
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     {
-        Ok(q) => q.consumer_count() == 1,
+        Ok(q) => Some(q.consumer_count()),
         Err(e) => {
             debug!(error = %e, "Cannot count the queue's consumers");
-            false
+            None
         }
     }
 }
@@ -84,6 +89,14 @@ impl<'a> Session<'a> {
             node,
             format!("imattr dead letters {} pid {}", a.queue, std::process::id()),
         ));
+        // Counted before registering: once our consumer is registered, an
+        // answer on this connection may wait behind deliveries the read
+        // gate holds back until the session takes them, so nothing here may
+        // wait for one. A classic queue counts waiting consumers too; a
+        // quorum queue counts only the active one, so there it proves nothing.
+        let alone = a.single_active_consumer
+            && a.queue_type == QueueType::Classic
+            && consumers(&consume_ch, &a.queue).await == Some(0);
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(
@@ -119,18 +132,24 @@ impl<'a> Session<'a> {
             .run(),
         );
         health.session_started();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
         if !a.single_active_consumer {
             // Every consumer of such a queue gets deliveries.
             become_active(&health, a, "no single-active-consumer");
-        } else if a.queue_type == QueueType::Classic && only_consumer(&consume_ch, &a.queue).await {
-            // A classic queue counts waiting consumers too; a quorum queue
-            // counts only the active one, so the count proves nothing there.
+        } else if alone {
             become_active(&health, a, "only consumer");
+            // Another worker registering at the same moment counted none
+            // either: counted again, off the loop, two mean "standby" until
+            // the first delivery says otherwise.
+            let (ch, queue, events) = (consume_ch.clone(), a.queue.clone(), events_tx.clone());
+            tokio::spawn(async move {
+                if consumers(&ch, &queue).await.is_some_and(|n| n > 1) {
+                    let _ = events.send(Event::NotAlone);
+                }
+            });
         } else {
-            health.set_active(false);
-            info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
+            stand_by(&health, a);
         }
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let ctx = Arc::new(BatchCtx {
             client,
             retry: config.retry.clone(),

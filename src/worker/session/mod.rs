@@ -94,6 +94,9 @@ pub(super) enum Event {
     /// them, for the log line and /health) and is now probing. Each batch
     /// sends at most one before its matching [`Event::Resumed`].
     Paused { code: i64, info: String },
+    /// The queue counted another consumer after ours registered (another
+    /// worker started at the same moment): a standby, unless a delivery came.
+    NotAlone,
     /// A batch that reported [`Event::Paused`] got an answer that ends the
     /// pause (see `Attempt::answered`), or finished (applied or stopped):
     /// one per `Paused`.
@@ -194,6 +197,10 @@ impl<'a> Session<'a> {
     /// every task of this session before returning.
     pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let end = self.event_loop(cancel).await;
+        if !matches!(end, Ok(End::Shutdown(_))) {
+            // Readiness says so at once, not after the cleanup below.
+            self.health.set_connected(false);
+        }
         // Acks held back by `flush_acks` go out while the channel may still
         // take them (a cancelled consumer, a panicked task); on a lost
         // connection this fails at once and they are redelivered, in order.

@@ -59,9 +59,15 @@ impl Session<'_> {
                     metrics::gauge!("imattr_paused").set(1.0);
                 }
             }
+            Event::NotAlone => {
+                if self.received == 0 {
+                    super::intake::stand_by(&self.health, &self.config.amqp);
+                }
+            }
             Event::Resumed => {
                 self.paused_by = self.paused_by.saturating_sub(1);
-                if self.paused_by == 0 {
+                // A probe stopped by the fence says nothing about the API.
+                if self.paused_by == 0 && !self.ctx.fence.is_closed() {
                     info!("The API accepts requests again; resuming");
                     self.health.resumed();
                     metrics::gauge!("imattr_paused").set(0.0);

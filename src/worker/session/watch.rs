@@ -151,7 +151,10 @@ impl Watch {
                             next_trip = sent_at + every;
                         }
                         Err(e) => {
-                            self.lose(format!("the consume channel failed a round trip: {e}"))
+                            // Never again at once: a failed round trip ends
+                            // the session, and the loop must not spin meanwhile.
+                            next_trip = Instant::now() + every;
+                            self.lose(format!("the consume channel failed a round trip: {e}"));
                         }
                     }
                 }
