@@ -125,9 +125,10 @@ pub struct CallResult {
     pub(crate) latency: Duration,
 }
 
-/// An error of the convenience calls used by the operator tools.
+/// An error of the convenience calls used by the operator tools (and the
+/// worker's attribute-name reads); it names the ErrorCode when there is one.
 #[derive(Debug, thiserror::Error)]
-#[error("{api} failed ({class}): {info}")]
+#[error("{api} failed ({class}{}): {info}", if *.code != 0 { format!(", ErrorCode {}", .code) } else { String::new() })]
 pub struct ApiError {
     /// The API called.
     pub(crate) api: &'static str,
@@ -179,6 +180,8 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .context("building the HTTP client")?;
+        // Exported from the start, before the first request sets it again.
+        metrics::gauge!("imattr_rate_limit_current").set(f64::from(rate_limit_per_sec));
         Ok(Client {
             http,
             base: base_url.trim_end_matches('/').into(),
