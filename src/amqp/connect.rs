@@ -50,12 +50,15 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
             cause,
         }
     };
-    let mut uri: AMQPUri = cfg.url.expose().parse().map_err(|e: String| {
-        // The parser may quote the URL, password and all.
-        let e = e.replace(cfg.url.expose(), &cfg.url.redacted());
+    // Validation refuses what this parser does; its own messages may quote
+    // the URL, so they are never shown.
+    let mut uri: AMQPUri = cfg.url.expose().parse().map_err(|_: String| {
+        let why = crate::config::check_amqp_url(cfg.url.expose())
+            .err()
+            .unwrap_or_else(|| "is not a valid AMQP URL".into());
         ConnectError::Config(ConfigError::Invalid {
             field: "amqp.url",
-            message: format!("is not a valid AMQP URL ({e})"),
+            message: format!("{why} (got {})", cfg.url),
         })
     })?;
     if cfg.auth_mechanism == AuthMechanism::External {
