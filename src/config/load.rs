@@ -47,6 +47,21 @@ pub fn config_file(path: Option<&Path>) -> Option<PathBuf> {
     }
 }
 
+/// The `IMATTR_*` variables that set configuration keys, by name, sorted
+/// (never their values).
+pub fn config_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.len() > "IMATTR_".len()
+                && k[.."IMATTR_".len()].eq_ignore_ascii_case("IMATTR_")
+                && !k.eq_ignore_ascii_case("IMATTR_CONFIG")
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 impl Config {
     /// Loads the layers: defaults, then `path` (or `IMATTR_CONFIG`, or
     /// `./config/imattr.toml` when it exists), then the environment. Validates

@@ -11,6 +11,7 @@ mod secret;
 mod validate;
 
 pub use load::config_file;
+pub(crate) use load::{config_env_vars, DEFAULT_CONFIG_PATH};
 pub use model::*;
 pub use secret::{AmqpUrl, Secret};
 pub(crate) use validate::check_amqp_url;
