@@ -595,3 +595,51 @@ async fn logs_into_a_pipe_have_no_colours() {
     assert!(text.contains("WARN"), "{text}");
     assert!(!text.contains('\u{1b}'), "ANSI escapes in a pipe: {text:?}");
 }
+
+/// A host name that does not resolve is told as such, not as a broker to start.
+#[tokio::test]
+async fn an_unknown_host_is_told_apart_from_a_stopped_broker() {
+    let mut c = base_config();
+    c.amqp.url =
+        imattr::config::AmqpUrl::new("amqp://guest:s3cr3tpw@no-such-host.invalid:5672/%2f");
+    let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not resolve (DNS)"), "{err}");
+    assert!(!err.contains("RabbitMQ running"), "{err}");
+    assert!(!err.contains("s3cr3tpw"), "{err}");
+}
+
+/// Through the binary and the environment: an all-digit secret key is
+/// taken and never shown; a URL with a bad port, no host or a password the
+/// parser reads differently is refused up front (status 2) by every
+/// command, showing none of its password.
+#[tokio::test]
+async fn secrets_and_urls_from_the_environment() {
+    let mut c = base_config();
+    c.tencent.secret_key = imattr::config::Secret::new("5843210987");
+    let (code, out, err) = imattr_output(&c, &["config"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("secret_key = \"<redacted>\""), "{out}");
+    assert!(
+        !out.contains("5843210987") && !err.contains("5843210987"),
+        "{out}{err}"
+    );
+    for url in [
+        "amqp://guest:s3cr3tpw@127.0.0.1:99999/%2f",
+        "amqp:/guest:s3cr3tpw@127.0.0.1:5672/%2f",
+        "amqp://guest:pa/ss#s3cr3tpw@127.0.0.1:5672/%2f",
+        "amqp://guest:s3cr3tpw@127.0.0.1:5672/%2f,amqp://other:pw@127.0.0.1:5673/%2f",
+    ] {
+        let mut c = base_config();
+        c.amqp.url = imattr::config::AmqpUrl::new(url);
+        for args in [&["config"][..], &["dlq", "list"][..], &["run"][..]] {
+            let (code, out, err) = imattr_output(&c, args).await;
+            assert_eq!(code, 2, "{url} {args:?}: {out}{err}");
+            assert!(err.contains("amqp.url"), "{url} {args:?}: {err}");
+            assert!(
+                !out.contains("s3cr3tpw") && !err.contains("s3cr3tpw"),
+                "{url}: {err}"
+            );
+        }
+    }
+}
