@@ -42,12 +42,19 @@ impl AttrNames {
         let (c, h, stop) = (client.clone(), health.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut retry = backoff_forever(RETRY_FIRST, RETRY_MAX);
+            let mut failures = 0u32;
             // A batch that succeeded meanwhile has shown the same.
             while !h.has_api_answered() {
                 match c.get_attr_names().await {
                     Ok(_) => h.api_answered(),
                     Err(e) => {
-                        warn!(error = %e, "The API refuses a first request; not ready until it accepts one");
+                        // Once per episode; /readyz says it all along.
+                        if failures == 0 {
+                            warn!(error = %e, "The API refuses a first request; not ready until it accepts one");
+                        } else {
+                            debug!(error = %e, failures, "The API still refuses the first request");
+                        }
+                        failures += 1;
                         h.api_failing(e.to_string());
                         let wait = retry.next_backoff().unwrap_or(RETRY_MAX);
                         if !sleep_unless_cancelled(wait, &stop).await {
@@ -81,6 +88,7 @@ impl AttrNames {
         );
         tokio::spawn(async move {
             let mut retry = backoff_forever(RETRY_FIRST, RETRY_MAX);
+            let mut failures = u32::from(!ok);
             loop {
                 let wait = if ok {
                     retry.reset();
@@ -91,7 +99,8 @@ impl AttrNames {
                 if !sleep_unless_cancelled(wait, &stop).await {
                     return;
                 }
-                ok = n.refresh(&c, &h).await;
+                ok = n.refresh_quietly(&c, &h, failures > 0).await;
+                failures = if ok { 0 } else { failures + 1 };
             }
         });
         Some(names)
@@ -109,6 +118,12 @@ impl AttrNames {
     /// Asks the API; on failure warns and keeps what it had (nothing, at
     /// start). Tells `health` whether the API answered; true if it did.
     pub(crate) async fn refresh(&self, client: &Client, health: &Health) -> bool {
+        self.refresh_quietly(client, health, false).await
+    }
+
+    /// [`AttrNames::refresh`], logging a failure at DEBUG when `again`: the
+    /// WARN of the first failure in a row said it already.
+    async fn refresh_quietly(&self, client: &Client, health: &Health, again: bool) -> bool {
         match client.get_attr_names().await {
             Ok(m) if m.is_empty() => {
                 health.api_answered();
@@ -127,7 +142,11 @@ impl AttrNames {
                 // Names kept from an earlier answer may be stale (renamed or
                 // added since): refusing updates on them would dead-letter
                 // valid ones, so check nothing until the API answers again.
-                warn!(error = %e, "Cannot read the app's attribute names; not checking names locally until it works");
+                if again {
+                    debug!(error = %e, "Still cannot read the app's attribute names");
+                } else {
+                    warn!(error = %e, "Cannot read the app's attribute names; not checking names locally until it works");
+                }
                 health.api_failing(format!("cannot read the app's attribute names: {e}"));
                 self.set(None);
                 false
