@@ -160,14 +160,16 @@ impl Sandbox {
     }
 
     /// Waits until the updates queue is empty and the worker holds nothing
-    /// unsettled (three looks in a row), and every message published here
-    /// has left the queue, or `timeout` passes.
+    /// unsettled (three looks in a row), and the broker itself says the
+    /// queue holds nothing, ready or unacknowledged, or `timeout` passes.
     ///
     /// An empty queue and nothing unsettled is not enough: the broker may
     /// have handed messages to the worker's connection that its session has
-    /// not taken yet. Either the in-process workers acked at least as many
-    /// deliveries as were published here, or (when a child process took
-    /// some) the broker itself says none is unacknowledged.
+    /// not taken yet. The count of what was published here is not enough
+    /// either: messages a child process published (`imattr publish`, `dlq
+    /// replay`) are not in it. Only where `rabbitmqctl` cannot answer (a
+    /// demo run by a user without access to it) does the count of
+    /// deliveries acked in-process stand in for the broker's word.
     pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
         // Everything published here, confirmed (the publisher counts them).
         let published = self.confirm().await?;
@@ -192,9 +194,11 @@ impl Sandbox {
             if quiet < 3 {
                 continue;
             }
-            if self.acked() >= published
-                || crate::bench::rabbitmqctl_unacked(&queue).await == Some(0)
-            {
+            let drained = match rabbitmqctl_counts(&queue).await {
+                Some((ready, unacked)) => ready == 0 && unacked == 0,
+                None => self.acked() >= published,
+            };
+            if drained {
                 return Ok(());
             }
             quiet = 0;
@@ -223,6 +227,35 @@ impl Sandbox {
         self.sim.pause().await;
         Ok(())
     }
+}
+
+/// (ready, unacknowledged) messages in `queue` as the broker counts them, in
+/// one look; None when `rabbitmqctl` cannot answer or does not list it.
+async fn rabbitmqctl_counts(queue: &str) -> Option<(u64, u64)> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        if f.next()? != queue {
+            return None;
+        }
+        Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+    })
 }
 
 async fn delete_topology(channel: &Channel, a: &crate::config::AmqpConfig) -> anyhow::Result<()> {
