@@ -214,7 +214,7 @@ impl RateLimiter {
         let now = Instant::now();
         self.pacer().try_take(now)?;
         if let Some(t) = &self.tap {
-            t.slot(now);
+            t.slot(now, false);
         }
         Ok(())
     }
@@ -225,7 +225,7 @@ impl RateLimiter {
     pub(crate) async fn acquire(&self) {
         let at = self.pacer().reserve(Instant::now());
         if let Some(t) = &self.tap {
-            t.slot(at);
+            t.slot(at, true);
         }
         tokio::time::sleep_until(at).await;
     }

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub struct RateTap {
     slots: Mutex<Vec<Instant>>,
+    waited: AtomicU64,
     sends: AtomicU64,
 }
 
@@ -25,6 +26,13 @@ impl RateTap {
     /// The instants of the rate slots taken, in the order they were taken.
     pub fn slots(&self) -> Vec<Instant> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Slots reserved by a caller that waits for its turn (retries, and
+    /// calls outside the worker's batches); the others were taken because
+    /// they were free right then (a batch formed only once its slot is).
+    pub fn waited(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
     }
 
     /// Requests sent.
@@ -47,7 +55,11 @@ impl RateTap {
         worst
     }
 
-    pub(crate) fn slot(&self, at: Instant) {
+    /// A slot taken for `at`; `waited`: reserved by a caller that waits for it.
+    pub(crate) fn slot(&self, at: Instant, waited: bool) {
+        if waited {
+            self.waited.fetch_add(1, Ordering::Relaxed);
+        }
         self.slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -104,7 +116,7 @@ mod tests {
         let t = RateTap::default();
         let t0 = Instant::now();
         for ms in [0, 10, 999, 1000, 1500] {
-            t.slot(t0 + Duration::from_millis(ms));
+            t.slot(t0 + Duration::from_millis(ms), false);
         }
         // [0, 1000) holds 0, 10 and 999; 1000 starts the next window.
         assert_eq!(t.max_slots_in(Duration::from_secs(1)), 3);
