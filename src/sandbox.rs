@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::topology;
-use crate::config::{Config, Secret};
+use crate::config::{Config, QueueType, Secret};
 use crate::dlq::{DeadLetterView, Dlq};
 use crate::health::Health;
 use crate::publish::{update_properties, Publisher};
@@ -175,7 +175,15 @@ impl Sandbox {
         let published = self.confirm().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let queue = self.config.amqp.queue.clone();
+        // rabbitmqctl lists a quorum queue's counts as its leader published
+        // them at its last tick (every 5 s): only a look after a whole tick
+        // of quiet speaks for the quiet.
+        let settle = match self.config.amqp.queue_type {
+            QueueType::Quorum => QUORUM_TICK + Duration::from_secs(1),
+            QueueType::Classic => Duration::ZERO,
+        };
         let mut quiet = 0;
+        let mut quiet_since = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
@@ -191,7 +199,10 @@ impl Sandbox {
                 && self.health.unsettled() == 0
                 && self.health.is_consuming();
             quiet = if looks_drained { quiet + 1 } else { 0 };
-            if quiet < 3 {
+            if quiet == 1 {
+                quiet_since = tokio::time::Instant::now();
+            }
+            if quiet < 3 || quiet_since.elapsed() < settle {
                 continue;
             }
             let drained = match rabbitmqctl_counts(&queue).await {
@@ -228,6 +239,10 @@ impl Sandbox {
         Ok(())
     }
 }
+
+/// How often a quorum queue's leader publishes the counts `rabbitmqctl
+/// list_queues` shows (RabbitMQ's `quorum_tick_interval`, by default).
+const QUORUM_TICK: Duration = Duration::from_secs(5);
 
 /// (ready, unacknowledged) messages in `queue` as the broker counts them, in
 /// one look; None when `rabbitmqctl` cannot answer or does not list it.
