@@ -554,6 +554,24 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
     let stats = http_stats(&url).await;
     assert_eq!(stats["requests"]["im_set_attr"]["0"], 1, "{stats}");
     assert_eq!(stats["regressions"], 0);
+    // Faults change while it runs: the failing account is cleared (and
+    // the rate limit, which five requests used up, with it).
+    let cleared = Faults {
+        fail_accounts: Vec::new(),
+        rate_limit: 0,
+        ..faults
+    };
+    let r = http()
+        .post(format!("{url}/__simulator/faults"))
+        .json(&cleared)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    assert_eq!(
+        post(&url, "im_set_attr", &set_body("bad", "sex", "m")).await,
+        0
+    );
     child.kill().await.unwrap();
 
     let (mut child, url) = spawn_simulate(&["--misconfigured"]).await;

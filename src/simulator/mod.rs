@@ -351,7 +351,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/__simulator/stats", get(get_stats))
         .route("/__simulator/state", get(get_state))
         .route("/__simulator/refuse", post(post_refuse))
-        .route("/__simulator/faults", get(get_faults))
+        .route("/__simulator/faults", get(get_faults).post(post_faults))
         .with_state(shared)
 }
 
@@ -373,6 +373,12 @@ async fn post_refuse(
 /// `GET /__simulator/faults`: the faults in force, as `imattr simulate` took them.
 async fn get_faults(AxumState(s): AxumState<Arc<Shared>>) -> Json<Faults> {
     Json(s.lock().faults.clone())
+}
+
+/// `POST /__simulator/faults` with a whole `Faults` document: changes them.
+async fn post_faults(AxumState(s): AxumState<Arc<Shared>>, Json(f): Json<Faults>) -> StatusCode {
+    s.lock().faults = f;
+    StatusCode::NO_CONTENT
 }
 
 async fn get_stats(AxumState(s): AxumState<Arc<Shared>>) -> Json<Stats> {
