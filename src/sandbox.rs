@@ -244,6 +244,13 @@ impl Sandbox {
 /// list_queues` shows (RabbitMQ's `quorum_tick_interval`, by default).
 const QUORUM_TICK: Duration = Duration::from_secs(5);
 
+/// The broker's own count of unacknowledged messages in `queue`, from
+/// `rabbitmqctl` (about a second per call; a quorum queue's lags by up to
+/// [`QUORUM_TICK`]); `None` if it cannot run.
+pub async fn rabbitmqctl_unacked(queue: &str) -> Option<u64> {
+    rabbitmqctl_counts(queue).await.map(|(_, unacked)| unacked)
+}
+
 /// (ready, unacknowledged) messages in `queue` as the broker counts them, in
 /// one look; None when `rabbitmqctl` cannot answer or does not list it.
 async fn rabbitmqctl_counts(queue: &str) -> Option<(u64, u64)> {
