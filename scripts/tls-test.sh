@@ -67,11 +67,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# A port nothing listens on and not handed out yet (the caller adds it to TAKEN).
+# A port nothing listens on and not handed out yet (the caller adds it to TAKEN),
+# in 20000-29999: below the kernel's ephemeral range (32768 and up), which a
+# busy machine's outgoing connections may hold when the node binds, and below
+# the CLI's own distribution ports (35672-35682).
 spare_port() {
   local p
   for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 10000))
     if port_free "$p" && ! grep -qw "$p" <<<"$TAKEN"; then echo "$p"; return; fi
   done
   echo "tls-test: no spare port" >&2; return 1

@@ -192,4 +192,55 @@ mod tests {
             "stale names kept after a failed refresh"
         );
     }
+
+    /// The names read at start are read again every 5 minutes (on paused
+    /// time): a name registered meanwhile is known from the next read on.
+    #[tokio::test(start_paused = true)]
+    async fn names_are_read_again_every_five_minutes() {
+        let sim = Simulator::start(SimOptions {
+            attr_names: vec!["sex".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("simulator starts");
+        let signer = Signer::from_key(
+            Secret::new(sim.secret_key()),
+            sim.sdkappid(),
+            "administrator",
+            86400,
+        );
+        // A timeout no jump of the paused clock reaches while a request is
+        // on its way.
+        let timeout = Duration::from_secs(3600);
+        let client = Client::new(&sim.url(), Arc::new(signer), timeout, 100, 1).expect("client");
+        let cancel = CancellationToken::new();
+        let health = Arc::new(Health::default());
+        let names = AttrNames::from_api(&client, &health, &cancel)
+            .await
+            .expect("not cancelled");
+        let known = |n: &AttrNames| {
+            let mut v: Vec<String> = n
+                .get()
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(known(&names), ["sex"]);
+        let r = client
+            .call(
+                "im_set_attr_name",
+                br#"{"AttrNames":{"1":"city"}}"#.to_vec(),
+            )
+            .await;
+        assert_eq!(r.class, crate::tencent::Class::Success, "{:?}", r.reply);
+        tokio::time::sleep(REFRESH_EVERY - Duration::from_secs(1)).await;
+        assert_eq!(known(&names), ["sex"], "read again too early");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while known(&names) != ["city", "sex"] && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(known(&names), ["city", "sex"], "not read again");
+        cancel.cancel();
+    }
 }

@@ -238,7 +238,7 @@ async fn a_pass_never_holds_more_than_its_window_unacked() {
         tokio::spawn(async move {
             let mut seen = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                if let Some(u) = imattr::bench::rabbitmqctl_unacked(&q).await {
+                if let Some(u) = imattr::sandbox::rabbitmqctl_unacked(&q).await {
                     seen.push(u);
                 }
             }

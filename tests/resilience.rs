@@ -71,18 +71,26 @@ async fn api_refusing_connections_for_a_while() {
         c.retry.max_interval_ms = 300;
     })
     .await;
+    // Requests are counted where they are sent: the paused simulator sees none.
+    let tap = imattr::tencent::tap::tap(&sb.sim.url());
     sb.start_worker();
     let mut expected = Expected::new();
     publish_stream(&sb, 500, 100, 0, &mut expected).await;
     sb.wait_drained(DRAIN).await.unwrap();
+    let applied = sb.state();
     sb.sim.pause().await;
+    let sent_before = tap.sends();
     publish_stream(&sb, 1000, 100, 500, &mut expected).await;
     sb.confirm().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        sb.health.unsettled() > 0,
-        "updates wait while the API is down"
-    );
+    // Every update waits, held unacked, while requests keep being refused
+    // and retried; none is dead-lettered.
+    let health = sb.health.clone();
+    eventually(DRAIN, "all 1000 held and three requests refused", || {
+        health.unsettled() == 1000 && tap.sends() >= sent_before + 3
+    })
+    .await;
+    assert_eq!(sb.state(), applied, "nothing applied while the API is down");
+    assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.sim.resume().await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final_monotonic(&sb, &expected).await;
@@ -93,7 +101,7 @@ async fn api_refusing_connections_for_a_while() {
 async fn api_slower_than_the_timeout_for_a_while() {
     // The shortest timeout allowed is just over the API's own 3 s.
     let faults = Faults {
-        latency_ms: (3600, 3600),
+        latency_ms: (10_000, 10_000),
         ..Faults::default()
     };
     let mut sb = sandbox(&["n"], faults, |c| {
@@ -105,10 +113,23 @@ async fn api_slower_than_the_timeout_for_a_while() {
     let mut expected = Expected::new();
     publish_stream(&sb, 300, 50, 0, &mut expected).await;
     sb.confirm().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The client gives up on each request long before the simulator would
+    // answer it (3.1 s against 10 s): the simulator sees them abandoned.
+    let sim = &sb.sim;
+    eventually(DRAIN, "two requests timed out", || {
+        sim.stats().abandoned_requests >= 2
+    })
+    .await;
+    let stats = sb.sim.stats();
+    assert_eq!(stats.total("im_set_attr"), 0, "none answered: {stats:?}");
+    assert!(
+        sb.state().is_empty(),
+        "nothing applied before the latency drops"
+    );
+    assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.sim.update_faults(|f| f.latency_ms = (0, 5));
     sb.wait_drained(DRAIN).await.unwrap();
-    assert_final(&sb, &expected).await;
+    assert_final_monotonic(&sb, &expected).await;
     sb.cleanup().await.unwrap();
 }
 
@@ -161,8 +182,20 @@ async fn deleted_queue_is_declared_again_and_consumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
+    // Where the broker should be, a port that closes every connection at
+    // once: no AMQP handshake ever completes, and each attempt is counted.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let door = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(conn);
+        }
+    });
     let mut c = base_config();
-    c.amqp.url = unreachable_amqp_url();
+    c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{addr}/%2f"));
     let sim = imattr::simulator::Simulator::start(Default::default())
         .await
         .unwrap();
@@ -173,7 +206,10 @@ async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
     let health = std::sync::Arc::new(imattr::worker::Health::default());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(imattr::worker::run(c, cancel.clone(), health.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(DRAIN, "three attempts to connect", || {
+        attempts.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
     assert!(!task.is_finished(), "it keeps trying");
     assert!(health.readiness().unwrap_err().contains("not connected"));
     cancel.cancel();
@@ -182,6 +218,7 @@ async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
         .unwrap()
         .unwrap()
         .unwrap();
+    door.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +336,6 @@ async fn secrets_never_appear_in_trace_logs() {
         let sim = &sb.sim;
         let want = expected.clone();
         eventually(DRAIN, "applied", || sim.state() == want).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()

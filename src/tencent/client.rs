@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use super::errors::{classify, Class, Reply};
 use super::ratelimit::{Lowering, RateLimiter};
+use super::tap::RateTap;
 use super::usersig::Signer;
 use crate::config::Config;
 
@@ -148,6 +149,8 @@ pub struct Client {
     signer: Arc<Signer>,
     limiter: Arc<RateLimiter>,
     in_flight: Arc<Semaphore>,
+    /// Where the requests sent are counted, when a test measures them.
+    tap: Option<Arc<RateTap>>,
 }
 
 impl Client {
@@ -182,12 +185,14 @@ impl Client {
             .context("building the HTTP client")?;
         // Exported from the start, before the first request sets it again.
         metrics::gauge!("imattr_rate_limit_current").set(f64::from(rate_limit_per_sec));
+        let tap = super::tap::find(base_url);
         Ok(Client {
             http,
             base: base_url.trim_end_matches('/').into(),
             signer,
-            limiter: Arc::new(RateLimiter::new(rate_limit_per_sec)),
+            limiter: Arc::new(RateLimiter::new(rate_limit_per_sec, tap.clone())),
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            tap,
         })
     }
 
@@ -253,6 +258,9 @@ impl Client {
     async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {
         metrics::gauge!("imattr_rate_limit_current").set(self.limiter.current_rate());
         let started = tokio::time::Instant::now();
+        if let Some(t) = &self.tap {
+            t.sent();
+        }
         let sent = self
             .http
             .post(self.url(api))

@@ -3,6 +3,7 @@
 pub mod client;
 pub(crate) mod errors;
 pub(crate) mod ratelimit;
+pub mod tap;
 pub mod usersig;
 
 pub use client::Client;
