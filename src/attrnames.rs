@@ -45,7 +45,7 @@ impl AttrNames {
             let mut failures = 0u32;
             // A batch that succeeded meanwhile has shown the same.
             while !h.has_api_answered() {
-                match c.get_attr_names().await {
+                match c.probe_attr_names().await {
                     Ok(_) => h.api_answered(),
                     Err(e) => {
                         // Once per episode; /readyz says it all along.
@@ -242,5 +242,48 @@ mod tests {
         }
         assert_eq!(known(&names), ["city", "sex"], "not read again");
         cancel.cancel();
+    }
+
+    /// A failed first read is tried again within a minute, not after five
+    /// (on paused time), and the worker is ready once the API answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_is_tried_again_within_a_minute() {
+        let mut sim = Simulator::start(SimOptions {
+            attr_names: vec!["sex".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("simulator starts");
+        sim.update_faults(|f| f.misconfigured = true);
+        let signer = Signer::from_key(
+            Secret::new(sim.secret_key()),
+            sim.sdkappid(),
+            "administrator",
+            86400,
+        );
+        let client = Client::new(
+            &sim.url(),
+            Arc::new(signer),
+            Duration::from_secs(3600),
+            100,
+            1,
+        )
+        .expect("client");
+        let cancel = CancellationToken::new();
+        let health = Arc::new(Health::default());
+        let names = AttrNames::from_api(&client, &health, &cancel)
+            .await
+            .expect("not cancelled");
+        assert!(names.get().is_none());
+        assert!(!health.has_api_answered());
+        sim.update_faults(|f| f.misconfigured = false);
+        let deadline = tokio::time::Instant::now() + RETRY_MAX;
+        while !health.has_api_answered() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(health.has_api_answered(), "not read again within a minute");
+        assert!(names.get().is_some_and(|n| n.contains("sex")));
+        cancel.cancel();
+        sim.pause().await;
     }
 }
