@@ -190,10 +190,10 @@ if [ "${DLQ:-}" = classic ]; then
   # was quorum: declared with a throwaway classic updates queue and exchange.
   IMATTR_AMQP__URL="$(url 1)" IMATTR_AMQP__QUEUE_TYPE=classic \
     IMATTR_AMQP__QUEUE="$IMATTR_AMQP__QUEUE.old" IMATTR_AMQP__EXCHANGE="$IMATTR_AMQP__EXCHANGE.old" \
-    "$BIN" dlq list --limit 1 >/dev/null
+    "$BIN" declare >/dev/null
   ctl 1 delete_queue "$IMATTR_AMQP__QUEUE.old" >/dev/null
 fi
-IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 1
+IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" declare >/dev/null  # declares the topology on node 1
 dlq_type=$(ctl 1 list_queues -q --no-table-headers name type | awk -v q="$IMATTR_AMQP__DEAD_LETTER_QUEUE" '$1 == q { print $2 }')
 want_type=quorum; [ "${DLQ:-}" = classic ] && want_type=classic
 [ "$dlq_type" = "$want_type" ] || fail "the dead-letter queue is ${dlq_type:-missing}, not $want_type"

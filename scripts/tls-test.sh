@@ -197,8 +197,10 @@ expect_error() {
   pass "$name: $out"
 }
 
-# --- 1. publish, run and dlq over amqps:// with the CA file ------------------
+# --- 1. declare, publish, run and dlq over amqps:// with the CA file ---------
 CA_ENV=(IMATTR_AMQP__URL="$TLS_URL" IMATTR_AMQP__TLS_CA_FILE="$C/ca.pem")
+# Only run and declare create the updates queue; publish needs it bound.
+if base_env "${CA_ENV[@]}" timeout 30 "$BIN" declare >/dev/null; then pass "declare over amqps://"; else fail "declare over amqps://"; fi
 base_env "${CA_ENV[@]}" timeout 30 "$BIN" publish --account tls-a --attr sex=f >/dev/null
 # Not through a function: $! must be imattr's own pid (env execs it) for SIGTERM.
 env "${BASE_ENV[@]}" "${CA_ENV[@]}" "$BIN" run >"$WORK/run.log" 2>&1 &

@@ -12,6 +12,7 @@ pub mod config;
 pub(crate) mod demo;
 pub mod dlq;
 pub(crate) mod health;
+pub(crate) mod manpage;
 pub mod publish;
 pub(crate) mod retry;
 pub mod sandbox;

@@ -216,6 +216,43 @@ impl Sandbox {
         }
     }
 
+    /// Whether a queue exists (a passive declare, on a channel of its own:
+    /// the broker closes the channel that asks for a missing queue).
+    pub async fn queue_exists(&self, queue: &str) -> anyhow::Result<bool> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = ch
+            .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+            .await;
+        match found {
+            Ok(_) => {
+                let _ = ch.close(200, "done".into()).await;
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => {
+                Ok(false)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("looking for queue {queue}"))),
+        }
+    }
+
+    /// Deletes a queue, for tests that need the topology without it (what
+    /// `cleanup` deletes may be gone already: deleting is idempotent).
+    pub async fn delete_queue(&self, queue: &str) -> anyhow::Result<()> {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {queue}"))?;
+        Ok(())
+    }
+
     /// The dead letters, oldest first, left in place.
     pub async fn dead_letters(&self) -> anyhow::Result<Vec<DeadLetterView>> {
         let q = Dlq::open(&self.config).await?;

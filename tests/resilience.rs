@@ -359,3 +359,133 @@ async fn secrets_never_appear_in_trace_logs() {
     }
     sb.cleanup().await.unwrap();
 }
+
+/// `/healthz` says `connecting` while the broker is not reached; every
+/// metric is exported from the start, with `# HELP`, the build info and the
+/// process's own figures, before any worker consumed anything (a standby's
+/// view).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_before_anything_happened() {
+    let mut c = base_config();
+    c.amqp.url = unreachable_amqp_url();
+    let sim = imattr::simulator::Simulator::start(imattr::simulator::SimOptions {
+        attr_names: vec!["n".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.tencent.base_url = sim.url();
+    c.tencent.sdkappid = sim.sdkappid();
+    c.tencent.secret_key = imattr::config::Secret::new(sim.secret_key());
+    let health = std::sync::Arc::new(imattr::worker::Health::default());
+    let cancel = CancellationToken::new();
+    let addr = imattr::admin::serve("127.0.0.1:0", health.clone(), cancel.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let worker = tokio::spawn(imattr::worker::run(c, cancel.clone(), health.clone()));
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(get("/healthz").await, (200, "ok: connecting\n".to_string()));
+    let (status, body) = get("/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: not connected to RabbitMQ\n")
+    );
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    let series = [
+        "imattr_messages_received_total",
+        "imattr_messages_redelivered_total",
+        "imattr_messages_acked_total",
+        "imattr_messages_dead_lettered_total{reason=\"invalid-message\"}",
+        "imattr_messages_dead_lettered_total{reason=\"rejected\"}",
+        "imattr_messages_dead_lettered_total{reason=\"retries-exhausted\"}",
+        "imattr_api_requests_total{class=\"success\",code=\"0\"}",
+        "imattr_api_request_duration_seconds_bucket",
+        "imattr_request_accounts_bucket",
+        "imattr_pending_accounts",
+        "imattr_in_flight_requests",
+        "imattr_retries_total",
+        "imattr_paused",
+        "imattr_usersig_renewals_total",
+        "imattr_broker_reconnects_total",
+        "imattr_rate_limit_current",
+        "imattr_rate_limited_total",
+        "imattr_active",
+        &format!(
+            "imattr_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ];
+    for s in series {
+        assert!(text.contains(s), "{s} missing from /metrics:\n{text}");
+    }
+    // Every imattr metric has its HELP and TYPE lines.
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("imattr_"))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+        })
+        .collect();
+    assert!(names.len() >= 17, "{names:?}");
+    for n in names {
+        assert!(text.contains(&format!("# HELP {n} ")), "no HELP for {n}");
+        assert!(text.contains(&format!("# TYPE {n} ")), "no TYPE for {n}");
+    }
+    let rss: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rss > 1_000_000.0, "RSS {rss}");
+    cancel.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// Credentials the API refuses keep the worker not ready from the start,
+/// before any update arrives; right ones make it ready without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_api_accepts_a_request() {
+    for fixed_names in [false, true] {
+        let mut sb = sandbox(&["n"], Faults::default(), |c| {
+            c.tencent.secret_key = imattr::config::Secret::new("not-the-app-key");
+            if fixed_names {
+                c.attributes.allowed = vec!["n".into()];
+            }
+        })
+        .await;
+        sb.start_worker();
+        let health = sb.health.clone();
+        eventually(DRAIN, "consuming", || health.is_consuming()).await;
+        let why = health.readiness().unwrap_err();
+        assert!(
+            why.contains("the API has not") && why.contains("70005"),
+            "fixed names {fixed_names}: {why}"
+        );
+        sb.stop_worker().await.unwrap();
+        // The right key: ready with no update at all.
+        sb.config.tencent.secret_key = imattr::config::Secret::new(sb.sim.secret_key());
+        sb.start_worker();
+        let health = sb.health.clone();
+        eventually(DRAIN, "ready", || health.readiness().is_ok()).await;
+        assert_eq!(
+            sb.sim.stats().count("im_set_attr", 0),
+            0,
+            "no update was needed"
+        );
+        sb.cleanup().await.unwrap();
+    }
+}

@@ -71,8 +71,8 @@ impl Default for Faults {
     }
 }
 
-/// How to start a simulator.
-#[derive(Debug, Clone)]
+/// How to start a simulator (its `Debug` hides the key).
+#[derive(Clone)]
 pub struct SimOptions {
     /// Where to listen; port 0 picks a free one.
     pub listen: SocketAddr,
@@ -90,6 +90,24 @@ pub struct SimOptions {
     pub faults: Faults,
     /// Count in `Stats::regressions` every integer value written over a larger one.
     pub monotonic_check: bool,
+}
+
+impl std::fmt::Debug for SimOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimOptions")
+            .field("listen", &self.listen)
+            .field("sdkappid", &self.sdkappid)
+            .field("identifier", &self.identifier)
+            .field(
+                "secret_key",
+                &crate::config::Secret::new(self.secret_key.clone()),
+            )
+            .field("attr_names", &self.attr_names)
+            .field("seed", &self.seed)
+            .field("faults", &self.faults)
+            .field("monotonic_check", &self.monotonic_check)
+            .finish()
+    }
 }
 
 impl Default for SimOptions {

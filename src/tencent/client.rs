@@ -126,9 +126,10 @@ pub struct CallResult {
     pub(crate) latency: Duration,
 }
 
-/// An error of the convenience calls used by the operator tools.
+/// An error of the convenience calls used by the operator tools (and the
+/// worker's attribute-name reads); it names the ErrorCode when there is one.
 #[derive(Debug, thiserror::Error)]
-#[error("{api} failed ({class}): {info}")]
+#[error("{api} failed ({class}{}): {info}", if *.code != 0 { format!(", ErrorCode {}", .code) } else { String::new() })]
 pub struct ApiError {
     /// The API called.
     pub(crate) api: &'static str,
@@ -182,6 +183,8 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .context("building the HTTP client")?;
+        // Exported from the start, before the first request sets it again.
+        metrics::gauge!("imattr_rate_limit_current").set(f64::from(rate_limit_per_sec));
         let tap = super::tap::find(base_url);
         Ok(Client {
             http,
@@ -333,10 +336,25 @@ impl Client {
         api: &'static str,
         body: &T,
     ) -> Result<ApiResponse, ApiError> {
+        self.call_json_in(api, body, false).await
+    }
+
+    /// [`Client::call_json`]; with `free_slot`, each attempt leaves only in a
+    /// rate slot free when it does, never reserving one ahead of a batch.
+    async fn call_json_in<T: Serialize>(
+        &self,
+        api: &'static str,
+        body: &T,
+        free_slot: bool,
+    ) -> Result<ApiResponse, ApiError> {
         let bytes = serde_json::to_vec(body).expect("request types always serialise");
         let mut renewed = false;
         loop {
-            let r = self.call(api, bytes.clone()).await;
+            let r = if free_slot {
+                self.call_in_free_slot(api, bytes.clone()).await
+            } else {
+                self.call(api, bytes.clone()).await
+            };
             match (r.class, r.body) {
                 (Class::Success, Some(b)) => return Ok(b),
                 (Class::Signature, _) if !renewed && self.signer.invalidate() => renewed = true,
@@ -370,6 +388,26 @@ impl Client {
             .call_json(api::GET_ATTR_NAME, &serde_json::json!({}))
             .await?;
         Ok(r.attr_names.unwrap_or_default())
+    }
+
+    /// [`Client::get_attr_names`] as a probe of the credentials while
+    /// batches are being sent: in a free rate slot only, so that no batch
+    /// waits for a slot it took.
+    pub(crate) async fn probe_attr_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
+        let r = self
+            .call_json_in(api::GET_ATTR_NAME, &serde_json::json!({}), true)
+            .await?;
+        Ok(r.attr_names.unwrap_or_default())
+    }
+
+    /// Sends in the first rate slot free when it is tried (as batches do);
+    /// counted like every request.
+    async fn call_in_free_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
+        let _permit = self.in_flight.acquire().await;
+        while let Err(at) = self.limiter.try_acquire() {
+            tokio::time::sleep_until(at).await;
+        }
+        self.send(api, body).await
     }
 }
 
