@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # A RabbitMQ cluster that loses a node (docs/several-workers.md): starts three
 # nodes of the installed RabbitMQ on spare local ports and joins them, runs
-# the simulator (`imattr simulate`) and one worker (`imattr run`) with
-# amqp.url listing all three nodes and a quorum queue, publishes a stream of
-# growing integer values, stops the node the worker is connected to
-# mid-stream, publishes the rest, and checks:
+# the simulator (`imattr simulate`) and two workers (`imattr run`) with
+# amqp.url listing all three nodes and a quorum queue: the active one, and a
+# standby registered after it on another node. It publishes a stream of
+# growing integer values, stops the active worker's node mid-stream, publishes
+# the rest, and checks:
+#   - mid-stream: the active worker holds unsettled messages when its node stops;
+#   - exactly one worker is active before and after, and after the stop it is
+#     the standby, next in registration order, which gets redeliveries; the
+#     worker that lost its node is back as a standby;
 #   - nothing lost: the API's final state is the last value published per account;
 #   - no account in two requests at once, no value going backwards (simulator stats);
 #   - nothing dead-lettered, nothing left in the queue;
@@ -69,6 +74,7 @@ for i in 1 2 3; do
 done
 SIM_PORT=$(spare_port); TAKEN="$TAKEN $SIM_PORT"
 ADMIN_PORT=$(spare_port); TAKEN="$TAKEN $ADMIN_PORT"
+ADMIN_PORT2=$(spare_port); TAKEN="$TAKEN $ADMIN_PORT2"
 
 # Runs a RabbitMQ command as user rabbitmq for node i: its home holds the
 # Erlang cookie all nodes share; the rest is the node's own environment.
@@ -106,7 +112,7 @@ cleanup() {
   done
   if [ "$rc" != 0 ]; then
     echo "cluster-test: worker log tail:" >&2
-    tail -n 30 "$WORK"/start?.log "$WORK/join.log" "$WORK/worker.log" "$WORK/simulator.log" 2>/dev/null >&2
+    tail -n 30 "$WORK"/start?.log "$WORK/join.log" "$WORK/worker.log" "$WORK/worker2.log" "$WORK/simulator.log" 2>/dev/null >&2
     for i in "${STARTED[@]}"; do tail -n 5 "$WORK/n$i/log/"*@localhost.log 2>/dev/null >&2; done
   fi
   if [ -n "${KEEP:-}" ]; then echo "cluster-test: kept $WORK" >&2; else rm -rf "$WORK"; fi
@@ -169,21 +175,25 @@ export IMATTR_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT"
 export IMATTR_BATCH__MAX_ACCOUNTS=20
 export IMATTR_TENCENT__MAX_IN_FLIGHT=4
 export IMATTR_RETRY__MAX_ELAPSED_SECS=0
+export IMATTR_RETRY__MAX_INTERVAL_MS=1000
 export IMATTR_TENCENT__TIMEOUT_MS=3500
 SIM="http://127.0.0.1:$SIM_PORT/__simulator"
 
+# Account "stuck" fails (91000) until the standby has taken over: the active
+# worker holds its message unacked whenever its node stops, and the standby
+# gets it redelivered.
 "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n --latency-ms 50..150 --rate-limit 0 \
-  >"$WORK/simulator.log" 2>&1 &
+  --fail-account stuck >"$WORK/simulator.log" 2>&1 &
 PIDS+=($!)
 if [ "${DLQ:-}" = classic ]; then
   # A classic dead-letter queue on node 1, as declared before amqp.queue_type
   # was quorum: declared with a throwaway classic updates queue and exchange.
   IMATTR_AMQP__URL="$(url 1)" IMATTR_AMQP__QUEUE_TYPE=classic \
     IMATTR_AMQP__QUEUE="$IMATTR_AMQP__QUEUE.old" IMATTR_AMQP__EXCHANGE="$IMATTR_AMQP__EXCHANGE.old" \
-    "$BIN" dlq list --limit 1 >/dev/null
+    "$BIN" declare >/dev/null
   ctl 1 delete_queue "$IMATTR_AMQP__QUEUE.old" >/dev/null
 fi
-IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" dlq list --limit 1 >/dev/null  # declares the topology on node 1
+IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" declare >/dev/null  # declares the topology on node 1
 dlq_type=$(ctl 1 list_queues -q --no-table-headers name type | awk -v q="$IMATTR_AMQP__DEAD_LETTER_QUEUE" '$1 == q { print $2 }')
 want_type=quorum; [ "${DLQ:-}" = classic ] && want_type=classic
 [ "$dlq_type" = "$want_type" ] || fail "the dead-letter queue is ${dlq_type:-missing}, not $want_type"
@@ -192,12 +202,12 @@ WORKER=$!
 PIDS+=("$WORKER")
 # On a quorum queue the worker reports active only from its first delivery:
 # wait for it to be consuming (active or standing by).
-consuming() { grep -q "Active: this worker\|Standing by" "$WORK/worker.log"; }
+consuming() { grep -q "Active: this worker\|Standing by" "$1"; }
 for _ in $(seq 1 600); do
-  consuming && break
+  consuming "$WORK/worker.log" && break
   sleep 0.2
 done
-consuming || fail "the worker did not start consuming"
+consuming "$WORK/worker.log" || fail "the worker did not start consuming"
 
 # Values only grow: message k sets account acc(k*7919 mod ACCOUNTS) to k.
 stream() { # from count
@@ -217,50 +227,100 @@ victim=""
 for i in 1 2 3; do [[ "$holder" == "<$(node_name "$i")."* ]] && victim=$i; done
 [ -n "$victim" ] || fail "no node holds the worker's connection"
 
+# The standby: registered second, connected to another node (its URL list
+# starts with the next one), so its consumer outlives the stop.
+other=$((victim % 3 + 1))
+urls2=""
+for k in 0 1 2; do urls2="$urls2${urls2:+,}$(url $(((other - 1 + k) % 3 + 1)))"; done
+IMATTR_AMQP__URL="$urls2" IMATTR_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT2" "$BIN" run >"$WORK/worker2.log" 2>&1 &
+WORKER2=$!
+PIDS+=("$WORKER2")
+for _ in $(seq 1 600); do
+  consuming "$WORK/worker2.log" && break
+  sleep 0.2
+done
+consuming "$WORK/worker2.log" || fail "the standby did not start consuming"
+holder2=$(ctl 1 list_connections -q --no-table-headers pid client_properties |
+  grep -F "imattr run $IMATTR_AMQP__QUEUE pid $WORKER2" | awk '{ print $1 }' | head -n 1)
+[ -n "$holder2" ] || fail "no node holds the standby's connection"
+[[ "$holder2" == "<$(node_name "$victim")."* ]] && fail "the standby is connected to node $victim too"
+
+# Each worker's role (its /healthz: "ok: active" or "ok: standby") and counters.
+role() { curl -sf "http://127.0.0.1:$1/healthz" | awk '{ print $2 }'; }
+metric() { curl -sf "http://127.0.0.1:$2/metrics" | awk -v m="$1" '$1 ~ "^" m { n += $2 } END { print n + 0 }'; }
+# roles_are ACTIVE_PORT STANDBY_PORT: exactly one active worker, that one.
+roles_are() { [ "$(role "$1")" = active ] && [ "$(role "$2")" = standby ]; }
+
 # The worker applies about 800 accounts a second (4 requests of 20 accounts
 # in flight, 50-150 ms each): the first half takes seconds, so it is
 # mid-stream, holding unacked messages, when its node stops.
 HALF=$((MESSAGES / 2))
-stream 0 "$HALF" | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
+STUCK='{"To_Account":"stuck","Attrs":{"n":"1"}}'
+{ echo "$STUCK"; stream 0 "$HALF"; } | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
+refused() { curl -sf "$SIM/stats" | jq '.requests.im_set_attr."91000" // 0' || echo 0; }
 for _ in $(seq 1 300); do
-  [ "$(written)" -gt 200 ] && break
+  [ "$(written)" -gt 200 ] && [ "$(refused)" -gt 0 ] && break
   sleep 0.1
 done
 
 # --- Stop the worker's node mid-stream ----------------------------------------
+roles_are "$ADMIN_PORT" "$ADMIN_PORT2" ||
+  fail "before the stop: worker 1 is $(role "$ADMIN_PORT"), the standby $(role "$ADMIN_PORT2"); want active, standby"
 before=$(written)
-say "stopping node $victim (the worker's) after $before accounts written"
+# Mid-stream, enforced: the active worker holds messages it has not settled
+# ("stuck"'s at least; its own counters: the broker's for a quorum queue lag
+# by seconds).
+held=$(( $(metric imattr_messages_received_total "$ADMIN_PORT") - $(metric imattr_messages_acked_total "$ADMIN_PORT") ))
+[ "$held" -gt 0 ] || fail "not mid-stream: the active worker holds nothing unsettled ($before accounts written)"
+say "stopping node $victim (the active worker's) after $before accounts written, $held messages held"
 stopped_at=$(now_ms)
 ctl "$victim" stop >/dev/null
-# Working again: connected to another node, consuming (the worker's log: its
-# first delivery after the lost session) and applying (the API's count grows
-# after the reconnect; a redelivery first holds requests for amqp.takeover_hold_ms,
-# lease + timeout + 3 s: 16.5 s here).
-plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$WORK/worker.log"; }
-connects() { plain_log | grep -c "Connected to RabbitMQ" || true; }
+# The standby takes over (its log: its first delivery) and the API's count
+# grows again (a redelivery first holds requests for amqp.takeover_hold_ms: lease + timeout + 3 s); the
+# worker that lost its node connects to another and registers as a standby.
+plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+connects() { plain_log "$WORK/worker.log" | grep -c "Connected to RabbitMQ" || true; }
 log_ms() { date -d "$1" +%s%3N; }
 for _ in $(seq 1 1200); do
-  [ "$(connects)" -ge 2 ] && break
+  [ "$(role "$ADMIN_PORT2")" = active ] && break
   sleep 0.1
 done
-[ "$(connects)" -ge 2 ] || fail "the worker did not connect to another node"
-reconnected=$(written)
+[ "$(role "$ADMIN_PORT2")" = active ] || fail "the standby did not take over"
+took_over=$(written)
 for _ in $(seq 1 1200); do
-  [ "$(written)" -gt "$reconnected" ] && break
+  [ "$(written)" -gt "$took_over" ] && break
   sleep 0.1
 done
-[ "$(written)" -gt "$reconnected" ] || fail "the worker did not apply anything after reconnecting"
+[ "$(written)" -gt "$took_over" ] || fail "nothing applied after the takeover"
 applying_ms=$(($(now_ms) - stopped_at))
-lost_at=$(plain_log | grep -m1 "Lost the broker session" | awk '{ print $1 }')
-back_at=$(plain_log | awk '/Lost the broker session/ { lost = 1 } lost && /Active: this worker/ { print $1; exit }')
-[ -n "$lost_at" ] && [ -n "$back_at" ] || fail "no lost session and takeover in the worker's log"
+# What worker 1 held unacked came back to the standby, "stuck"'s message at
+# least; then "stuck" may succeed.
+for _ in $(seq 1 1200); do
+  [ "$(metric imattr_messages_redelivered_total "$ADMIN_PORT2")" -gt 0 ] && break
+  sleep 0.1
+done
+[ "$(metric imattr_messages_redelivered_total "$ADMIN_PORT2")" -gt 0 ] ||
+  fail "nothing was redelivered to the standby that took over"
+curl -sf "$SIM/faults" | jq -c '.fail_accounts = []' |
+  curl -sf -X POST -H 'content-type: application/json' --data-binary @- "$SIM/faults" ||
+  fail "could not clear the simulator's failing account"
+for _ in $(seq 1 1200); do
+  [ "$(connects)" -ge 2 ] && [ "$(role "$ADMIN_PORT")" = standby ] && break
+  sleep 0.1
+done
+[ "$(connects)" -ge 2 ] || fail "worker 1 did not connect to another node"
+roles_are "$ADMIN_PORT2" "$ADMIN_PORT" ||
+  fail "after the stop: the standby is $(role "$ADMIN_PORT2"), worker 1 $(role "$ADMIN_PORT"); want active, standby"
+plain_log "$WORK/worker.log" | grep -q "Lost the broker session" || fail "no lost session in worker 1's log"
+back_at=$(plain_log "$WORK/worker2.log" | awk '/Active: this worker/ { print $1; exit }')
+[ -n "$back_at" ] || fail "no takeover in the standby's log"
 consuming_ms=$(($(log_ms "$back_at") - stopped_at))
-failed_sessions=$(plain_log | grep -c "Broker session failed" || true)
+failed_sessions=$(plain_log "$WORK/worker.log" | grep -c "Broker session failed" || true)
 # Publish the rest while the cluster runs on two nodes.
 stream "$HALF" $((MESSAGES - HALF)) | IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" publish --file - >/dev/null
 
 # --- Wait for the end and check -----------------------------------------------
-stream 0 "$MESSAGES" | jq -s 'map({(.To_Account): {n: .Attrs.n}}) | add' >"$WORK/expected.json"
+{ echo "$STUCK"; stream 0 "$MESSAGES"; } | jq -s 'map({(.To_Account): {n: .Attrs.n}}) | add' >"$WORK/expected.json"
 live=$(( victim == 1 ? 2 : 1 ))
 depth() { ctl "$live" list_queues -q --no-table-headers name messages | awk -v q="$1" '$1 == q { print $2 }'; }
 t_end=$((SECONDS + 240))
@@ -277,17 +337,18 @@ overlaps=$(jq '.overlapping_account_requests' <<<"$stats")
 regressions=$(jq '.regressions // 0' <<<"$stats")
 [ "$overlaps" = 0 ] || fail "$overlaps times an account was in two requests at once"
 [ "$regressions" = 0 ] || fail "$regressions values went backwards"
-# Dead letters: the worker's count, and the queue's depth unless it is the
+# Dead letters: the workers' counts, and the queue's depth unless it is the
 # classic queue on the stopped node.
-metric() { curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 ~ "^" m { n += $2 } END { print n + 0 }'; }
-dead=$(metric imattr_messages_dead_lettered_total)
+dead=$(( $(metric imattr_messages_dead_lettered_total "$ADMIN_PORT") + $(metric imattr_messages_dead_lettered_total "$ADMIN_PORT2") ))
 [ "$dead" = 0 ] || fail "$dead messages dead-lettered"
 if [ "$dlq_type" = quorum ]; then
   dead=$(depth "$IMATTR_AMQP__DEAD_LETTER_QUEUE")
   [ "$dead" = 0 ] || fail "$dead messages in $IMATTR_AMQP__DEAD_LETTER_QUEUE"
 fi
-redelivered=$(metric imattr_messages_redelivered_total)
-kill -TERM "$WORKER"
-wait "$WORKER" || fail "the worker did not stop cleanly"
+redelivered=$(metric imattr_messages_redelivered_total "$ADMIN_PORT2")
+roles_are "$ADMIN_PORT2" "$ADMIN_PORT" || fail "at the end: exactly one active worker, the one that took over"
+kill -TERM "$WORKER" "$WORKER2"
+wait "$WORKER" || fail "worker 1 did not stop cleanly"
+wait "$WORKER2" || fail "the standby that took over did not stop cleanly"
 reconnects=$(($(connects) - 1))
-say "OK: $MESSAGES messages over $ACCOUNTS accounts, node $victim stopped mid-stream after $before accounts written; worker consuming again ${consuming_ms} ms and applying again ${applying_ms} ms after the stop command ($reconnects reconnect(s), $failed_sessions failed session(s)); $redelivered messages redelivered; dead-letter queue $dlq_type; last value wins, 0 overlaps, 0 regressions, 0 dead letters; $((SECONDS - T0)) s in all"
+say "OK: $MESSAGES messages over $ACCOUNTS accounts, node $victim stopped mid-stream after $before accounts written with $held messages held; the standby consuming ${consuming_ms} ms and applying ${applying_ms} ms after the stop command; worker 1 back as a standby ($reconnects reconnect(s), $failed_sessions failed session(s)); $redelivered messages redelivered; dead-letter queue $dlq_type; last value wins, 0 overlaps, 0 regressions, 0 dead letters; $((SECONDS - T0)) s in all"

@@ -67,11 +67,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# A port nothing listens on and not handed out yet (the caller adds it to TAKEN).
+# A port nothing listens on and not handed out yet (the caller adds it to TAKEN),
+# in 20000-29999: below the kernel's ephemeral range (32768 and up), which a
+# busy machine's outgoing connections may hold when the node binds, and below
+# the CLI's own distribution ports (35672-35682).
 spare_port() {
   local p
   for _ in $(seq 1 100); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 10000))
     if port_free "$p" && ! grep -qw "$p" <<<"$TAKEN"; then echo "$p"; return; fi
   done
   echo "tls-test: no spare port" >&2; return 1
@@ -194,8 +197,10 @@ expect_error() {
   pass "$name: $out"
 }
 
-# --- 1. publish, run and dlq over amqps:// with the CA file ------------------
+# --- 1. declare, publish, run and dlq over amqps:// with the CA file ---------
 CA_ENV=(IMATTR_AMQP__URL="$TLS_URL" IMATTR_AMQP__TLS_CA_FILE="$C/ca.pem")
+# Only run and declare create the updates queue; publish needs it bound.
+if base_env "${CA_ENV[@]}" timeout 30 "$BIN" declare >/dev/null; then pass "declare over amqps://"; else fail "declare over amqps://"; fi
 base_env "${CA_ENV[@]}" timeout 30 "$BIN" publish --account tls-a --attr sex=f >/dev/null
 # Not through a function: $! must be imattr's own pid (env execs it) for SIGTERM.
 env "${BASE_ENV[@]}" "${CA_ENV[@]}" "$BIN" run >"$WORK/run.log" 2>&1 &

@@ -15,6 +15,145 @@ use crate::health::Health;
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// What a metric is, for its `# TYPE` and how it is registered.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric the worker exports, with its `# HELP` text (docs/metrics.md
+/// explains each). All are exported from the start, at zero, so that a
+/// standby or an idle worker shows every series a dashboard asks for.
+const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "imattr_messages_received_total",
+        Kind::Counter,
+        "Deliveries taken from the updates queue, valid or not; redeliveries count again.",
+    ),
+    (
+        "imattr_messages_redelivered_total",
+        Kind::Counter,
+        "Deliveries the broker marked redelivered.",
+    ),
+    (
+        "imattr_messages_acked_total",
+        Kind::Counter,
+        "Messages acknowledged after every account they touch was accepted by the API.",
+    ),
+    (
+        "imattr_messages_dead_lettered_total",
+        Kind::Counter,
+        "Messages whose dead-letter copy the broker confirmed, by reason.",
+    ),
+    (
+        "imattr_api_requests_total",
+        Kind::Counter,
+        "im_set_attr requests, every attempt, by the class of the answer and its ErrorCode.",
+    ),
+    (
+        "imattr_api_request_duration_seconds",
+        Kind::Histogram,
+        "Time from sending an im_set_attr request to its answer or failure, in seconds.",
+    ),
+    (
+        "imattr_request_accounts",
+        Kind::Histogram,
+        "Accounts in each im_set_attr request.",
+    ),
+    (
+        "imattr_pending_accounts",
+        Kind::Gauge,
+        "Accounts with updates received but not settled.",
+    ),
+    (
+        "imattr_in_flight_requests",
+        Kind::Gauge,
+        "Batches being sent, retried or bisected.",
+    ),
+    (
+        "imattr_retries_total",
+        Kind::Counter,
+        "Waits before retrying a transient failure.",
+    ),
+    (
+        "imattr_paused",
+        Kind::Gauge,
+        "1 while consuming is paused because the API answered with a misconfigured code.",
+    ),
+    (
+        "imattr_usersig_renewals_total",
+        Kind::Counter,
+        "UserSigs regenerated because the API refused the current one.",
+    ),
+    (
+        "imattr_broker_reconnects_total",
+        Kind::Counter,
+        "Broker sessions lost or failed and reconnected.",
+    ),
+    (
+        "imattr_rate_limit_current",
+        Kind::Gauge,
+        "The request rate allowed now, requests per second.",
+    ),
+    (
+        "imattr_rate_limited_total",
+        Kind::Counter,
+        "Answers refusing a request for its rate.",
+    ),
+    (
+        "imattr_active",
+        Kind::Gauge,
+        "1 on the worker that consumes, 0 on a hot standby.",
+    ),
+    (
+        "imattr_build_info",
+        Kind::Gauge,
+        "Always 1; the version label is imattr's version.",
+    ),
+];
+
+/// The dead-letter reasons, whose series are exported from the start.
+const DEAD_LETTER_REASONS: [&str; 3] = ["invalid-message", "rejected", "retries-exhausted"];
+
+/// Describes every metric and registers its series at zero (or, for the
+/// gauges that have one, its starting value), without changing any value
+/// another part of the process has set already.
+fn register_metrics() {
+    for (name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *help),
+        }
+        match (*name, kind) {
+            ("imattr_messages_dead_lettered_total", _) => {
+                for reason in DEAD_LETTER_REASONS {
+                    metrics::counter!(*name, "reason" => reason).increment(0);
+                }
+            }
+            ("imattr_api_requests_total", _) => {
+                metrics::counter!(*name, "class" => "success", "code" => "0").increment(0);
+            }
+            ("imattr_build_info", _) => {
+                metrics::gauge!(*name, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            }
+            (_, Kind::Counter) => metrics::counter!(*name).increment(0),
+            (_, Kind::Gauge) => metrics::gauge!(*name).increment(0.0),
+            (_, Kind::Histogram) => drop(metrics::histogram!(*name)),
+        }
+    }
+    process_collector().describe();
+}
+
+/// RSS, CPU time, open file descriptors… of this process (`process_*`),
+/// read from /proc when `/metrics` is asked.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
 /// Installs the process-wide Prometheus recorder once; returns its handle.
 pub(crate) fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
@@ -33,7 +172,9 @@ pub(crate) fn prometheus() -> Option<PrometheusHandle> {
                     )
                 })
                 .ok()?;
-            builder.install_recorder().ok()
+            let handle = builder.install_recorder().ok()?;
+            register_metrics();
+            Some(handle)
         })
         .clone()
 }
@@ -76,7 +217,7 @@ pub async fn serve(
     Ok(Some(addr))
 }
 
-/// Alive; the body says whether this worker is the active consumer or a standby.
+/// Alive; the body says what the worker is doing (`Health::role`).
 async fn healthz(State(s): State<AdminState>) -> String {
     format!("ok: {}\n", s.health.role())
 }
@@ -93,7 +234,10 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
     match &s.prometheus {
-        Some(h) => (StatusCode::OK, h.render()),
+        Some(h) => {
+            process_collector().collect();
+            (StatusCode::OK, h.render())
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder unavailable\n".into(),

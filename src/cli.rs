@@ -55,14 +55,32 @@ pub enum Command {
         #[arg(long)]
         identifier: Option<String>,
     },
-    /// Print the effective configuration, secrets redacted.
+    /// Print the effective configuration, secrets redacted, and where it came from.
     #[command(
-        after_help = "Example:\n  IMATTR_BATCH__MAX_WAIT_MS=100 imattr --config prod.toml config"
+        after_help = "Examples:\n  IMATTR_BATCH__MAX_WAIT_MS=100 imattr --config prod.toml config\n  imattr --config prod.toml config --check"
     )]
-    Config,
-    /// Run the built-in API simulator.
+    Config {
+        /// Only check it, as `imattr run` would (the API credentials too): print
+        /// one line and exit 0, or name the problem and exit 2.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Declare the exchanges and queues exactly as `imattr run` would, then exit.
     #[command(
-        after_help = "Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fail-rate 0.05 --latency-ms 5..20"
+        after_help = "Run it once before publishers start, so that nothing they publish finds no queue, \
+or to create a queue with new settings next to the old one (docs/several-workers.md, \
+\"Migrating a queue\"). The other tools never create the updates queue.\n\n\
+Example:\n  IMATTR_AMQP__QUEUE=imattr.updates.v2 IMATTR_AMQP__QUEUE_TYPE=quorum imattr declare"
+    )]
+    Declare,
+    /// Run the built-in API simulator: an in-memory im_set_attr and its sibling APIs.
+    #[command(
+        after_help = "It checks UserSigs against the configured tencent.sdkappid and \
+tencent.secret_key (when they are not set: sdkappid 1400000000 and the key of Tencent's test \
+vector, which `imattr config` then does not show). Like the real API, it rejects every update \
+that names an attribute not registered, with ErrorCode 90033: without --attr-names, every \
+update is rejected. Its state lives in memory and is gone when it stops.\n\n\
+Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fail-rate 0.05 --latency-ms 5..20"
     )]
     Simulate(SimulateArgs),
     /// Simulator, worker and sample traffic against local RabbitMQ, then a summary.
@@ -106,20 +124,39 @@ pub enum Command {
 
 /// `imattr publish`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["account", "file"])))]
 pub struct PublishArgs {
     /// The account (To_Account) to update.
     #[arg(long, requires = "attr", conflicts_with = "file")]
     pub(crate) account: Option<String>,
     /// An attribute as name=value; repeat for several.
-    #[arg(long, value_name = "NAME=VALUE")]
-    pub(crate) attr: Vec<String>,
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_attr, requires = "account")]
+    pub(crate) attr: Vec<(String, String)>,
     /// NDJSON file, one message body per line; `-` reads stdin.
     #[arg(long, value_name = "PATH")]
     pub(crate) file: Option<PathBuf>,
     /// Publish the valid lines of a file and skip the invalid ones.
-    #[arg(long)]
+    #[arg(long, requires = "file")]
     pub(crate) skip_invalid: bool,
+    /// Check every message as publishing would, print how many would be
+    /// published, and publish nothing (no broker needed).
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
+
+/// `NAME=VALUE` (the value may hold `=`).
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("takes NAME=VALUE, e.g. sex=attr1 (got {s:?})")),
+    }
+}
+
+/// Bad usage found after parsing (an update given on the command line that
+/// breaks a rule, say): `imattr` exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 /// `imattr dlq …`.
 #[derive(Debug, Subcommand)]
@@ -177,8 +214,8 @@ pub enum DlqCommand {
     /// Delete every dead-lettered message.
     #[command(after_help = "Example:\n  imattr dlq purge --yes")]
     Purge {
-        /// Confirm the deletion.
-        #[arg(long)]
+        /// Confirm the deletion (required: there is no undo).
+        #[arg(long, required = true)]
         yes: bool,
     },
 }
@@ -217,8 +254,8 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 0.0)]
     pub(crate) fail_rate: f64,
     /// Latency per request, `MS` or `MIN..MAX`.
-    #[arg(long, default_value = "0")]
-    pub(crate) latency_ms: String,
+    #[arg(long, default_value = "0", value_parser = parse_latency)]
+    pub(crate) latency_ms: (u64, u64),
     /// Requests per second per API before 60007 (0 turns it off).
     #[arg(long, default_value_t = 100)]
     pub(crate) rate_limit: u32,
@@ -250,8 +287,8 @@ pub struct SimulateArgs {
 }
 
 /// Parses `MS` or `MIN..MAX`.
-pub(crate) fn parse_latency(s: &str) -> anyhow::Result<(u64, u64)> {
-    let bad = || anyhow::anyhow!("--latency-ms takes MS or MIN..MAX, e.g. 5..20 (got {s:?})");
+pub(crate) fn parse_latency(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("takes MS or MIN..MAX, e.g. 5..20 (got {s:?})");
     match s.split_once("..") {
         Some((a, b)) => {
             let (a, b) = (
@@ -308,22 +345,78 @@ pub fn write_generated(command: &Command, out: &mut impl Write) -> Option<std::i
     let mut cli = Cli::command();
     match command {
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut cli, "imattr", out);
-            Some(Ok(()))
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut cli, "imattr", &mut buf);
+            Some(out.write_all(&buf).and_then(|()| out.flush()))
         }
-        Command::Man => Some(clap_mangen::Man::new(cli).render(out)),
+        Command::Man => Some(crate::manpage::render(cli, out).and_then(|()| out.flush())),
         _ => None,
     }
 }
 
-/// Runs a command.
-pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+/// Standard output that tells a reader gone away (`imattr … | head`) from
+/// other write errors: its `BrokenPipe` errors carry [`StdoutClosed`], which
+/// `main` turns into a quiet exit 0.
+pub fn stdout() -> ClosedAware<std::io::StdoutLock<'static>> {
+    ClosedAware(std::io::stdout().lock())
+}
+
+/// The reader of standard output has gone away.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// See [`stdout`].
+#[derive(Debug)]
+pub struct ClosedAware<W>(W);
+
+impl<W: Write> ClosedAware<W> {
+    fn mark(e: std::io::Error) -> std::io::Error {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, StdoutClosed)
+        } else {
+            e
+        }
+    }
+}
+
+impl<W: Write> Write for ClosedAware<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(Self::mark)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(Self::mark)
+    }
+}
+
+/// Whether `e` (or what caused it) is standard output closed by its reader.
+pub fn is_stdout_closed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<StdoutClosed>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<StdoutClosed>()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Runs a command; `file` is the configuration file `config` was loaded
+/// from, if any.
+pub async fn dispatch(
+    command: Command,
+    config: Config,
+    file: Option<PathBuf>,
+) -> anyhow::Result<()> {
     match command {
         Command::Run => crate::cmd::run::run(config).await,
-        Command::Config => {
-            print!("{}", config.to_redacted_toml());
-            Ok(())
-        }
+        Command::Config { check } => crate::cmd::config::run(&config, file, check),
+        Command::Declare => crate::cmd::declare::run(&config).await,
         Command::Sig { identifier } => crate::cmd::sig::run(&config, identifier),
         Command::Get { accounts } => crate::cmd::get::run(&config, &accounts).await,
         Command::Simulate(a) => crate::cmd::simulate::run(a, &config).await,
@@ -337,17 +430,42 @@ pub async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             dead_letters,
         } => crate::bench::run(config, quick, json, only, dead_letters).await,
         Command::BenchConsumer { count } => crate::bench::bare_consumer(&config, count).await,
-        Command::Completions { .. } | Command::Man => {
-            write_generated(&command, &mut std::io::stdout().lock())
-                .unwrap_or(Ok(()))
-                .context("writing to stdout")
-        }
+        Command::Completions { .. } | Command::Man => write_generated(&command, &mut stdout())
+            .unwrap_or(Ok(()))
+            .context("writing to stdout"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_stdout_is_told_apart() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = writeln!(ClosedAware(Closed), "x").unwrap_err();
+        assert!(is_stdout_closed(&e));
+        let wrapped = anyhow::Error::new(e).context("writing the table");
+        assert!(is_stdout_closed(wrapped.as_ref()));
+        // A broken pipe elsewhere (the broker's socket) is a failure.
+        let socket = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(!is_stdout_closed(&socket));
+    }
+
+    #[test]
+    fn attr_takes_name_equals_value() {
+        assert_eq!(parse_attr("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(parse_attr("a=").unwrap(), ("a".into(), String::new()));
+        assert!(parse_attr("sex").unwrap_err().contains("NAME=VALUE"));
+    }
 
     #[test]
     fn latency_forms() {

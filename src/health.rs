@@ -21,6 +21,13 @@ pub struct Health {
     acked: AtomicU64,
     /// Why the last dead-letter publish failed, while none has succeeded since.
     dead_letters_failing: Mutex<Option<String>>,
+    /// SIGTERM or SIGINT: consuming stopped for good.
+    stopping: AtomicBool,
+    /// The API answered a request of ours (the attribute names, a probe or
+    /// a batch): the credentials and the domain work.
+    api_answered: AtomicBool,
+    /// Why the API has not answered yet, when a request failed.
+    api_failing: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -38,6 +45,13 @@ impl Health {
         if !self.consuming.load(Ordering::Relaxed) {
             return Err("not consuming".into());
         }
+        if !self.api_answered.load(Ordering::Relaxed) {
+            let why = lock(&self.api_failing).clone();
+            return Err(match why {
+                Some(why) => format!("the API has not accepted a request yet: {why}"),
+                None => "the API has not answered yet".into(),
+            });
+        }
         if let Some(why) = self.dead_letter_failure() {
             return Err(format!("cannot publish dead-letter copies: {why}"));
         }
@@ -51,12 +65,40 @@ impl Health {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// `active` or `standby`, for `/healthz`.
+    /// What the worker is doing, for `/healthz` (docs/metrics.md):
+    /// `connecting` (the broker not reached, or lost), `starting`
+    /// (connected, declaring and registering its consumer), `standby`,
+    /// `active`, `stopping` (after SIGTERM).
     pub(crate) fn role(&self) -> &'static str {
-        if self.is_active() {
+        if self.stopping.load(Ordering::Relaxed) {
+            "stopping"
+        } else if !self.connected.load(Ordering::Relaxed) {
+            "connecting"
+        } else if self.is_active() {
             "active"
-        } else {
+        } else if self.consuming.load(Ordering::Relaxed) {
             "standby"
+        } else {
+            "starting"
+        }
+    }
+
+    /// Whether the API has accepted a request of this worker.
+    pub(crate) fn has_api_answered(&self) -> bool {
+        self.api_answered.load(Ordering::Relaxed)
+    }
+
+    /// The API accepted a request: ready as far as the API goes.
+    pub(crate) fn api_answered(&self) {
+        self.api_answered.store(true, Ordering::Relaxed);
+        *lock(&self.api_failing) = None;
+    }
+
+    /// A request meant to show that the API works failed, for `why`; not
+    /// ready until one succeeds (an earlier success stands).
+    pub(crate) fn api_failing(&self, why: String) {
+        if !self.api_answered.load(Ordering::Relaxed) {
+            *lock(&self.api_failing) = Some(why);
         }
     }
 
@@ -100,18 +142,12 @@ impl Health {
 
     /// Why dead-letter copies cannot be published right now, if they cannot.
     pub(crate) fn dead_letter_failure(&self) -> Option<String> {
-        self.dead_letters_failing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.dead_letters_failing).clone()
     }
 
     /// A dead-letter publish failed (`Some(why)`) or succeeded (`None`).
     pub(crate) fn dead_letters_failing(&self, why: Option<String>) {
-        *self
-            .dead_letters_failing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = why;
+        *lock(&self.dead_letters_failing) = why;
     }
 
     /// A session's consumer is registered: count the session and report consuming.
@@ -122,6 +158,7 @@ impl Health {
 
     /// Consuming stopped for shutdown (the connection may still be up).
     pub(crate) fn stopped_consuming(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         self.consuming.store(false, Ordering::Relaxed);
         self.set_active(false);
     }
@@ -142,6 +179,7 @@ impl Health {
     /// The API accepts requests again.
     pub(crate) fn resumed(&self) {
         self.paused.store(false, Ordering::Relaxed);
+        self.api_answered();
     }
 
     /// Deliveries the current session holds unacknowledged.
@@ -162,6 +200,11 @@ impl Health {
     }
 }
 
+/// A poisoned lock still holds a complete value (each write is one store).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,9 +213,23 @@ mod tests {
     fn readiness_reasons() {
         let h = Health::default();
         assert!(h.readiness().unwrap_err().contains("not connected"));
+        assert_eq!(h.role(), "connecting");
         h.set_connected(true);
         assert!(h.readiness().unwrap_err().contains("not consuming"));
+        assert_eq!(h.role(), "starting");
         h.session_started();
+        // Consuming, but the API has not answered: not ready, with the reason.
+        assert_eq!(h.readiness().unwrap_err(), "the API has not answered yet");
+        h.api_failing("ErrorCode 70005: usersig signature mismatch".into());
+        let why = h.readiness().unwrap_err();
+        assert!(
+            why.contains("not accepted a request yet") && why.contains("70005"),
+            "{why}"
+        );
+        h.api_answered();
+        assert!(h.readiness().is_ok());
+        // A later failure does not undo a success (the worker has shown the API works).
+        h.api_failing("timeout".into());
         assert!(h.readiness().is_ok());
         // A standby is ready; it says so in its role.
         assert_eq!(h.role(), "standby");
@@ -193,7 +250,14 @@ mod tests {
         );
         h.dead_letters_failing(None);
         assert!(h.readiness().is_ok());
+        // Lost: connecting again, not a standby.
+        h.set_connected(false);
+        assert_eq!(h.role(), "connecting");
+        assert!(h.readiness().unwrap_err().contains("not connected"));
+        h.set_connected(true);
+        h.session_started();
         h.stopped_consuming();
+        assert_eq!(h.role(), "stopping");
         assert!(h.readiness().unwrap_err().contains("not consuming"));
         assert!(
             !h.is_active(),
@@ -205,5 +269,16 @@ mod tests {
         assert_eq!(h.unsettled(), 0);
         h.set_connected(false);
         assert!(h.readiness().unwrap_err().contains("not connected"));
+    }
+
+    /// A paused worker that probes successfully has shown that the API works.
+    #[test]
+    fn a_successful_probe_counts_as_an_answer() {
+        let h = Health::default();
+        h.set_connected(true);
+        h.session_started();
+        h.paused(90009);
+        h.resumed();
+        assert!(h.readiness().is_ok());
     }
 }

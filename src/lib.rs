@@ -13,6 +13,7 @@ pub(crate) mod demo;
 pub mod dlq;
 pub(crate) mod fence;
 pub(crate) mod health;
+pub(crate) mod manpage;
 pub mod publish;
 pub(crate) mod retry;
 pub mod sandbox;

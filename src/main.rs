@@ -4,20 +4,31 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use imattr::amqp::topology::QueueMismatch;
-use imattr::cli::{dispatch, write_generated, Cli};
+use imattr::cli::{dispatch, is_stdout_closed, write_generated, Cli, UsageError};
 use imattr::config::{Config, ConfigError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(written) = write_generated(&cli.command, &mut std::io::stdout().lock()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are "errors" that print to stdout and
+            // exit 0; a closed stdout then changes nothing.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    if let Some(written) = write_generated(&cli.command, &mut imattr::cli::stdout()) {
         return match written {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e) if is_stdout_closed(&e) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("imattr: writing to stdout: {e}");
                 ExitCode::from(1)
             }
         };
     }
+    let file = imattr::config::config_file(cli.config.as_deref())
+        .map(|f| std::fs::canonicalize(&f).unwrap_or(f));
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -61,14 +72,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = runtime.block_on(dispatch(cli.command, config));
+    let result = runtime.block_on(dispatch(cli.command, config, file));
     // Do not wait for stray background tasks (e.g. an open HTTP pool).
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `imattr … | head`: the reader has what it wanted.
+        Err(e) if is_stdout_closed(e.as_ref()) => ExitCode::SUCCESS,
         Err(e)
             if e.downcast_ref::<ConfigError>().is_some()
-                || e.downcast_ref::<QueueMismatch>().is_some() =>
+                || e.downcast_ref::<QueueMismatch>().is_some()
+                || e.downcast_ref::<UsageError>().is_some() =>
         {
             eprintln!("imattr: {e}");
             ExitCode::from(2)

@@ -19,7 +19,9 @@ pub fn update_properties() -> BasicProperties {
 }
 
 /// A publisher on a channel in confirm mode that keeps up to
-/// `CONFIRM_WINDOW` confirms outstanding.
+/// `CONFIRM_WINDOW` confirms outstanding. It publishes as `mandatory`: a
+/// message the exchange routes to no queue comes back and is an error, not
+/// a silent loss.
 pub struct Publisher {
     channel: Channel,
     exchange: String,
@@ -62,7 +64,10 @@ impl Publisher {
             .basic_publish(
                 self.exchange.as_str().into(),
                 lapin::types::ShortString::try_new(routing_key).unwrap_or_default(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 props,
             )
@@ -75,7 +80,16 @@ impl Publisher {
     async fn wait_one(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.pending.pop_front() {
             match c.await.context("waiting for a publisher confirm")? {
-                Confirmation::Nack(_) => anyhow::bail!("the broker refused (nacked) a message"),
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => anyhow::bail!(
+                    "exchange {} routes the message to no queue (312 NO_ROUTE); nothing \
+                     receives it: start `imattr run`, or run `imattr declare`, to declare and \
+                     bind the updates queue ({} message(s) were published before it)",
+                    self.exchange,
+                    self.confirmed
+                ),
+                Confirmation::Nack(None) => {
+                    anyhow::bail!("the broker refused (nacked) a message")
+                }
                 _ => self.confirmed += 1,
             }
         }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::topology;
-use crate::config::{Config, Secret};
+use crate::config::{Config, QueueType, Secret};
 use crate::dlq::{DeadLetterView, Dlq};
 use crate::health::Health;
 use crate::publish::{update_properties, Publisher};
@@ -160,20 +160,30 @@ impl Sandbox {
     }
 
     /// Waits until the updates queue is empty and the worker holds nothing
-    /// unsettled (three looks in a row), and every message published here
-    /// has left the queue, or `timeout` passes.
+    /// unsettled (three looks in a row), and the broker itself says the
+    /// queue holds nothing, ready or unacknowledged, or `timeout` passes.
     ///
     /// An empty queue and nothing unsettled is not enough: the broker may
     /// have handed messages to the worker's connection that its session has
-    /// not taken yet. Either the in-process workers acked at least as many
-    /// deliveries as were published here, or (when a child process took
-    /// some) the broker itself says none is unacknowledged.
+    /// not taken yet. The count of what was published here is not enough
+    /// either: messages a child process published (`imattr publish`, `dlq
+    /// replay`) are not in it. Only where `rabbitmqctl` cannot answer (a
+    /// demo run by a user without access to it) does the count of
+    /// deliveries acked in-process stand in for the broker's word.
     pub async fn wait_drained(&self, timeout: Duration) -> anyhow::Result<()> {
         // Everything published here, confirmed (the publisher counts them).
         let published = self.confirm().await?;
         let deadline = tokio::time::Instant::now() + timeout;
         let queue = self.config.amqp.queue.clone();
+        // rabbitmqctl lists a quorum queue's counts as its leader published
+        // them at its last tick (every 5 s): only a look after a whole tick
+        // of quiet speaks for the quiet.
+        let settle = match self.config.amqp.queue_type {
+            QueueType::Quorum => QUORUM_TICK + Duration::from_secs(1),
+            QueueType::Classic => Duration::ZERO,
+        };
         let mut quiet = 0;
+        let mut quiet_since = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!(
@@ -189,14 +199,58 @@ impl Sandbox {
                 && self.health.unsettled() == 0
                 && self.health.is_consuming();
             quiet = if looks_drained { quiet + 1 } else { 0 };
-            if quiet < 3 {
+            if quiet == 1 {
+                quiet_since = tokio::time::Instant::now();
+            }
+            if quiet < 3 || quiet_since.elapsed() < settle {
                 continue;
             }
-            if self.acked() >= published || rabbitmqctl_unacked(&queue).await == Some(0) {
+            let drained = match rabbitmqctl_counts(&queue).await {
+                Some((ready, unacked)) => ready == 0 && unacked == 0,
+                None => self.acked() >= published,
+            };
+            if drained {
                 return Ok(());
             }
             quiet = 0;
         }
+    }
+
+    /// Whether a queue exists (a passive declare, on a channel of its own:
+    /// the broker closes the channel that asks for a missing queue).
+    pub async fn queue_exists(&self, queue: &str) -> anyhow::Result<bool> {
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = ch
+            .queue_declare(queue.into(), passive, lapin::types::FieldTable::default())
+            .await;
+        match found {
+            Ok(_) => {
+                let _ = ch.close(200, "done".into()).await;
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => {
+                Ok(false)
+            }
+            Err(e) => Err(anyhow::Error::new(e).context(format!("looking for queue {queue}"))),
+        }
+    }
+
+    /// Deletes a queue, for tests that need the topology without it (what
+    /// `cleanup` deletes may be gone already: deleting is idempotent).
+    pub async fn delete_queue(&self, queue: &str) -> anyhow::Result<()> {
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .with_context(|| format!("deleting queue {queue}"))?;
+        Ok(())
     }
 
     /// The dead letters, oldest first, left in place.
@@ -223,15 +277,27 @@ impl Sandbox {
     }
 }
 
+/// How often a quorum queue's leader publishes the counts `rabbitmqctl
+/// list_queues` shows (RabbitMQ's `quorum_tick_interval`, by default).
+const QUORUM_TICK: Duration = Duration::from_secs(5);
+
 /// The broker's own count of unacknowledged messages in `queue`, from
-/// `rabbitmqctl` (exact, about a second per call); `None` if it cannot run.
+/// `rabbitmqctl` (about a second per call; a quorum queue's lags by up to
+/// [`QUORUM_TICK`]); `None` if it cannot run.
 pub async fn rabbitmqctl_unacked(queue: &str) -> Option<u64> {
+    rabbitmqctl_counts(queue).await.map(|(_, unacked)| unacked)
+}
+
+/// (ready, unacknowledged) messages in `queue` as the broker counts them, in
+/// one look; None when `rabbitmqctl` cannot answer or does not list it.
+async fn rabbitmqctl_counts(queue: &str) -> Option<(u64, u64)> {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args([
             "-q",
             "list_queues",
             "--no-table-headers",
             "name",
+            "messages_ready",
             "messages_unacknowledged",
         ])
         .stdin(std::process::Stdio::null())
@@ -244,9 +310,10 @@ pub async fn rabbitmqctl_unacked(queue: &str) -> Option<u64> {
     }
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
         let mut f = l.split_whitespace();
-        (f.next()? == queue)
-            .then(|| f.next()?.parse().ok())
-            .flatten()
+        if f.next()? != queue {
+            return None;
+        }
+        Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
     })
 }
 

@@ -1,4 +1,8 @@
-//! Logging setup: `log.format` text or JSON, `log.level` unless `RUST_LOG` is set.
+//! Logging setup: `log.format` text or JSON, `log.level` unless `RUST_LOG` is
+//! set; colours only for a terminal, and never with `NO_COLOR`.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -21,10 +25,46 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colours(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_target(false);
     let _ = if log.format == LogFormat::Json {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Whether text logs carry ANSI colours: only on a terminal (not the journal,
+/// a file or a pipe), and not when `NO_COLOR` is set to anything but the
+/// empty string (no-color.org).
+pub fn colours(stderr_is_terminal: bool, no_color: Option<OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        let cases: &[(bool, Option<&str>, bool)] = &[
+            (true, None, true),
+            (true, Some(""), true),
+            (true, Some("1"), false),
+            (true, Some("0"), false),
+            (false, None, false),
+            (false, Some("1"), false),
+            (false, Some(""), false),
+        ];
+        for (terminal, no_color, want) in cases {
+            assert_eq!(
+                colours(*terminal, no_color.map(OsString::from)),
+                *want,
+                "{terminal} {no_color:?}"
+            );
+        }
+    }
 }

@@ -1,6 +1,31 @@
-//! `imattr bench --quick` keeps working (no timing is asserted).
+//! `imattr bench --quick` keeps working and its correctness rows hold (no
+//! timing is asserted).
 
 mod common;
+
+/// The rows that say whether a run was correct (unit `bool`), and how many
+/// of each a quick run writes. Counted, not filtered: a row renamed or no
+/// longer written fails here instead of being skipped.
+const CORRECTNESS_ROWS: &[(&str, &str, usize)] = &[
+    ("1 broker-bound drain", "final state correct", 1),
+    // One per API latency (50 and 250 ms).
+    ("2 API-bound", "final state correct", 2),
+    ("3 hot accounts", "final state correct", 1),
+    // The fast API and the merging backlog.
+    ("7 rate-limit regressions", "final state correct", 2),
+    ("8 dead letters", "stats: output right, queue intact", 1),
+    (
+        "8 dead letters",
+        "list --limit 20: output right, queue intact",
+        1,
+    ),
+    ("8 dead letters", "export: output right, queue intact", 1),
+    (
+        "8 dead letters",
+        "replay --dry-run: output right, queue intact",
+        1,
+    ),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_quick_runs_every_scenario() {
@@ -25,10 +50,27 @@ async fn bench_quick_runs_every_scenario() {
         );
     }
     // Correctness is asserted, speed is not.
-    for f in figures
-        .iter()
-        .filter(|f| f["metric"] == "final state correct")
-    {
-        assert_eq!(f["pass"], true, "{f}");
+    for (scenario, metric, want) in CORRECTNESS_ROWS {
+        let rows: Vec<&serde_json::Value> = figures
+            .iter()
+            .filter(|f| f["scenario"] == *scenario && f["metric"] == *metric)
+            .collect();
+        assert_eq!(
+            rows.len(),
+            *want,
+            "rows {scenario:?} / {metric:?} in: {out}"
+        );
+        for f in rows {
+            assert_eq!(f["pass"], true, "{f}");
+        }
+    }
+    // No correctness row goes unchecked.
+    for f in figures.iter().filter(|f| f["unit"] == "bool") {
+        assert!(
+            CORRECTNESS_ROWS
+                .iter()
+                .any(|(s, m, _)| f["scenario"] == *s && f["metric"] == *m),
+            "a correctness row this test does not know: {f}"
+        );
     }
 }

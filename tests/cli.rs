@@ -58,10 +58,20 @@ async fn unreachable_broker_says_how_to_start_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
+    signal_mid_stream_exits_0_and_a_restart_finishes("-TERM").await;
+}
+
+/// Ctrl-C in a terminal: the same graceful stop as SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_mid_stream_exits_0_and_a_restart_finishes() {
+    signal_mid_stream_exits_0_and_a_restart_finishes("-INT").await;
+}
+
+async fn signal_mid_stream_exits_0_and_a_restart_finishes(sig: &str) {
     let (mut sb, mut child, expected) = child_worker_mid_stream(3000, 400).await;
     let pid = child.id().unwrap().to_string();
     let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
+        .args([sig, &pid])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -69,7 +79,8 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(status.code(), Some(0));
+    // Not killed by the signal (no code then): it stopped and exited 0.
+    assert_eq!(status.code(), Some(0), "{sig}: {status:?}");
     let left = sb.depth(&sb.config.amqp.queue.clone()).await.unwrap();
     assert!(left < 3000, "progress was made and acked");
     assert!(
@@ -286,7 +297,7 @@ async fn dlq_purge_refuses_without_yes_then_deletes_everything() {
     let sb = with_dead_letters().await;
     let cfg = sb.config.clone();
     let (code, _, err) = imattr_output(&cfg, &["dlq", "purge"]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "bad usage: {err}");
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     let (code, out, _) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
@@ -321,4 +332,325 @@ async fn replay_keeps_body_properties_routing_key_and_counts_replays() {
         assert_eq!(d.properties["content_type"], "application/json");
     }
     sb.cleanup().await.unwrap();
+}
+
+/// Bad usage exits 2, naming the problem, before anything is published.
+#[tokio::test]
+async fn bad_usage_exits_2() {
+    let mut c = base_config();
+    c.attributes.allowed = vec!["sex".into(), "city".into()];
+    // Nothing may be reached: the broker is not even there.
+    c.amqp.url = unreachable_amqp_url();
+    let cases: &[(&[&str], &str)] = &[
+        (&["publish"], "--account"),
+        (
+            &["publish", "--account", "a", "--attr", "sex"],
+            "NAME=VALUE",
+        ),
+        (&["publish", "--attr", "sex=m"], "--account"),
+        (&["publish", "--account", "a"], "--attr"),
+        // An update on the command line that breaks a rule.
+        (
+            &["publish", "--account", "a", "--attr", "age=30"],
+            "Attrs.age is not one of the app's attribute names",
+        ),
+        (
+            &["publish", "--account", "", "--attr", "sex=m"],
+            "To_Account",
+        ),
+        (&["dlq", "purge"], "--yes"),
+        (&["dlq", "list", "--limit", "x"], "--limit"),
+        (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
+        (&["bench", "--only", "9"], "--only"),
+        (&["no-such-command"], "no-such-command"),
+    ];
+    for (args, want) in cases {
+        let (code, out, err) = imattr_output(&c, args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("cannot connect"), "{args:?}: {err}");
+    }
+    // Help is not an error.
+    let (code, out, _) = imattr_output(&c, &["publish", "--help"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("--dry-run"), "{out}");
+}
+
+/// `publish` checks attribute names against attributes.allowed; `--dry-run`
+/// checks a file and publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_checks_names_and_dry_run_publishes_nothing() {
+    let sb = sandbox(&["sex", "city"], Faults::default(), |c| {
+        c.attributes.allowed = vec!["sex".into(), "city".into()];
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.ndjson");
+    std::fs::write(
+        &file,
+        "{\"To_Account\":\"a\",\"Attrs\":{\"sex\":\"m\"}}\n{\"To_Account\":\"b\",\"Attrs\":{\"city\":\"x\"}}\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) =
+        imattr_output(&sb.config, &["publish", "--dry-run", "--file", path]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "would publish 2");
+    let (code, out, err) = imattr_output(
+        &sb.config,
+        &["publish", "--dry-run", "--account", "c", "--attr", "sex=f"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "would publish 1");
+    // A name the app does not have is refused before publishing, as the
+    // worker would dead-letter it.
+    std::fs::write(
+        &file,
+        "{\"To_Account\":\"a\",\"Attrs\":{\"level\":\"3\"}}\n",
+    )
+    .unwrap();
+    let (code, _, err) = imattr_output(&sb.config, &["publish", "--dry-run", "--file", path]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("line 1: Attrs.level is not one of the app's attribute names"),
+        "{err}"
+    );
+    assert!(err.contains("nothing would be published"), "{err}");
+    let (code, _, err) = imattr_output(&sb.config, &["publish", "--file", path]).await;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        sb.depth(&sb.config.amqp.queue).await.unwrap(),
+        0,
+        "nothing was published"
+    );
+    sb.cleanup().await.unwrap();
+}
+
+/// Only `run` and `declare` create the updates queue; a publisher needs the
+/// exchange alone, whatever arguments the operator gave the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_never_create_the_updates_queue() {
+    let sb = sandbox(&["sex"], Faults::default(), |_| {}).await;
+    let queue = sb.config.amqp.queue.clone();
+    sb.delete_queue(&queue).await.unwrap();
+    // A mistyped queue name: the dlq tools leave no queue behind.
+    let mut mistyped = sb.config.clone();
+    mistyped.amqp.queue = format!("{queue}.typo");
+    let (code, _, err) = imattr_output(&mistyped, &["dlq", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = imattr_output(&mistyped, &["dlq", "stats"]).await;
+    assert_eq!(code, 0, "{err}");
+    let typo = mistyped.amqp.queue.clone();
+    // Deleted before asserting, so that a failure leaves nothing behind.
+    let created = sb.queue_exists(&typo).await.unwrap();
+    sb.delete_queue(&typo).await.unwrap();
+    assert!(!created, "dlq created the queue");
+    assert!(sb
+        .queue_exists(&sb.config.amqp.dead_letter_queue)
+        .await
+        .unwrap());
+    // With no queue bound, publish refuses instead of losing the update.
+    let publish = ["publish", "--account", "a", "--attr", "sex=m"];
+    let (code, out, err) = imattr_output(&mistyped, &publish).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("routes the message to no queue"), "{err}");
+    assert!(err.contains("imattr declare"), "{err}");
+    let created = sb.queue_exists(&typo).await.unwrap();
+    sb.delete_queue(&typo).await.unwrap();
+    assert!(!created, "publish created the queue");
+    assert!(
+        !sb.queue_exists(&queue).await.unwrap(),
+        "publish created the queue"
+    );
+    // `declare` creates it as `run` would, here without single active
+    // consumer; a publisher configured otherwise still publishes.
+    let mut other_args = sb.config.clone();
+    other_args.amqp.single_active_consumer = false;
+    let (code, out, err) = imattr_output(&other_args, &["declare"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("bound to queue {queue} (classic)")),
+        "{out}"
+    );
+    assert!(sb.queue_exists(&queue).await.unwrap());
+    let (code, out, err) = imattr_output(&sb.config, &publish).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "published 1");
+    assert_eq!(sb.depth(&queue).await.unwrap(), 1);
+    // `run` itself still refuses the queue's other arguments (status 2).
+    let (code, _, err) = imattr_output(&sb.config, &["declare"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("x-single-active-consumer is not set on the broker"),
+        "{err}"
+    );
+    sb.cleanup().await.unwrap();
+}
+
+/// `imattr config` names the file and variables it used; `--check` checks
+/// what `run` would, in one line.
+#[tokio::test]
+async fn config_names_its_sources_and_check_checks() {
+    let c = base_config();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imattr.toml");
+    std::fs::write(&path, "[batch]\nmax_wait_ms = 70\n").unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, err) = imattr_output(&c, &["--config", p, "config"]).await;
+    assert_eq!(code, 0, "{err}");
+    let canonical = std::fs::canonicalize(&path).unwrap();
+    assert!(
+        out.starts_with(&format!("# loaded from file {}\n", canonical.display())),
+        "{out}"
+    );
+    assert!(out.contains("# environment: IMATTR_"), "{out}");
+    assert!(
+        out.contains("IMATTR_BATCH__MAX_WAIT_MS"),
+        "the test's own variable: {out}"
+    );
+    assert!(out.parse::<toml::Table>().is_ok(), "still TOML: {out}");
+    // Without a file (and no ./config/imattr.toml): it says so.
+    let empty = tempfile::tempdir().unwrap();
+    let o = imattr(&c)
+        .arg("config")
+        .current_dir(empty.path())
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("# loaded from no file"), "{out}");
+    // --check: the API credentials are missing from the defaults.
+    let (code, out, err) = imattr_output(&c, &["--config", p, "config", "--check"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(err.contains("tencent.sdkappid"), "{err}");
+    let mut ok = c.clone();
+    ok.tencent.sdkappid = 1_400_000_000;
+    ok.tencent.secret_key = imattr::config::Secret::new("k");
+    let (code, out, err) = imattr_output(&ok, &["--config", p, "config", "--check"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("configuration OK: file "), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+/// A closed standard output (`| head`) ends the command quietly, status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_quietly_with_0() {
+    let sb = with_dead_letters().await;
+    for args in [
+        &["man"][..],
+        &["completions", "bash"][..],
+        &["config"][..],
+        &["dlq", "list"][..],
+        &["dlq", "list", "--json"][..],
+        &["dlq", "stats"][..],
+        &["dlq", "export"][..],
+    ] {
+        let mut child = imattr(&sb.config)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // `| head -0`: the reader goes away before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} said: {err}");
+    }
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4, "nothing lost");
+    sb.cleanup().await.unwrap();
+}
+
+/// Text logs carry colours only on a terminal: not into a pipe or a file.
+#[tokio::test]
+async fn logs_into_a_pipe_have_no_colours() {
+    let mut c = base_config();
+    c.amqp.url = unreachable_amqp_url();
+    c.tencent.sdkappid = 1_400_000_000;
+    c.tencent.secret_key = imattr::config::Secret::new("k");
+    c.tencent.base_url = format!(
+        "http://{}",
+        unreachable_amqp_url()
+            .to_string()
+            .split('@')
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("/%2f")
+    );
+    c.attributes.allowed = vec!["a".into()];
+    c.admin.listen = String::new();
+    let mut cmd = imattr(&c);
+    cmd.env_remove("NO_COLOR")
+        .arg("run")
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&seen).contains("Cannot reach RabbitMQ") {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read(&mut stderr, &mut buf),
+        )
+        .await
+        .expect("a WARN line in time")
+        .unwrap();
+        assert!(n > 0, "stderr closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child.kill().await.unwrap();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("WARN"), "{text}");
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a pipe: {text:?}");
+}
+
+/// A host name that does not resolve is told as such, not as a broker to start.
+#[tokio::test]
+async fn an_unknown_host_is_told_apart_from_a_stopped_broker() {
+    let mut c = base_config();
+    c.amqp.url =
+        imattr::config::AmqpUrl::new("amqp://guest:s3cr3tpw@no-such-host.invalid:5672/%2f");
+    let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not resolve (DNS)"), "{err}");
+    assert!(!err.contains("RabbitMQ running"), "{err}");
+    assert!(!err.contains("s3cr3tpw"), "{err}");
+}
+
+/// Through the binary and the environment: an all-digit secret key is
+/// taken and never shown; a URL with a bad port, no host or a password the
+/// parser reads differently is refused up front (status 2) by every
+/// command, showing none of its password.
+#[tokio::test]
+async fn secrets_and_urls_from_the_environment() {
+    let mut c = base_config();
+    c.tencent.secret_key = imattr::config::Secret::new("5843210987");
+    let (code, out, err) = imattr_output(&c, &["config"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("secret_key = \"<redacted>\""), "{out}");
+    assert!(
+        !out.contains("5843210987") && !err.contains("5843210987"),
+        "{out}{err}"
+    );
+    for url in [
+        "amqp://guest:s3cr3tpw@127.0.0.1:99999/%2f",
+        "amqp:/guest:s3cr3tpw@127.0.0.1:5672/%2f",
+        "amqp://guest:pa/ss#s3cr3tpw@127.0.0.1:5672/%2f",
+        "amqp://guest:s3cr3tpw@127.0.0.1:5672/%2f,amqp://other:pw@127.0.0.1:5673/%2f",
+    ] {
+        let mut c = base_config();
+        c.amqp.url = imattr::config::AmqpUrl::new(url);
+        for args in [&["config"][..], &["dlq", "list"][..], &["run"][..]] {
+            let (code, out, err) = imattr_output(&c, args).await;
+            assert_eq!(code, 2, "{url} {args:?}: {out}{err}");
+            assert!(err.contains("amqp.url"), "{url} {args:?}: {err}");
+            assert!(
+                !out.contains("s3cr3tpw") && !err.contains("s3cr3tpw"),
+                "{url}: {err}"
+            );
+        }
+    }
 }

@@ -71,18 +71,26 @@ async fn api_refusing_connections_for_a_while() {
         c.retry.max_interval_ms = 300;
     })
     .await;
+    // Requests are counted where they are sent: the paused simulator sees none.
+    let tap = imattr::tencent::tap::tap(&sb.sim.url());
     sb.start_worker();
     let mut expected = Expected::new();
     publish_stream(&sb, 500, 100, 0, &mut expected).await;
     sb.wait_drained(DRAIN).await.unwrap();
+    let applied = sb.state();
     sb.sim.pause().await;
+    let sent_before = tap.sends();
     publish_stream(&sb, 1000, 100, 500, &mut expected).await;
     sb.confirm().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        sb.health.unsettled() > 0,
-        "updates wait while the API is down"
-    );
+    // Every update waits, held unacked, while requests keep being refused
+    // and retried; none is dead-lettered.
+    let health = sb.health.clone();
+    eventually(DRAIN, "all 1000 held and three requests refused", || {
+        health.unsettled() == 1000 && tap.sends() >= sent_before + 3
+    })
+    .await;
+    assert_eq!(sb.state(), applied, "nothing applied while the API is down");
+    assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.sim.resume().await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
     assert_final_monotonic(&sb, &expected).await;
@@ -93,7 +101,7 @@ async fn api_refusing_connections_for_a_while() {
 async fn api_slower_than_the_timeout_for_a_while() {
     // The shortest timeout allowed is just over the API's own 3 s.
     let faults = Faults {
-        latency_ms: (3600, 3600),
+        latency_ms: (10_000, 10_000),
         ..Faults::default()
     };
     let mut sb = sandbox(&["n"], faults, |c| {
@@ -105,10 +113,23 @@ async fn api_slower_than_the_timeout_for_a_while() {
     let mut expected = Expected::new();
     publish_stream(&sb, 300, 50, 0, &mut expected).await;
     sb.confirm().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The client gives up on each request long before the simulator would
+    // answer it (3.1 s against 10 s): the simulator sees them abandoned.
+    let sim = &sb.sim;
+    eventually(DRAIN, "two requests timed out", || {
+        sim.stats().abandoned_requests >= 2
+    })
+    .await;
+    let stats = sb.sim.stats();
+    assert_eq!(stats.total("im_set_attr"), 0, "none answered: {stats:?}");
+    assert!(
+        sb.state().is_empty(),
+        "nothing applied before the latency drops"
+    );
+    assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.sim.update_faults(|f| f.latency_ms = (0, 5));
     sb.wait_drained(DRAIN).await.unwrap();
-    assert_final(&sb, &expected).await;
+    assert_final_monotonic(&sb, &expected).await;
     sb.cleanup().await.unwrap();
 }
 
@@ -161,8 +182,20 @@ async fn deleted_queue_is_declared_again_and_consumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
+    // Where the broker should be, a port that closes every connection at
+    // once: no AMQP handshake ever completes, and each attempt is counted.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let door = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            drop(conn);
+        }
+    });
     let mut c = base_config();
-    c.amqp.url = unreachable_amqp_url();
+    c.amqp.url = imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{addr}/%2f"));
     let sim = imattr::simulator::Simulator::start(Default::default())
         .await
         .unwrap();
@@ -173,7 +206,10 @@ async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
     let health = std::sync::Arc::new(imattr::worker::Health::default());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(imattr::worker::run(c, cancel.clone(), health.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually(DRAIN, "three attempts to connect", || {
+        attempts.load(std::sync::atomic::Ordering::Relaxed) >= 3
+    })
+    .await;
     assert!(!task.is_finished(), "it keeps trying");
     assert!(health.readiness().unwrap_err().contains("not connected"));
     cancel.cancel();
@@ -182,6 +218,7 @@ async fn unreachable_broker_at_start_keeps_trying_and_is_not_ready() {
         .unwrap()
         .unwrap()
         .unwrap();
+    door.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +336,6 @@ async fn secrets_never_appear_in_trace_logs() {
         let sim = &sb.sim;
         let want = expected.clone();
         eventually(DRAIN, "applied", || sim.state() == want).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
@@ -322,4 +358,134 @@ async fn secrets_never_appear_in_trace_logs() {
         );
     }
     sb.cleanup().await.unwrap();
+}
+
+/// `/healthz` says `connecting` while the broker is not reached; every
+/// metric is exported from the start, with `# HELP`, the build info and the
+/// process's own figures, before any worker consumed anything (a standby's
+/// view).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_before_anything_happened() {
+    let mut c = base_config();
+    c.amqp.url = unreachable_amqp_url();
+    let sim = imattr::simulator::Simulator::start(imattr::simulator::SimOptions {
+        attr_names: vec!["n".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.tencent.base_url = sim.url();
+    c.tencent.sdkappid = sim.sdkappid();
+    c.tencent.secret_key = imattr::config::Secret::new(sim.secret_key());
+    let health = std::sync::Arc::new(imattr::worker::Health::default());
+    let cancel = CancellationToken::new();
+    let addr = imattr::admin::serve("127.0.0.1:0", health.clone(), cancel.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    let worker = tokio::spawn(imattr::worker::run(c, cancel.clone(), health.clone()));
+    let get = |path: &'static str| async move {
+        let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(get("/healthz").await, (200, "ok: connecting\n".to_string()));
+    let (status, body) = get("/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: not connected to RabbitMQ\n")
+    );
+    let (status, text) = get("/metrics").await;
+    assert_eq!(status, 200);
+    let series = [
+        "imattr_messages_received_total",
+        "imattr_messages_redelivered_total",
+        "imattr_messages_acked_total",
+        "imattr_messages_dead_lettered_total{reason=\"invalid-message\"}",
+        "imattr_messages_dead_lettered_total{reason=\"rejected\"}",
+        "imattr_messages_dead_lettered_total{reason=\"retries-exhausted\"}",
+        "imattr_api_requests_total{class=\"success\",code=\"0\"}",
+        "imattr_api_request_duration_seconds_bucket",
+        "imattr_request_accounts_bucket",
+        "imattr_pending_accounts",
+        "imattr_in_flight_requests",
+        "imattr_retries_total",
+        "imattr_paused",
+        "imattr_usersig_renewals_total",
+        "imattr_broker_reconnects_total",
+        "imattr_rate_limit_current",
+        "imattr_rate_limited_total",
+        "imattr_active",
+        &format!(
+            "imattr_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+    ];
+    for s in series {
+        assert!(text.contains(s), "{s} missing from /metrics:\n{text}");
+    }
+    // Every imattr metric has its HELP and TYPE lines.
+    let names: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("imattr_"))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+        })
+        .collect();
+    assert!(names.len() >= 17, "{names:?}");
+    for n in names {
+        assert!(text.contains(&format!("# HELP {n} ")), "no HELP for {n}");
+        assert!(text.contains(&format!("# TYPE {n} ")), "no TYPE for {n}");
+    }
+    let rss: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rss > 1_000_000.0, "RSS {rss}");
+    cancel.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+/// Credentials the API refuses keep the worker not ready from the start,
+/// before any update arrives; right ones make it ready without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_api_accepts_a_request() {
+    for fixed_names in [false, true] {
+        let mut sb = sandbox(&["n"], Faults::default(), |c| {
+            c.tencent.secret_key = imattr::config::Secret::new("not-the-app-key");
+            if fixed_names {
+                c.attributes.allowed = vec!["n".into()];
+            }
+        })
+        .await;
+        sb.start_worker();
+        let health = sb.health.clone();
+        eventually(DRAIN, "consuming", || health.is_consuming()).await;
+        let why = health.readiness().unwrap_err();
+        assert!(
+            why.contains("the API has not") && why.contains("70005"),
+            "fixed names {fixed_names}: {why}"
+        );
+        sb.stop_worker().await.unwrap();
+        // The right key: ready with no update at all.
+        sb.config.tencent.secret_key = imattr::config::Secret::new(sb.sim.secret_key());
+        sb.start_worker();
+        let health = sb.health.clone();
+        eventually(DRAIN, "ready", || health.readiness().is_ok()).await;
+        assert_eq!(
+            sb.sim.stats().count("im_set_attr", 0),
+            0,
+            "no update was needed"
+        );
+        sb.cleanup().await.unwrap();
+    }
 }

@@ -72,6 +72,16 @@ impl Req<'_> {
     }
 }
 
+/// An HTTP client that sets no timer of its own (no idle-connection
+/// timeout): on paused time the clock then moves only for the simulator's
+/// own timers (latency), never while a request is on its way.
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_idle_timeout(None)
+        .build()
+        .unwrap()
+}
+
 async fn send(sim: &SimHandle, r: &Req<'_>) -> (u16, serde_json::Value) {
     let url = format!(
         "{}/v4/all_member_push/{}?usersig={}&identifier={}&sdkappid={}&random={}&contenttype={}",
@@ -83,12 +93,7 @@ async fn send(sim: &SimHandle, r: &Req<'_>) -> (u16, serde_json::Value) {
         r.random,
         r.contenttype
     );
-    let resp = reqwest::Client::new()
-        .post(url)
-        .body(r.body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = http().post(url).body(r.body.clone()).send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     (
@@ -286,13 +291,16 @@ async fn body_checks() {
     assert!(s.state().is_empty(), "a refused request writes nothing");
 }
 
-#[tokio::test]
+/// On paused time: the limiter's window is decided by the order of the
+/// requests, not by how fast this machine sends them.
+#[tokio::test(start_paused = true)]
 async fn injected_faults() {
     let s = sim(Faults {
         rate_limit: 5,
         ..Faults::default()
     })
     .await;
+    // All eight within one (frozen) second: five pass, three are refused.
     let mut codes = Vec::new();
     for _ in 0..8 {
         codes.push(code(&s, &Req::ok("im_set_attr", SET)).await);
@@ -305,6 +313,9 @@ async fn injected_faults() {
     );
     // The limit is per API.
     assert_eq!(code(&s, &Req::ok("im_get_attr_name", "{}")).await, 0);
+    // A second later the window has moved on: admitted again.
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
 
     s.set_faults(Faults {
         rate_limit: 0,
@@ -329,9 +340,14 @@ async fn injected_faults() {
         latency_ms: (150, 150),
         ..Faults::default()
     });
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
-    assert!(t.elapsed() >= std::time::Duration::from_millis(150));
+    let took = t.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(150)
+            && took < std::time::Duration::from_millis(151),
+        "{took:?}"
+    );
     assert_eq!(s.stats().count("im_set_attr", -500), 1);
 }
 
@@ -398,8 +414,9 @@ async fn a_failing_account_answers_91000_until_it_is_cleared() {
 }
 
 /// Requests on separate keep-alive connections of one client are served
-/// at once: one request's latency holds up no other connection.
-#[tokio::test]
+/// at once: one request's latency holds up no other connection. On paused
+/// time the clock moves only once all four wait on their latency.
+#[tokio::test(start_paused = true)]
 async fn connections_are_served_concurrently() {
     let s = sim(Faults {
         latency_ms: (300, 300),
@@ -407,7 +424,8 @@ async fn connections_are_served_concurrently() {
         ..Faults::default()
     })
     .await;
-    let client = reqwest::Client::new();
+    let client = http();
+    let t = tokio::time::Instant::now();
     let reqs = ["a", "b", "c", "d"].map(|a| {
         let r = Req::ok("im_set_attr", &set_body(a, "sex", "m"));
         let url = format!(
@@ -422,6 +440,13 @@ async fn connections_are_served_concurrently() {
     }
     assert_eq!(s.state().len(), 4);
     assert_eq!(s.stats().max_concurrent_requests, 4);
+    // One latency for all four, not four in a row.
+    let took = t.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(300)
+            && took < std::time::Duration::from_millis(301),
+        "{took:?}"
+    );
 }
 
 /// Reads the address `imattr simulate` prints first on stdout.
@@ -453,7 +478,7 @@ async fn post_raw(url: &str, api: &str, body: &str) -> reqwest::Response {
     let url = format!(
         "{url}/v4/all_member_push/{api}?usersig={sig}&identifier=administrator&sdkappid={APPID}&random=1&contenttype=json"
     );
-    reqwest::Client::new()
+    http()
         .post(url)
         .body(body.to_string())
         .send()
@@ -501,11 +526,52 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
         post(&url, "im_set_attr", &set_body("a", "sex", "m")).await,
     ];
     assert_eq!(codes, [91000, 91000, 90033, 90018, 0]);
-    // The sixth request within the second.
-    assert_eq!(post(&url, "im_set_attr", SET).await, 60007);
+    // The rate limit and the latency act in time, which a process cannot
+    // pause: that they were taken is read back; how the limiter counts is
+    // tested on paused time (`injected_faults`).
+    let faults: Faults = http()
+        .get(format!("{url}/__simulator/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        faults,
+        Faults {
+            fail_rate: 0.0,
+            http_error_rate: 0.0,
+            latency_ms: (1, 3),
+            rate_limit: 5,
+            rate_limit_mode: imattr::simulator::RateLimitMode::Strict,
+            max_accounts: 1,
+            reject_attrs: vec!["city".into()],
+            misconfigured: false,
+            fail_accounts: vec!["bad".into(), "worse".into()],
+        }
+    );
     let stats = http_stats(&url).await;
-    assert_eq!(stats["requests"]["im_set_attr"]["60007"], 1, "{stats}");
+    assert_eq!(stats["requests"]["im_set_attr"]["0"], 1, "{stats}");
     assert_eq!(stats["regressions"], 0);
+    // Faults change while it runs: the failing account is cleared (and
+    // the rate limit, which five requests used up, with it).
+    let cleared = Faults {
+        fail_accounts: Vec::new(),
+        rate_limit: 0,
+        ..faults
+    };
+    let r = http()
+        .post(format!("{url}/__simulator/faults"))
+        .json(&cleared)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    assert_eq!(
+        post(&url, "im_set_attr", &set_body("bad", "sex", "m")).await,
+        0
+    );
     child.kill().await.unwrap();
 
     let (mut child, url) = spawn_simulate(&["--misconfigured"]).await;
@@ -514,14 +580,28 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
     let (mut child, url) =
         spawn_simulate(&["--http-error-rate", "1", "--rate-limit-mode", "lenient"]).await;
     assert_eq!(post_raw(&url, "im_get_attr_name", "{}").await.status(), 500);
+    let faults: Faults = http()
+        .get(format!("{url}/__simulator/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        faults.rate_limit_mode,
+        imattr::simulator::RateLimitMode::Lenient
+    );
     child.kill().await.unwrap();
 }
 
-#[tokio::test]
+/// On paused time: "for a while" is 300 ms of the simulator's clock, however
+/// slowly this machine sends the requests in between.
+#[tokio::test(start_paused = true)]
 async fn the_refuse_control_refuses_everything_for_a_while() {
     let s = sim(Faults::default()).await;
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
-    let r = reqwest::Client::new()
+    let r = http()
         .post(format!("{}/__simulator/refuse?ms=300", s.url()))
         .send()
         .await
@@ -529,6 +609,8 @@ async fn the_refuse_control_refuses_everything_for_a_while() {
     assert!(r.status().is_success(), "{r:?}");
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 60007);
     assert_eq!(code(&s, &Req::ok("im_get_attr_name", "{}")).await, 60007);
-    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    tokio::time::advance(std::time::Duration::from_millis(299)).await;
+    assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 60007);
+    tokio::time::advance(std::time::Duration::from_millis(1)).await;
     assert_eq!(code(&s, &Req::ok("im_set_attr", SET)).await, 0);
 }

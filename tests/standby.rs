@@ -65,6 +65,25 @@ fn signal(pid: &str, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
+/// Each worker's role as its /healthz says it; exactly one is active, and it
+/// is the first of `workers` (kept in the order they registered); returns
+/// the roles for the messages.
+async fn assert_first_alone_active(workers: &[Worker], when: &str) -> Vec<String> {
+    let mut roles = Vec::new();
+    for w in workers {
+        roles.push(w.role().await.trim().to_string());
+    }
+    let active: Vec<usize> = (0..roles.len())
+        .filter(|&i| roles[i].contains("active"))
+        .collect();
+    assert_eq!(
+        active,
+        [0],
+        "{when}: exactly one active worker, the earliest registered: {roles:?}"
+    );
+    roles
+}
+
 async fn three_workers_take_over_in_turn(queue_type: QueueType) {
     // A slow API, so that each stop comes with updates in flight, pending
     // and still queued.
@@ -76,18 +95,24 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
         c.amqp.queue_type = queue_type;
         c.batch.max_accounts = 10;
         c.tencent.max_in_flight = 2;
+        c.retry.max_elapsed_secs = 0;
+        // A SIGTERM with an account still failing flushes what it can,
+        // then gives up on that one (left unacked) after this long.
+        c.shutdown.timeout_secs = 3;
     })
     .await;
     assert!(sb.config.amqp.single_active_consumer, "the default");
+    let queue = sb.config.amqp.queue.clone();
     // Kept when the test fails, for the workers' logs.
     let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
     std::fs::create_dir_all(&dir).unwrap();
     let mut spawned = 0;
+    // In the order their consumers registered: each is spawned once the one
+    // before it is ready (consuming).
     let mut workers = Vec::new();
     for _ in 0..3 {
         workers.push(Worker::spawn(&sb.config, &dir, spawned));
         spawned += 1;
-        // One at a time: the first consumer is the active one.
         let w = workers.last().unwrap();
         until(DRAIN, "the worker is ready", || async {
             w.get("/readyz").await.0 == 200
@@ -112,21 +137,31 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
     let mut expected = Expected::new();
     let mut published = 0;
     let mut figures = Vec::new();
-    // SIGKILL twice, then SIGTERM, each time right after a stream (still
-    // mid-stream when the worker is behind the publisher); a fresh standby
-    // replaces each stopped worker, at the back of the line.
+    // SIGKILL twice, then SIGTERM, each mid-stream: one account of the
+    // stream keeps failing (91000) until the stop, so the active worker
+    // holds at least its message unacked then, whatever this machine's
+    // speed; the next worker gets it redelivered. A fresh standby replaces
+    // each stopped worker, at the back of the line.
     for (round, sig) in ["-KILL", "-KILL", "-TERM"].into_iter().enumerate() {
-        // Counted from before the stream: each stream sets a newer value on
-        // all 300 accounts, so 300 more accounts get written whatever the
-        // pace. Counted from its confirm instead, it waited forever whenever
-        // the worker kept up with the publisher (fewer than 300 were left).
+        let stuck = format!("stuck{round}");
+        sb.sim
+            .update_faults(|f| f.fail_accounts = vec![stuck.clone()]);
         let sim = &sb.sim;
         let before = sim.stats().accounts_written;
-        publish_stream(&sb, 2000, 300, published, &mut expected).await;
-        published += 2000;
+        let refused_before = sim.stats().count("im_set_attr", 91000);
+        publish_stream(&sb, 1000, 300, published, &mut expected).await;
+        published += 1000;
+        sb.publish(update(&stuck, &[("n", "1")])).await.unwrap();
+        expected.insert(stuck.clone(), [("n".to_string(), "1".to_string())].into());
+        publish_stream(&sb, 1000, 300, published, &mut expected).await;
+        published += 1000;
         sb.confirm().await.unwrap();
+        // Counted from before the stream: each stream sets a newer value on
+        // all 300 accounts, so 300 more accounts get written whatever the pace.
         let deadline = Instant::now() + DRAIN;
-        while sim.stats().accounts_written < before + 300 {
+        while sim.stats().accounts_written < before + 300
+            || sim.stats().count("im_set_attr", 91000) == refused_before
+        {
             if Instant::now() > deadline {
                 for w in &workers {
                     let m = w.get("/metrics").await.1;
@@ -146,9 +181,17 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let active = active_worker(&workers).await;
+        assert_first_alone_active(&workers, &format!("round {round}, before the stop")).await;
+        // Mid-stream, enforced: the active worker holds messages it has
+        // not settled, so not acked (the failing account's at least). Its
+        // own counters: the broker's for a quorum queue lag by seconds.
+        let w = &workers[active];
+        let held = w.metric("imattr_messages_received_total").await
+            - w.metric("imattr_messages_acked_total").await;
+        assert!(held >= 1.0, "round {round}: not mid-stream ({held} held)");
         eprintln!(
-            "round {round}: stopping worker {} with {sig}",
-            workers[active].admin
+            "round {round}: stopping worker {} with {sig} ({held} messages held)",
+            w.admin
         );
         let redelivered_so_far = workers[active]
             .metric("imattr_messages_redelivered_total")
@@ -163,15 +206,23 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
             assert_eq!(status.code(), None, "killed by a signal");
         }
         // More updates right away: a standby learns it took over from its
-        // first delivery, and the queue may have drained meanwhile. They
-        // are 300 accounts with newer values, so counted from before them
-        // 100 more written accounts always come.
+        // first delivery. They are 300 accounts with newer values, so
+        // counted from before them 100 more written accounts always come.
         let at = sim.stats().accounts_written;
         publish_stream(&sb, 300, 300, published, &mut expected).await;
         published += 300;
         let next = active_worker(&workers).await;
         let takeover = stopped_at.elapsed();
-        // Give the new active worker the redeliveries, then count them.
+        assert_first_alone_active(&workers, &format!("round {round}, after the stop")).await;
+        assert_eq!(next, 0, "the next in registration order took over");
+        // What the stopped worker held unacked comes to the new one,
+        // marked redelivered: the failing account's message at least.
+        let new_active = &workers[next];
+        until(DRAIN, "redeliveries to the new active worker", || async {
+            new_active.metric("imattr_messages_redelivered_total").await >= 1.0
+        })
+        .await;
+        sb.sim.update_faults(|f| f.fail_accounts.clear());
         eventually(DRAIN, "progress after the takeover", || {
             sim.stats().accounts_written > at + 100
         })
@@ -188,8 +239,14 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
                 .contains("Active: this worker now consumes the queue"),
             "one INFO line on taking over"
         );
+        // At the back of the line: registered once it is ready.
         workers.push(Worker::spawn(&sb.config, &dir, spawned));
         spawned += 1;
+        let w = workers.last().unwrap();
+        until(DRAIN, "the new standby is ready", || async {
+            w.get("/readyz").await.0 == 200
+        })
+        .await;
     }
     publish_stream(&sb, 500, 300, published, &mut expected).await;
     sb.confirm().await.unwrap();
@@ -199,7 +256,6 @@ async fn three_workers_take_over_in_turn(queue_type: QueueType) {
         sim.state() == want
     })
     .await;
-    let queue = sb.config.amqp.queue.clone();
     until(DRAIN, "the queue is empty", || async {
         sb.depth(&queue).await.unwrap() == 0
     })

@@ -16,10 +16,14 @@ fn attrs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Decided by order, not speed: a request goes out when two accounts are
+/// ready (never on its age here), and the queue delivers the second account
+/// only after all 301 updates of the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_updates_for_one_account_coalesce_into_one_entry() {
     let mut sb = sandbox(&["sex", "city"], Faults::default(), |c| {
-        c.batch.max_wait_ms = 500
+        c.batch.max_accounts = 2;
+        c.batch.max_wait_ms = 60_000;
     })
     .await;
     for i in 0..300 {
@@ -28,13 +32,16 @@ async fn many_updates_for_one_account_coalesce_into_one_entry() {
             .unwrap();
     }
     sb.publish(update("hot", &[("sex", "f")])).await.unwrap();
+    sb.publish(update("cold", &[("city", "x")])).await.unwrap();
     sb.confirm().await.unwrap();
     sb.start_worker();
     sb.wait_drained(DRAIN).await.unwrap();
     let stats = sb.sim.stats();
     assert_eq!(stats.total("im_set_attr"), 1, "{stats:?}");
-    assert_eq!(stats.accounts_written, 1);
+    assert_eq!(stats.accounts_written, 2, "one entry each: {stats:?}");
+    assert_eq!(stats.requests_with_duplicate_accounts, 0);
     assert_eq!(sb.state()["hot"], attrs(&[("city", "c299"), ("sex", "f")]));
+    assert_eq!(sb.state()["cold"], attrs(&[("city", "x")]));
     assert!(sb.dead_letters().await.unwrap().is_empty());
     finish(sb).await;
 }
@@ -619,4 +626,62 @@ async fn a_wrong_secret_key_pauses_instead_of_dead_lettering() {
     assert!(sb.dead_letters().await.unwrap().is_empty());
     assert!(sb.state().is_empty());
     sb.cleanup().await.unwrap();
+}
+
+/// The default path (`attributes.allowed` empty): the names come from the
+/// API's `im_get_attr_name` at start, and an update naming another attribute
+/// is dead-lettered as invalid without reaching the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_names_are_read_from_the_api_by_default() {
+    let mut sb = sandbox(&["sex", "city"], Faults::default(), |c| {
+        assert!(c.attributes.allowed.is_empty(), "the default");
+    })
+    .await;
+    sb.start_worker();
+    let unknown = update("b", &[("age", "9")]);
+    sb.publish(update("a", &[("sex", "m")])).await.unwrap();
+    sb.publish(&unknown).await.unwrap();
+    sb.publish(update("b", &[("city", "x")])).await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    let stats = sb.sim.stats();
+    assert_eq!(stats.total("im_get_attr_name"), 1, "read once at start");
+    assert_eq!(stats.count("im_set_attr", 90033), 0, "{stats:?}");
+    assert_eq!(sb.state()["a"], attrs(&[("sex", "m")]));
+    assert_eq!(sb.state()["b"], attrs(&[("city", "x")]));
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].body.as_bytes(), &unknown[..]);
+    assert_eq!(dead[0].reason.as_deref(), Some("invalid-message"));
+    assert_eq!(dead[0].code, Some(0));
+    let err = dead[0].error.as_deref().unwrap_or_default();
+    assert!(
+        err.contains("Attrs.age is not one of the app's attribute names"),
+        "{err}"
+    );
+    finish(sb).await;
+}
+
+/// When `im_get_attr_name` fails at start, the worker checks no names
+/// itself: the update naming an unknown attribute goes to the API, whose
+/// refusal (90033) is dead-lettered alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attribute_names_are_not_checked_when_the_api_cannot_tell_them() {
+    let mut sb = sandbox(&["sex"], Faults::default(), |_| {}).await;
+    sb.sim.pause().await;
+    sb.start_worker();
+    // The names are read before the worker connects to the broker.
+    let health = sb.health.clone();
+    eventually(DRAIN, "consuming", || health.is_consuming()).await;
+    sb.sim.resume().await.unwrap();
+    let unknown = update("b", &[("age", "9")]);
+    sb.publish(update("a", &[("sex", "m")])).await.unwrap();
+    sb.publish(&unknown).await.unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(sb.state()["a"], attrs(&[("sex", "m")]));
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0].body.as_bytes(), &unknown[..]);
+    assert_eq!(dead[0].reason.as_deref(), Some("rejected"));
+    assert_eq!(dead[0].code, Some(90033));
+    finish(sb).await;
 }

@@ -60,12 +60,15 @@ pub(crate) async fn connect_gated(
             cause,
         }
     };
-    let mut uri: AMQPUri = cfg.url.expose().parse().map_err(|e: String| {
-        // The parser may quote the URL, password and all.
-        let e = e.replace(cfg.url.expose(), &cfg.url.redacted());
+    // Validation refuses what this parser does; its own messages may quote
+    // the URL, so they are never shown.
+    let mut uri: AMQPUri = cfg.url.expose().parse().map_err(|_: String| {
+        let why = crate::config::check_amqp_url(cfg.url.expose())
+            .err()
+            .unwrap_or_else(|| "is not a valid AMQP URL".into());
         ConnectError::Config(ConfigError::Invalid {
             field: "amqp.url",
-            message: format!("is not a valid AMQP URL ({e})"),
+            message: format!("{why} (got {})", cfg.url),
         })
     })?;
     if cfg.auth_mechanism == AuthMechanism::External {
@@ -156,6 +159,8 @@ fn file_error(field: &'static str, path: &str, what: &str) -> ConfigError {
 pub(crate) enum Problem {
     /// Nothing listens at the address.
     Refused,
+    /// The host name does not resolve (DNS), so nothing was even tried.
+    UnknownHost,
     /// The broker's certificate chains to no trusted CA.
     UntrustedCertificate,
     /// The broker's certificate does not name the host we connected to.
@@ -224,6 +229,19 @@ pub(crate) fn classify(a: &Attempt) -> Problem {
     let t = a.text.as_str();
     if a.io_kind == Some(io::ErrorKind::ConnectionRefused) {
         return Problem::Refused;
+    }
+    // getaddrinfo's words (glibc, musl), as the standard library reports them.
+    if [
+        "failed to lookup address information",
+        "Name or service not known",
+        "nodename nor servname provided",
+        "Temporary failure in name resolution",
+        "No address associated with hostname",
+    ]
+    .iter()
+    .any(|w| t.contains(w))
+    {
+        return Problem::UnknownHost;
     }
     if a.tls {
         // rustls checks the pair before it dials.
@@ -296,6 +314,11 @@ pub(crate) fn classify(a: &Attempt) -> Problem {
 pub(crate) fn describe(problem: Problem, cfg: &AmqpConfig) -> String {
     match problem {
         Problem::Refused => format!("connection refused; {START_HINT}"),
+        Problem::UnknownHost => {
+            "the host name in amqp.url does not resolve (DNS); check its spelling, or the \
+             resolver of this machine"
+                .into()
+        }
         Problem::UntrustedCertificate if cfg.tls_ca_file.is_empty() => {
             "the broker's certificate is not signed by a CA the system trusts; \
              set amqp.tls_ca_file to the PEM file of the CA that signed it"
@@ -413,6 +436,8 @@ mod tests {
             (true, None, "protocol error: ACCESS_REFUSED - EXTERNAL login refused: user 'x' - invalid credentials", P::LoginRefused),
             (false, None, "protocol error: NOT_ALLOWED - vhost nope not found", P::LoginRefused),
             (false, Some(K::TimedOut), "IO error: connection timed out", P::Other),
+            (false, Some(K::Other), "IO error: failed to lookup address information: Name or service not known", P::UnknownHost),
+            (true, Some(K::Other), "IO error: failed to lookup address information: Temporary failure in name resolution", P::UnknownHost),
             (false, Some(K::ConnectionReset), "IO error: Connection reset by peer (os error 104)", P::PlainToTlsPort),
             (true, Some(K::ConnectionReset), "IO error: Connection reset by peer (os error 104)", P::DroppedAfterHandshake),
             // A TLS alert's text on a plain connection is not a certificate problem.
@@ -435,6 +460,7 @@ mod tests {
             "the broker's certificate is not signed by a CA in amqp.tls_ca_file (/etc/imattr/ca.pem)"
         );
         for p in [
+            Problem::UnknownHost,
             Problem::UntrustedCertificate,
             Problem::NameMismatch,
             Problem::Expired,

@@ -19,41 +19,20 @@ pub async fn confirm_channel(conn: &Connection) -> anyhow::Result<Channel> {
     Ok(ch)
 }
 
-/// Declares both exchanges and queues and their bindings, idempotently.
-/// The dead-letter queue is declared on a channel of its own from `conn`
-/// (see [`declare_dead_letter_queue`]); the rest on `channel`.
+/// Declares both exchanges and queues and their bindings, idempotently
+/// (`imattr run` and `imattr declare`). The dead-letter queue is declared on
+/// a channel of its own from `conn` (see [`declare_dead_letter_queue`]); the
+/// rest on `channel`.
 pub(crate) async fn declare(
     conn: &Connection,
     channel: &Channel,
     cfg: &AmqpConfig,
 ) -> anyhow::Result<()> {
-    let durable_exchange = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(
-            cfg.dead_letter_exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declaring exchange {}", cfg.dead_letter_exchange))?;
-    declare_dead_letter_queue(conn, cfg).await?;
+    declare_for_tools(conn, channel, cfg).await?;
     let durable_queue = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    channel
-        .exchange_declare(
-            cfg.exchange.as_str().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("declaring exchange {}", cfg.exchange))?;
     channel
         .queue_declare(
             cfg.queue.as_str().into(),
@@ -76,6 +55,49 @@ pub(crate) async fn declare(
         .await
         .with_context(|| format!("binding queue {}", cfg.queue))?;
     Ok(())
+}
+
+/// What the `dlq` tools need: both exchanges and the dead-letter queue, but
+/// never the updates queue, which only `run` and `declare` create (a tool run
+/// with a mistyped `amqp.queue` must not leave a queue collecting a copy of
+/// every update).
+pub(crate) async fn declare_for_tools(
+    conn: &Connection,
+    channel: &Channel,
+    cfg: &AmqpConfig,
+) -> anyhow::Result<()> {
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            cfg.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {}", cfg.dead_letter_exchange))?;
+    declare_dead_letter_queue(conn, cfg).await?;
+    declare_exchange(channel, &cfg.exchange).await
+}
+
+/// Declares the updates exchange `name` (durable, fanout), all a publisher
+/// needs: whatever queues are bound to it are the operator's business.
+pub(crate) async fn declare_exchange(channel: &Channel, name: &str) -> anyhow::Result<()> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {name}"))
 }
 
 /// Declares the dead-letter queue and binds it, on a channel of its own: a
@@ -178,25 +200,45 @@ pub(crate) fn queue_arguments(cfg: &AmqpConfig) -> FieldTable {
 
 /// The updates queue already exists with other arguments than ours; the
 /// broker refused the declaration (`imattr run` exits with status 2).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "queue {queue} already exists with other arguments: {argument} is {current} on the broker, \
-     the configuration asks for {wanted}. Either configure imattr like the queue ({hint}) \
-     or migrate the queue as docs/several-workers.md (\"Migrating a queue\") describes: \
-     declare a new queue with the wanted arguments next to it, drain the old one, delete it"
-)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueMismatch {
     /// The queue's name.
     pub(crate) queue: String,
     /// The argument that differs, e.g. `x-single-active-consumer`.
     pub(crate) argument: String,
-    /// Its value on the broker, as the broker words it (`none`: not set).
+    /// Its value on the broker, as the broker words it (`not set`: absent).
     pub(crate) current: String,
-    /// The value we asked for, as the broker words it.
+    /// The value we asked for, as the broker words it (`not set`: absent).
     pub(crate) wanted: String,
     /// Which setting to change to match the existing queue.
     pub(crate) hint: String,
 }
+
+impl std::fmt::Display for QueueMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on_broker = match self.current.as_str() {
+            NOT_SET => "is not set on the broker".to_string(),
+            v => format!("is {v} on the broker"),
+        };
+        let asked = match self.wanted.as_str() {
+            NOT_SET => "the configuration does not set it".to_string(),
+            v => format!("the configuration sets it to {v}"),
+        };
+        write!(
+            f,
+            "queue {} already exists with other arguments: {} {on_broker}, but {asked}. \
+             Either configure imattr like the queue ({}) or migrate the queue as \
+             docs/several-workers.md (\"Migrating a queue\") describes: declare a new queue \
+             with the wanted arguments next to it (imattr declare), drain the old one, delete it",
+            self.queue, self.argument, self.hint
+        )
+    }
+}
+
+impl std::error::Error for QueueMismatch {}
+
+/// How [`QueueMismatch`] words an absent argument.
+const NOT_SET: &str = "not set";
 
 /// With `amqp.single_active_consumer = false` the worker consumes
 /// exclusively, and the broker refused: another consumer holds the queue
@@ -204,7 +246,7 @@ pub struct QueueMismatch {
 /// has not closed yet). The worker waits and tries again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "queue {queue} is consumed by another consumer, and without single-active-consumer this worker      consumes exclusively (one worker only; docs/several-workers.md): waiting for the other consumer      to go away ({text})"
+    "queue {queue} is consumed by another consumer, and without single-active-consumer this worker consumes exclusively (one worker only; docs/several-workers.md): waiting for the other consumer to go away ({text})"
 )]
 pub struct QueueBusy {
     /// The queue's name.
@@ -266,7 +308,7 @@ impl QueueMismatch {
 fn broker_value(text: &str) -> String {
     let t = text.trim();
     if t == "none" {
-        return "not set".into();
+        return NOT_SET.into();
     }
     match t
         .strip_prefix("the value '")
@@ -318,6 +360,25 @@ mod tests {
                 "{msg}"
             );
             assert!(msg.contains("Migrating a queue"), "{msg}");
+            // Absent values read as words, never as "asks for not set".
+            assert!(
+                !msg.contains("for not set") && !msg.contains("is not set,"),
+                "{msg}"
+            );
+            if wanted == "not set" {
+                assert!(msg.contains("the configuration does not set it"), "{msg}");
+            } else {
+                assert!(
+                    msg.contains(&format!("the configuration sets it to {wanted}")),
+                    "{msg}"
+                );
+            }
+            if current == "not set" {
+                assert!(
+                    msg.contains(&format!("{arg} is not set on the broker")),
+                    "{msg}"
+                );
+            }
         }
         for other in [
             "PRECONDITION_FAILED - unknown delivery tag 5",

@@ -10,10 +10,12 @@ use crate::config::Config;
 pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
     use crate::dlq::{Dlq, ReplayOptions, Table};
     if let DlqCommand::Purge { yes: false } = c {
-        anyhow::bail!(
+        // clap requires --yes; this stays as a second lock.
+        return Err(crate::cli::UsageError(format!(
             "refusing to delete every message of {} without --yes",
             config.amqp.dead_letter_queue
-        );
+        ))
+        .into());
     }
     let q = Dlq::open(config)
         .await?
@@ -27,7 +29,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                 json,
                 filter,
             } => {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let mut out = std::io::BufWriter::new(crate::cli::stdout());
                 let mut table = Table::default();
                 q.list(&filter.into(), limit, &mut |v| {
                     if json {
@@ -46,7 +48,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
             }
             DlqCommand::Stats { json, top } => {
                 let report = q.stats().await?.report(top);
-                let mut out = std::io::stdout().lock();
+                let mut out = crate::cli::stdout();
                 if json {
                     writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else {
@@ -60,7 +62,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                         std::fs::File::create(p)
                             .with_context(|| format!("creating {}", p.display()))?,
                     )),
-                    None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+                    None => Box::new(std::io::BufWriter::new(crate::cli::stdout())),
                 };
                 let n = q.export(&mut w).await?;
                 if out.is_some() {
@@ -80,15 +82,16 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                     whole,
                 };
                 let n = q.replay(&o).await?;
+                let mut out = crate::cli::stdout();
                 if dry_run {
-                    println!("would replay {n}");
+                    writeln!(out, "would replay {n}")?;
                 } else {
-                    println!("replayed {n}");
+                    writeln!(out, "replayed {n}")?;
                 }
             }
             DlqCommand::Purge { .. } => {
                 let n = q.purge().await?;
-                println!("purged {n}");
+                writeln!(crate::cli::stdout(), "purged {n}")?;
             }
         }
         anyhow::Ok(())

@@ -8,7 +8,7 @@ pub(crate) async fn run(config: &Config, accounts: &[String]) -> anyhow::Result<
     config.validate_api()?;
     let client = crate::tencent::Client::from_config(config)?;
     let users = client.get_attr(accounts).await?;
-    let mut out = std::io::stdout().lock();
+    let mut out = crate::cli::stdout();
     for u in users {
         writeln!(out, "{}", serde_json::to_string(&u)?)?;
     }

@@ -1,5 +1,7 @@
 //! One module per command; `cli::dispatch` calls them.
 
+pub(crate) mod config;
+pub(crate) mod declare;
 pub(crate) mod dlq;
 pub(crate) mod get;
 pub(crate) mod publish;

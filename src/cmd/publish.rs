@@ -1,28 +1,32 @@
-//! `imattr publish`: one update from flags, or NDJSON from a file, with publisher confirms.
+//! `imattr publish`: one update from flags, or NDJSON from a file, with
+//! publisher confirms; `--dry-run` checks without publishing.
 
-use std::io::BufRead;
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
 
 use anyhow::Context;
 
-use crate::cli::PublishArgs;
+use crate::cli::{PublishArgs, UsageError};
 use crate::config::Config;
 use crate::update::{self, Rules};
 
 pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
+    // The worker checks names against the app's (docs/messages.md); here only
+    // `attributes.allowed` is known, without asking the API.
+    let allowed: Option<HashSet<String>> = (!config.attributes.allowed.is_empty())
+        .then(|| config.attributes.allowed.iter().cloned().collect());
     let rules = Rules {
         max_value_bytes: config.attributes.max_value_bytes,
-        allowed: None,
+        allowed: allowed.as_ref(),
     };
     // (routing key, body)
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(account) = a.account {
-        let mut attrs: Vec<(&str, &str)> = Vec::new();
-        for kv in &a.attr {
-            let (k, v) = kv
-                .split_once('=')
-                .with_context(|| format!("--attr takes NAME=VALUE (got {kv:?})"))?;
-            attrs.push((k, v));
-        }
+        let attrs: Vec<(&str, &str)> = a
+            .attr
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         // In the documented field order, attributes in the order given.
         let mut body = format!(
             "{{\"To_Account\":{},\"Attrs\":",
@@ -31,8 +35,9 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
         .into_bytes();
         serde_json::to_writer(&mut body, &crate::tencent::client::AttrPairs(&attrs))?;
         body.push(b'}');
+        // The arguments break a rule: bad usage, status 2.
         let updates =
-            update::parse(&body, &rules).map_err(|e| anyhow::anyhow!("invalid update: {e}"))?;
+            update::parse(&body, &rules).map_err(|e| UsageError(format!("invalid update: {e}")))?;
         messages.push((updates[0].account.clone(), body));
     } else if let Some(path) = a.file {
         let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
@@ -66,32 +71,50 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
             }
             if !a.skip_invalid {
                 anyhow::bail!(
-                    "{} invalid line(s); nothing published (use --skip-invalid to publish the valid ones)",
-                    invalid.len()
+                    "{} invalid line(s); nothing {} (use --skip-invalid to publish the valid ones)",
+                    invalid.len(),
+                    if a.dry_run {
+                        "would be published"
+                    } else {
+                        "published"
+                    }
                 );
             }
             eprintln!("skipping {} invalid line(s)", invalid.len());
         }
     } else {
-        anyhow::bail!("give --account A --attr k=v, or --file PATH");
+        // clap requires one of them.
+        return Err(UsageError("give --account A --attr k=v, or --file PATH".into()).into());
+    }
+    let mut out = crate::cli::stdout();
+    if a.dry_run {
+        writeln!(out, "would publish {}", messages.len())?;
+        return Ok(());
     }
     let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr publish").await?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    crate::amqp::topology::declare(&conn, &ch, &config.amqp).await?;
-    let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;
-    let bar = if messages.len() > 1000 {
-        indicatif::ProgressBar::new(messages.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let props = crate::publish::update_properties();
-    for (rk, body) in &messages {
-        p.publish(rk, body, props.clone()).await?;
-        bar.inc(1);
+    let published = async {
+        let ch = conn.create_channel().await.context("opening a channel")?;
+        // The exchange only: which queues it feeds is for `imattr run` (or
+        // `imattr declare`) to set up; a message nothing receives is refused
+        // (mandatory) rather than lost.
+        crate::amqp::topology::declare_exchange(&ch, &config.amqp.exchange).await?;
+        let mut p = crate::publish::Publisher::new(&conn, &config.amqp.exchange).await?;
+        let bar = if messages.len() > 1000 {
+            indicatif::ProgressBar::new(messages.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let props = crate::publish::update_properties();
+        for (rk, body) in &messages {
+            p.publish(rk, body, props.clone()).await?;
+            bar.inc(1);
+        }
+        let n = p.finish().await;
+        bar.finish_and_clear();
+        n
     }
-    let n = p.finish().await?;
-    bar.finish_and_clear();
+    .await;
     let _ = conn.close(200, "done".into()).await;
-    println!("published {n}");
+    writeln!(out, "published {}", published?)?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! `imattr sig`: print a UserSig made from the configured secret key.
 
+use std::io::Write;
+
 use crate::config::{Config, ConfigError};
 
 pub(crate) fn run(config: &Config, identifier: Option<String>) -> anyhow::Result<()> {
@@ -23,6 +25,6 @@ pub(crate) fn run(config: &Config, identifier: Option<String>) -> anyhow::Result
         Some(id) => signer.usersig_for(&id).unwrap_or_default(),
         None => signer.usersig(),
     };
-    println!("{sig}");
+    writeln!(crate::cli::stdout(), "{sig}")?;
     Ok(())
 }

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 
-use crate::cli::{parse_latency, shutdown_signal, SimulateArgs};
+use std::io::Write;
+
+use crate::cli::{shutdown_signal, SimulateArgs};
 use crate::config::Config;
 use crate::simulator::{Faults, SimOptions, Simulator};
 
@@ -26,7 +28,7 @@ pub(crate) async fn run(a: SimulateArgs, config: &Config) -> anyhow::Result<()> 
         faults: Faults {
             fail_rate: a.fail_rate,
             http_error_rate: a.http_error_rate,
-            latency_ms: parse_latency(&a.latency_ms)?,
+            latency_ms: a.latency_ms,
             rate_limit: a.rate_limit,
             rate_limit_mode: a.rate_limit_mode,
             max_accounts: a.max_accounts,
@@ -41,8 +43,11 @@ pub(crate) async fn run(a: SimulateArgs, config: &Config) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
     // First line on stdout, so a parent process can read the bound port.
-    println!("listening on {}", sim.url());
-    std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+    let mut out = crate::cli::stdout();
+    writeln!(out, "listening on {}", sim.url())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")?;
+    drop(out);
     tracing::info!(
         url = %sim.url(),
         sdkappid,

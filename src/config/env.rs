@@ -17,6 +17,16 @@ impl Config {
             .expect("a Config serializes to a figment value");
         let mut vars = Vec::new();
         flatten("IMATTR", &value, &mut vars);
+        // These are read byte for byte (see `load::RAW_ENV_KEYS`).
+        for (section, key) in super::load::RAW_ENV_KEYS {
+            let name = super::load::env_var_name(section, key);
+            let raw = value
+                .find_ref(&format!("{section}.{key}"))
+                .and_then(Value::as_str);
+            if let (Some(var), Some(raw)) = (vars.iter_mut().find(|(k, _)| *k == name), raw) {
+                var.1 = raw.to_string();
+            }
+        }
         vars
     }
 }
@@ -123,7 +133,7 @@ mod tests {
     /// read as numbers, booleans, arrays or trimmed text.
     fn everything_set() -> Config {
         let mut c = Config::default();
-        c.amqp.url = AmqpUrl::new("amqps://imattr:p,a[s]s\"w\\ord@mq.example.com:5671/prod");
+        c.amqp.url = AmqpUrl::new("amqps://imattr:p,a!s$s&w'o(r)d*+%2F@mq.example.com:5671/prod");
         c.amqp.exchange = "123".into();
         c.amqp.queue = "true".into();
         c.amqp.dead_letter_exchange = " padded ".into();
@@ -225,7 +235,8 @@ mod tests {
         assert_eq!(var("IMATTR_AMQP__PREFETCH"), "7");
         assert_eq!(var("IMATTR_RETRY__MULTIPLIER"), "3.0");
         assert_eq!(var("IMATTR_TENCENT__REGION"), "silicon-valley");
-        assert_eq!(var("IMATTR_TENCENT__SECRET_KEY"), "\"1.5\"");
+        // Secrets and the URL are taken as they are, never parsed.
+        assert_eq!(var("IMATTR_TENCENT__SECRET_KEY"), "1.5");
         assert_eq!(
             var("IMATTR_ATTRIBUTES__ALLOWED"),
             r#"["city","1","a b","x,y"]"#

@@ -5,11 +5,16 @@
 mod env;
 mod load;
 mod model;
+#[cfg(test)]
+mod redaction_tests;
 mod secret;
 mod validate;
 
+pub use load::config_file;
+pub(crate) use load::{config_env_vars, DEFAULT_CONFIG_PATH};
 pub use model::*;
 pub use secret::{AmqpUrl, Secret};
+pub(crate) use validate::check_amqp_url;
 pub use validate::API_BACKEND_TIMEOUT_MS;
 
 /// A configuration error; `imattr` exits with status 2 on any of them.

@@ -119,14 +119,33 @@ impl Serialize for AmqpUrl {
         }
     }
 }
-/// Replaces the password in `scheme://user:password@host…` with `***`, in
-/// every URL of a comma-separated list.
+/// The URL list with every password hidden. Fails closed: a URL whose
+/// userinfo the URL parser reads differently from the plain text (or that
+/// does not parse) shows none of it, and a list whose URLs do not all carry
+/// the same userinfo (a password holding `,amqp://` splits differently than
+/// meant) is hidden as one URL.
 pub(crate) fn redact_url(url: &str) -> String {
-    split_urls(url)
+    let parts = split_urls(url);
+    let userinfo = |p: &str| userinfo_span(p).map(|(s, e)| p[s..e].to_string());
+    let first = parts.first().map(|p| userinfo(p));
+    if parts.iter().any(|p| Some(userinfo(p)) != first) {
+        return redact_one_url(url);
+    }
+    parts
         .into_iter()
         .map(redact_one_url)
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Whether every URL of a comma-separated list carries the same userinfo
+/// (RabbitMQ's users are the cluster's, so the nodes of one list share it).
+pub(crate) fn same_userinfo_everywhere(list: &str) -> bool {
+    let parts = split_urls(list);
+    let span = |p: &str| userinfo_span(p).map(|(s, e)| p[s..e].to_string());
+    parts
+        .windows(2)
+        .all(|w| span(w[0].trim()) == span(w[1].trim()))
 }
 
 /// Splits a list at the commas that start another `amqp://` or `amqps://`
@@ -145,27 +164,60 @@ fn split_urls(list: &str) -> Vec<&str> {
     parts
 }
 
+/// Where a URL's userinfo would be, as byte offsets: from after the
+/// scheme's `:` and the slashes that follow it (from the start without
+/// one) to the last `@`, whatever lies between. None without an `@`.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let at = url.rfind('@')?;
+    let start = match url[..at].find(':') {
+        Some(colon) => {
+            let after = &url[colon + 1..at];
+            colon + 1 + (after.len() - after.trim_start_matches('/').len())
+        }
+        None => 0,
+    };
+    Some((start, at))
+}
+
+/// The user of `url` when the URL parser agrees, byte for byte, that
+/// `userinfo` is its userinfo and that a host follows; else None.
+fn parsed_user<'a>(url: &str, userinfo: &'a str) -> Option<(&'a str, bool)> {
+    let parsed = url::Url::parse(url).ok()?;
+    if !parsed.has_host() {
+        return None;
+    }
+    let read = match parsed.password() {
+        Some(p) => format!("{}:{p}", parsed.username()),
+        None => parsed.username().to_string(),
+    };
+    if read != userinfo {
+        return None;
+    }
+    match userinfo.split_once(':') {
+        Some((user, _)) => Some((user, true)),
+        None => Some((userinfo, false)),
+    }
+}
+
+/// Whether the URL parser reads `url`'s userinfo exactly as written (or
+/// there is none): what validation demands, so that a valid URL is shown as
+/// `user:***@host`.
+pub(crate) fn userinfo_reads_as_written(url: &str) -> bool {
+    match userinfo_span(url) {
+        Some((start, at)) => parsed_user(url, &url[start..at]).is_some(),
+        None => true,
+    }
+}
+
 fn redact_one_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((start, at)) = userinfo_span(url) else {
         return url.to_string();
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
+    match parsed_user(url, &url[start..at]) {
+        // A user without a password hides nothing.
+        Some((_, false)) => url.to_string(),
+        Some((user, true)) => format!("{}{user}:***{}", &url[..start], &url[at..]),
+        None => format!("{}***{}", &url[..start], &url[at..]),
     }
 }
 
@@ -196,35 +248,67 @@ mod tests {
             "{printed}"
         );
         assert!(printed.contains("secret_key = \"<redacted>\""), "{printed}");
-        // A wrong-typed secret in the environment is reported without its value.
+        // A wrong-typed secret is reported without its value.
         Jail::expect_with(|jail| {
-            jail.set_env("IMATTR_TENCENT__USERSIG", "[1,2]");
+            jail.create_dir("config")?;
+            jail.create_file("config/imattr.toml", "[tencent]\nusersig = [1234567,2]\n")?;
             let err = load_in_jail().unwrap_err().to_string();
             assert!(err.contains("tencent.usersig"), "{err}");
+            assert!(!err.contains("1234567"), "{err}");
             Ok(())
         });
     }
 
     #[test]
     fn redact_url_forms() {
-        assert_eq!(redact_url("amqp://a:b@h/%2f"), "amqp://a:***@h/%2f");
-        assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
-        assert_eq!(redact_url("amqps://u@h"), "amqps://u@h");
-        assert_eq!(redact_url("amqp://u:p:q@h"), "amqp://u:***@h");
+        let cases = [
+            ("amqp://a:b@h/%2f", "amqp://a:***@h/%2f"),
+            ("amqp://h:5672", "amqp://h:5672"),
+            ("amqps://u@h", "amqps://u@h"),
+            // The URL parser reads another userinfo (it would encode `:`):
+            // none of it is shown.
+            ("amqp://u:p:q@h", "amqp://***@h"),
+            // Unparseable or misread: nothing between `//` (or `:`) and the last `@`.
+            (
+                "amqp:/guest:s3cr3tpw@127.0.0.1:5672/%2f",
+                "amqp:/***@127.0.0.1:5672/%2f",
+            ),
+            (
+                "amqp://guest:pa/ss#word@127.0.0.1:5672/%2f",
+                "amqp://***@127.0.0.1:5672/%2f",
+            ),
+            ("amqp:guest:pw@h", "amqp:***@h"),
+            ("guest:pw@h", "guest:***@h"),
+            ("amqp://u:p@ss@h/", "amqp://***@h/"),
+            ("amqp://u:1/ss@h", "amqp://***@h"),
+            ("amqp://u:p%40ss@h/", "amqp://u:***@h/"),
+            (
+                "amqp://a:b@h1:5672/%2f,amqp://a:b@h2,amqps://a:b@h3",
+                "amqp://a:***@h1:5672/%2f,amqp://a:***@h2,amqps://a:***@h3",
+            ),
+            // A comma in a password does not start another URL.
+            (
+                "amqp://a:p,w@h1/%2f, amqps://a:p,w@h2",
+                "amqp://a:***@h1/%2f, amqps://a:***@h2",
+            ),
+            // URLs of a list that disagree on their userinfo may have been
+            // split inside a password: hidden as one.
+            ("amqp://u:x,amqp://y@h", "amqp://***@h"),
+            ("amqp://u:1,amqp://y@h", "amqp://***@h"),
+            ("amqp://h1,amqp://u:p@h2", "amqp://***@h2"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
         assert_eq!(
-            redact_url("amqp://a:b@h1:5672/%2f,amqp://a:c@h2,amqps://h3"),
-            "amqp://a:***@h1:5672/%2f,amqp://a:***@h2,amqps://h3"
-        );
-        // A comma in a password does not start another URL.
-        assert_eq!(
-            redact_url("amqp://a:p,w@h1/%2f, amqps://b:x,y@h2"),
-            "amqp://a:***@h1/%2f, amqps://b:***@h2"
-        );
-        assert_eq!(
-            AmqpUrl::new("amqp://a:p,w@h1/%2f, amqps://b:x,y@h2")
+            AmqpUrl::new("amqp://a:p,w@h1/%2f, amqps://a:p,w@h2")
                 .split()
                 .len(),
             2
         );
+        assert!(same_userinfo_everywhere("amqp://a:b@h1,amqp://a:b@h2"));
+        assert!(same_userinfo_everywhere("amqp://h1,amqp://h2"));
+        assert!(!same_userinfo_everywhere("amqp://a:b@h1,amqp://a:c@h2"));
+        assert!(!same_userinfo_everywhere("amqp://u:x,amqp://y@h"));
     }
 }

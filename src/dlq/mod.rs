@@ -100,11 +100,11 @@ impl std::fmt::Debug for Dlq {
 }
 
 impl Dlq {
-    /// Connects and declares the topology.
+    /// Connects and declares what the tools need (never the updates queue).
     pub async fn open(config: &Config) -> anyhow::Result<Dlq> {
         let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr dlq").await?;
         let channel = conn.create_channel().await.context("opening a channel")?;
-        topology::declare(&conn, &channel, &config.amqp).await?;
+        topology::declare_for_tools(&conn, &channel, &config.amqp).await?;
         Ok(Dlq {
             conn,
             channel,

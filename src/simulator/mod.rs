@@ -21,7 +21,8 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use limiter::{Limiter, RateLimitMode};
+pub(crate) use limiter::Limiter;
+pub use limiter::RateLimitMode;
 
 /// The secret key the simulator uses unless told otherwise (the documented test key).
 pub const DEFAULT_SECRET_KEY: &str =
@@ -70,8 +71,8 @@ impl Default for Faults {
     }
 }
 
-/// How to start a simulator.
-#[derive(Debug, Clone)]
+/// How to start a simulator (its `Debug` hides the key).
+#[derive(Clone)]
 pub struct SimOptions {
     /// Where to listen; port 0 picks a free one.
     pub listen: SocketAddr,
@@ -89,6 +90,24 @@ pub struct SimOptions {
     pub faults: Faults,
     /// Count in `Stats::regressions` every integer value written over a larger one.
     pub monotonic_check: bool,
+}
+
+impl std::fmt::Debug for SimOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimOptions")
+            .field("listen", &self.listen)
+            .field("sdkappid", &self.sdkappid)
+            .field("identifier", &self.identifier)
+            .field(
+                "secret_key",
+                &crate::config::Secret::new(self.secret_key.clone()),
+            )
+            .field("attr_names", &self.attr_names)
+            .field("seed", &self.seed)
+            .field("faults", &self.faults)
+            .field("monotonic_check", &self.monotonic_check)
+            .finish()
+    }
 }
 
 impl Default for SimOptions {
@@ -127,6 +146,10 @@ pub struct Stats {
     /// for the same (account, attribute), when the monotonic check is on.
     #[serde(default)]
     pub regressions: u64,
+    /// Requests whose client went away before they were answered (it timed
+    /// out or closed the connection): nothing of them was applied.
+    #[serde(default)]
+    pub abandoned_requests: u64,
 }
 
 impl Stats {
@@ -346,6 +369,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/__simulator/stats", get(get_stats))
         .route("/__simulator/state", get(get_state))
         .route("/__simulator/refuse", post(post_refuse))
+        .route("/__simulator/faults", get(get_faults).post(post_faults))
         .with_state(shared)
 }
 
@@ -361,6 +385,17 @@ async fn post_refuse(
 ) -> StatusCode {
     s.lock().refuse_until =
         Some(tokio::time::Instant::now() + std::time::Duration::from_millis(p.ms));
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /__simulator/faults`: the faults in force, as `imattr simulate` took them.
+async fn get_faults(AxumState(s): AxumState<Arc<Shared>>) -> Json<Faults> {
+    Json(s.lock().faults.clone())
+}
+
+/// `POST /__simulator/faults` with a whole `Faults` document: changes them.
+async fn post_faults(AxumState(s): AxumState<Arc<Shared>>, Json(f): Json<Faults>) -> StatusCode {
+    s.lock().faults = f;
     StatusCode::NO_CONTENT
 }
 
@@ -389,21 +424,28 @@ const APIS: &[&str] = &[
 ];
 
 /// Counts a request in progress for as long as it lives, whether it
-/// completes or its connection goes away mid-way.
-struct InProgress<'a>(&'a Shared);
+/// completes or its connection goes away mid-way (then it was abandoned).
+struct InProgress<'a> {
+    s: &'a Shared,
+    answered: bool,
+}
 
 impl<'a> InProgress<'a> {
     fn start(s: &'a Shared) -> Self {
         let mut st = s.lock();
         st.concurrent += 1;
         st.stats.max_concurrent_requests = st.stats.max_concurrent_requests.max(st.concurrent);
-        InProgress(s)
+        InProgress { s, answered: false }
     }
 }
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
-        self.0.lock().concurrent -= 1;
+        let mut st = self.s.lock();
+        st.concurrent -= 1;
+        if !self.answered {
+            st.stats.abandoned_requests += 1;
+        }
     }
 }
 
@@ -416,8 +458,9 @@ async fn handle_api(
     if !APIS.contains(&api.as_str()) {
         return (StatusCode::NOT_FOUND, "no such API").into_response();
     }
-    let _in_progress = InProgress::start(&s);
+    let mut in_progress = InProgress::start(&s);
     let answer = answer::answer(&s, &api, query.as_deref().unwrap_or(""), &body).await;
+    in_progress.answered = true;
     let code = if answer.status == StatusCode::OK {
         answer.body.error_code
     } else {

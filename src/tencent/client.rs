@@ -8,9 +8,10 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 use tracing::{debug, warn};
 
-use super::door::{Door, Ticket};
+use super::door::{Door, Slot, Ticket};
 use super::errors::{classify, Class, Reply};
 use super::ratelimit::Lowering;
+use super::tap::RateTap;
 use super::usersig::Signer;
 use crate::config::Config;
 use crate::fence::Fence;
@@ -125,9 +126,10 @@ pub struct CallResult {
     pub(crate) latency: Duration,
 }
 
-/// An error of the convenience calls used by the operator tools.
+/// An error of the convenience calls used by the operator tools (and the
+/// worker's attribute-name reads); it names the ErrorCode when there is one.
 #[derive(Debug, thiserror::Error)]
-#[error("{api} failed ({class}): {info}")]
+#[error("{api} failed ({class}{}): {info}", if *.code != 0 { format!(", ErrorCode {}", .code) } else { String::new() })]
 pub struct ApiError {
     /// The API called.
     pub(crate) api: &'static str,
@@ -147,6 +149,8 @@ pub struct Client {
     signer: Arc<Signer>,
     /// The in-flight bound and the rate limiter, shared by all clones.
     door: Arc<Door>,
+    /// Where the requests sent are counted, when a test measures them.
+    tap: Option<Arc<RateTap>>,
 }
 
 impl Client {
@@ -179,11 +183,15 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .context("building the HTTP client")?;
+        // Exported from the start, before the first request sets it again.
+        metrics::gauge!("imattr_rate_limit_current").set(f64::from(rate_limit_per_sec));
+        let tap = super::tap::find(base_url);
         Ok(Client {
             http,
             base: base_url.trim_end_matches('/').into(),
             signer,
-            door: Arc::new(Door::new(rate_limit_per_sec, max_in_flight)),
+            door: Arc::new(Door::new(rate_limit_per_sec, max_in_flight, tap.clone())),
+            tap,
         })
     }
 
@@ -215,11 +223,20 @@ impl Client {
     /// permit, then a rate slot) on behalf of no broker session. Never
     /// fails: every failure is a [`Reply`].
     pub async fn call(&self, api: &str, body: Vec<u8>) -> CallResult {
-        let ticket = self.door.ticket();
+        self.call_unfenced(api, body, Slot::Reserve).await
+    }
+
+    /// [`Client::call`] with an open fence (nothing to lose), in `slot`.
+    async fn call_unfenced(&self, api: &str, body: Vec<u8>, slot: Slot) -> CallResult {
         let open = Fence::open();
-        match self.call_fenced(api, body, ticket, &open).await {
+        let ticket = self.door.ticket();
+        match self
+            .door
+            .pass(ticket, &open, slot, || self.send(api, body))
+            .await
+        {
             Some(r) => r,
-            // An open fence is never closed: unreachable, but not worth a panic.
+            // An open fence never closes; not worth a panic all the same.
             None => CallResult {
                 reply: Reply::Connection("not sent".into()),
                 class: Class::Transient,
@@ -241,12 +258,17 @@ impl Client {
         ticket: Ticket,
         fence: &Fence,
     ) -> Option<CallResult> {
-        self.door.pass(ticket, fence, || self.send(api, body)).await
+        self.door
+            .pass(ticket, fence, Slot::Reserve, || self.send(api, body))
+            .await
     }
 
     async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {
         metrics::gauge!("imattr_rate_limit_current").set(self.door.limiter().current_rate());
         let started = tokio::time::Instant::now();
+        if let Some(t) = &self.tap {
+            t.sent();
+        }
         let sent = self
             .http
             .post(self.url(api))
@@ -322,10 +344,25 @@ impl Client {
         api: &'static str,
         body: &T,
     ) -> Result<ApiResponse, ApiError> {
+        self.call_json_in(api, body, false).await
+    }
+
+    /// [`Client::call_json`]; with `free_slot`, each attempt leaves only in a
+    /// rate slot free when it does, never reserving one ahead of a batch.
+    async fn call_json_in<T: Serialize>(
+        &self,
+        api: &'static str,
+        body: &T,
+        free_slot: bool,
+    ) -> Result<ApiResponse, ApiError> {
         let bytes = serde_json::to_vec(body).expect("request types always serialise");
         let mut renewed = false;
         loop {
-            let r = self.call(api, bytes.clone()).await;
+            let r = if free_slot {
+                self.call_in_free_slot(api, bytes.clone()).await
+            } else {
+                self.call(api, bytes.clone()).await
+            };
             match (r.class, r.body) {
                 (Class::Success, Some(b)) => return Ok(b),
                 (Class::Signature, _) if !renewed && self.signer.invalidate() => renewed = true,
@@ -359,6 +396,22 @@ impl Client {
             .call_json(api::GET_ATTR_NAME, &serde_json::json!({}))
             .await?;
         Ok(r.attr_names.unwrap_or_default())
+    }
+
+    /// [`Client::get_attr_names`] as a probe of the credentials while
+    /// batches are being sent: in a free rate slot only, so that no batch
+    /// waits for a slot it took.
+    pub(crate) async fn probe_attr_names(&self) -> Result<BTreeMap<String, String>, ApiError> {
+        let r = self
+            .call_json_in(api::GET_ATTR_NAME, &serde_json::json!({}), true)
+            .await?;
+        Ok(r.attr_names.unwrap_or_default())
+    }
+
+    /// Sends in the first rate slot free when it is tried (as batches do),
+    /// through the door like every request.
+    async fn call_in_free_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
+        self.call_unfenced(api, body, Slot::WhenFree).await
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::ratelimit::RateLimiter;
+use super::tap::RateTap;
 use crate::fence::{Fence, Shut};
 
 /// The in-flight bound and the rate limiter, shared by every clone of a client.
@@ -29,6 +30,17 @@ pub(crate) struct Door {
     queued: AtomicUsize,
     /// Notified each time a ticket is used or given up.
     departed: Notify,
+}
+
+/// How a request takes its rate slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// The slot free now, else the next one, reserved and waited for
+    /// (first come, first served among those who reserve).
+    Reserve,
+    /// Only a slot free when it is tried, never one reserved ahead: a
+    /// request that must not make batches wait (the credentials probe).
+    WhenFree,
 }
 
 /// A place in the queue for the door, taken before the request is formed
@@ -47,11 +59,16 @@ impl Drop for Ticket {
 }
 
 impl Door {
-    /// A door for `rate_limit_per_sec` requests a second and `max_in_flight` at once.
-    pub(crate) fn new(rate_limit_per_sec: u32, max_in_flight: usize) -> Door {
+    /// A door for `rate_limit_per_sec` requests a second and `max_in_flight`
+    /// at once; `tap` records the slots (tests that measure the rate).
+    pub(crate) fn new(
+        rate_limit_per_sec: u32,
+        max_in_flight: usize,
+        tap: Option<Arc<RateTap>>,
+    ) -> Door {
         Door {
             in_flight: Semaphore::new(max_in_flight.max(1)),
-            limiter: RateLimiter::new(rate_limit_per_sec),
+            limiter: RateLimiter::new(rate_limit_per_sec, tap),
             queued: AtomicUsize::new(0),
             departed: Notify::new(),
         }
@@ -86,10 +103,16 @@ impl Door {
     }
 
     /// Lets one request through: waits for an in-flight permit (held until
-    /// `send` completes), then for a live lease and a rate slot, checks the
-    /// fence and runs `send` at once. None, and nothing sent, when the fence
-    /// closes first.
-    pub(crate) async fn pass<F, Fut, T>(&self, ticket: Ticket, fence: &Fence, send: F) -> Option<T>
+    /// `send` completes), then for a live lease and a rate slot (`slot`),
+    /// checks the fence and runs `send` at once. None, and nothing sent,
+    /// when the fence closes first.
+    pub(crate) async fn pass<F, Fut, T>(
+        &self,
+        ticket: Ticket,
+        fence: &Fence,
+        slot: Slot,
+        send: F,
+    ) -> Option<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
@@ -104,9 +127,22 @@ impl Door {
             if !fence.until_open().await {
                 return None;
             }
-            tokio::select! {
-                _ = self.limiter.acquire() => {}
-                _ = fence.closed() => return None,
+            // A slot free now is taken as it is; else reserved and waited
+            // for, or (`WhenFree`) waited for and tried again.
+            if let Err(next) = self.limiter.try_acquire() {
+                match slot {
+                    Slot::Reserve => tokio::select! {
+                        _ = self.limiter.acquire() => {}
+                        _ = fence.closed() => return None,
+                    },
+                    Slot::WhenFree => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next) => {}
+                            _ = fence.closed() => return None,
+                        }
+                        continue;
+                    }
+                }
             }
             match fence.may_send(Instant::now()) {
                 Ok(()) => break,
@@ -150,7 +186,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(seed);
             let rate = rng.gen_range(2..=40u32);
             let in_flight = rng.gen_range(1..=6usize);
-            let door = Arc::new(Door::new(rate, in_flight));
+            let door = Arc::new(Door::new(rate, in_flight, None));
             let fence = Fence::open();
             let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
             let mut tasks = Vec::new();
@@ -161,7 +197,7 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(start).await;
                     let ticket = door.ticket();
-                    door.pass(ticket, &fence, || async {
+                    door.pass(ticket, &fence, Slot::Reserve, || async {
                         sent.lock().unwrap().push(Instant::now());
                         tokio::time::sleep(latency).await;
                     })
@@ -186,7 +222,7 @@ mod tests {
     /// the fence closes, and waits while the lease has lapsed.
     #[tokio::test(start_paused = true)]
     async fn nothing_leaves_through_a_closed_or_lapsed_fence() {
-        let door = Arc::new(Door::new(1000, 1));
+        let door = Arc::new(Door::new(1000, 1, None));
         let fence = Fence::leased(Duration::from_secs(1), Instant::now());
         let sent = Arc::new(AtomicUsize::new(0));
         let send = |sent: Arc<AtomicUsize>| {
@@ -195,14 +231,17 @@ mod tests {
             }
         };
         assert!(door
-            .pass(door.ticket(), &fence, send(sent.clone()))
+            .pass(door.ticket(), &fence, Slot::Reserve, send(sent.clone()))
             .await
             .is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
         // Lapsed: it waits for a renewal.
         let waiting = tokio::spawn({
             let (door, fence, sent) = (door.clone(), fence.clone(), sent.clone());
-            async move { door.pass(door.ticket(), &fence, send(sent)).await }
+            async move {
+                door.pass(door.ticket(), &fence, Slot::Reserve, send(sent))
+                    .await
+            }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!waiting.is_finished());
@@ -214,7 +253,10 @@ mod tests {
         let permit = door.in_flight.acquire().await.unwrap();
         let waiting = tokio::spawn({
             let (door, fence, sent) = (door.clone(), fence.clone(), sent.clone());
-            async move { door.pass(door.ticket(), &fence, send(sent)).await }
+            async move {
+                door.pass(door.ticket(), &fence, Slot::Reserve, send(sent))
+                    .await
+            }
         });
         tokio::task::yield_now().await;
         fence.close("lost");

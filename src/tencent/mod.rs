@@ -4,6 +4,7 @@ pub mod client;
 pub(crate) mod door;
 pub(crate) mod errors;
 pub(crate) mod ratelimit;
+pub mod tap;
 pub mod usersig;
 
 pub use client::Client;

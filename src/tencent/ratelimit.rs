@@ -27,10 +27,12 @@
 //! 1.8 s later, and from the floor (a tenth of it) within 8.2 s.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use super::tap::RateTap;
 
 /// The sliding window the configured rate applies to, with the margin.
 pub(crate) const WINDOW: Duration = Duration::from_millis(1000 + SKEW_MARGIN.as_millis() as u64);
@@ -135,7 +137,6 @@ impl Pacer {
     }
 
     /// Takes a slot at `now` if one is free; else says when the next is.
-    #[cfg(test)]
     pub(crate) fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
         let next = self.next_slot(now);
         if next > now {
@@ -190,13 +191,16 @@ impl Pacer {
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     pacer: Mutex<Pacer>,
+    /// Where the slots taken are recorded, when a test measures them.
+    tap: Option<Arc<RateTap>>,
 }
 
 impl RateLimiter {
     /// A limiter allowing `per_sec` requests in any window (see [`WINDOW`]).
-    pub(crate) fn new(per_sec: u32) -> Self {
+    pub(crate) fn new(per_sec: u32, tap: Option<Arc<RateTap>>) -> Self {
         RateLimiter {
             pacer: Mutex::new(Pacer::new(per_sec, Instant::now())),
+            tap,
         }
     }
 
@@ -209,11 +213,25 @@ impl RateLimiter {
         self.pacer().next_slot(now)
     }
 
+    /// Takes a slot now if one is free; else returns when the next one is.
+    /// The caller that takes it must send at once (see `tencent::door`).
+    pub(crate) fn try_acquire(&self) -> Result<(), Instant> {
+        let now = Instant::now();
+        self.pacer().try_take(now)?;
+        if let Some(t) = &self.tap {
+            t.slot(now, false);
+        }
+        Ok(())
+    }
+
     /// Reserves the next slot and waits for it. Slots are reserved in order,
     /// so waiters are served first come, first served. The caller sends at
     /// once when it returns (see `tencent::door`).
     pub(crate) async fn acquire(&self) {
         let at = self.pacer().reserve(Instant::now());
+        if let Some(t) = &self.tap {
+            t.slot(at, true);
+        }
         tokio::time::sleep_until(at).await;
     }
 
@@ -439,7 +457,7 @@ mod tests {
     /// configured one within 5 s, and requests flow at that rate.
     #[tokio::test(start_paused = true)]
     async fn back_at_ninety_percent_within_five_seconds_of_a_burst() {
-        let l = std::sync::Arc::new(RateLimiter::new(100));
+        let l = std::sync::Arc::new(RateLimiter::new(100, None));
         let t0 = Instant::now();
         // A burst of refusals: every reply for 300 ms says 60007.
         let mut lowered = 0;
@@ -478,7 +496,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_waiters_share_the_rate() {
-        let l = std::sync::Arc::new(RateLimiter::new(50));
+        let l = std::sync::Arc::new(RateLimiter::new(50, None));
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..8 {

@@ -48,8 +48,8 @@ pub enum UserSigError {
     },
 }
 
-/// The decoded JSON document inside a UserSig.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The decoded JSON document inside a UserSig (its `Debug` hides the signature).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SigDoc {
     /// Always "2.0".
     #[serde(rename = "TLS.ver")]
@@ -191,9 +191,22 @@ pub fn verify_usersig(
     Ok(doc)
 }
 
+impl std::fmt::Debug for SigDoc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigDoc")
+            .field("ver", &self.ver)
+            .field("identifier", &self.identifier)
+            .field("sdkappid", &self.sdkappid)
+            .field("expire", &self.expire)
+            .field("time", &self.time)
+            .field("sig", &"<redacted>")
+            .finish()
+    }
+}
+
 /// Supplies the usersig for each request: a fixed one, or one generated from
 /// the secret key, cached and renewed when less than half its TTL remains.
-#[derive(Debug)]
+/// Its `Debug` shows neither the key nor a usersig.
 pub struct Signer {
     sdkappid: u64,
     identifier: String,
@@ -203,10 +216,23 @@ pub struct Signer {
     renewals: std::sync::atomic::AtomicU64,
 }
 
+/// Where usersigs come from; the `Secret`s redact themselves in `Debug`.
 #[derive(Debug)]
 enum SigSource {
     Key(Secret),
     Fixed(Secret),
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("sdkappid", &self.sdkappid)
+            .field("identifier", &self.identifier)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("source", &self.source)
+            .field("renewals", &self.renewals())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Signer {

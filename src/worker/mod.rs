@@ -44,12 +44,12 @@ pub async fn run(
     config.validate_api()?;
     let client = Client::from_config(&config)?;
     let names = if config.attributes.allowed.is_empty() {
-        match AttrNames::from_api(&client, &cancel).await {
+        match AttrNames::from_api(&client, &health, &cancel).await {
             Some(names) => names,
             None => return Ok(()),
         }
     } else {
-        AttrNames::fixed(&config.attributes.allowed)
+        AttrNames::fixed(&config.attributes.allowed, &client, &health, &cancel)
     };
     let cap = Arc::new(BatchCap::new(config.batch.max_accounts));
     // The pid tells several workers' connections apart (`rabbitmqctl

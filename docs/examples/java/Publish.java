@@ -63,7 +63,7 @@ public final class Publish {
       // Throws if the broker nacks the message or does not answer in time.
       ch.waitForConfirmsOrDie(10_000);
       if (returned.get()) {
-        System.err.println("not published: exchange " + exchange + " routed it to no queue");
+        System.err.println("not published: exchange " + exchange + " routed the message to no queue");
         System.exit(1);
       }
     }

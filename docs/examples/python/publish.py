@@ -39,8 +39,11 @@ def main() -> int:
             ),
             mandatory=True,
         )
-    except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
-        print(f"not published: {e!r}", file=sys.stderr)
+    except pika.exceptions.UnroutableError:
+        print(f"not published: exchange {exchange} routed the message to no queue", file=sys.stderr)
+        return 1
+    except pika.exceptions.NackError:
+        print("not published: the broker refused (nacked) the message", file=sys.stderr)
         return 1
     finally:
         conn.close()

@@ -24,6 +24,9 @@ impl Session<'_> {
                 self.batches_in_flight -= 1;
                 metrics::gauge!("imattr_in_flight_requests").set(self.batches_in_flight as f64);
                 self.coalescer.complete(accounts.iter().map(String::as_str));
+                if outcomes.iter().any(|o| o.result.is_ok()) {
+                    self.health.api_answered();
+                }
                 for o in outcomes {
                     let Some(m) = self.messages.get_mut(&o.tag) else {
                         continue;
