@@ -486,6 +486,13 @@ mod tests {
         assert_eq!(c.retry.max_elapsed_secs, 600);
         assert_eq!(c.admin.listen, "127.0.0.1:9464");
         assert_eq!(c.api_base_url(), "https://console.tim.qq.com");
+        assert_eq!(c.amqp.lease_ms, 10_000);
+        assert_eq!(c.amqp.max_held_bytes, 64 << 20);
+        // Derived: the lease, our timeout, the API's backend timeout.
+        assert_eq!(c.takeover_hold(), Duration::from_millis(18_000));
+        let mut c = c;
+        c.amqp.takeover_hold_ms = 30_000;
+        assert_eq!(c.takeover_hold(), Duration::from_millis(30_000));
     }
 
     #[test]

@@ -729,6 +729,29 @@ mod tests {
             ("IMATTR_BATCH__MAX_ACCOUNTS", "many", "batch.max_accounts"),
             ("IMATTR_AMQP__QUEUE_TYPE", "Quorum", "amqp.queue_type"),
             ("IMATTR_TENCENT__REGION", "silicon_valley", "tencent.region"),
+            (
+                "IMATTR_AMQP__LEASE_MS",
+                "999",
+                "amqp.lease_ms: must be 1000 to 60000",
+            ),
+            ("IMATTR_AMQP__LEASE_MS", "60001", "amqp.lease_ms"),
+            (
+                "IMATTR_AMQP__MAX_HELD_BYTES",
+                "1048576",
+                "amqp.max_held_bytes",
+            ),
+            ("IMATTR_AMQP__MAX_HELD_BYTES", HUGE, "amqp.max_held_bytes"),
+            // The least safe hold with the defaults: 10000 + 5000 + 3000.
+            (
+                "IMATTR_AMQP__TAKEOVER_HOLD_MS",
+                "17999",
+                "amqp.takeover_hold_ms: must be 0 (derived) or 18000",
+            ),
+            (
+                "IMATTR_AMQP__TAKEOVER_HOLD_MS",
+                "600001",
+                "amqp.takeover_hold_ms",
+            ),
         ];
         for (key, value, field) in cases {
             Jail::expect_with(|jail| {
