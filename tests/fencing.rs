@@ -91,17 +91,11 @@ async fn takeover_after_a_closed_connection(seed: u64, queue_type: QueueType) ->
     // 1 s, then about 1.5 s more, …), and when the API is fixed after B paused.
     let pause_before_close = Duration::from_millis(rng.gen_range(0..3000));
     let fix_after_b_paused = Duration::from_millis(rng.gen_range(0..2500));
-    let sb = sandbox(
-        &["f1"],
-        Faults {
-            misconfigured: true,
-            ..Faults::default()
-        },
-        |c| {
-            c.amqp.queue_type = queue_type;
-            c.amqp.lease_ms = 2000;
-        },
-    )
+    // The API works at first: a worker is ready once it has answered.
+    let sb = sandbox(&["f1"], Faults::default(), |c| {
+        c.amqp.queue_type = queue_type;
+        c.amqp.lease_ms = 2000;
+    })
     .await;
     let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
     std::fs::create_dir_all(&dir).unwrap();
@@ -115,6 +109,7 @@ async fn takeover_after_a_closed_connection(seed: u64, queue_type: QueueType) ->
         b.get("/readyz").await.0 == 200
     })
     .await;
+    sb.sim.update_faults(|f| f.misconfigured = true);
     sb.publish(update("a1", &[("f1", "1")])).await.unwrap();
     sb.confirm().await.unwrap();
     until(DRAIN, "A paused", || async {
