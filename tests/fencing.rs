@@ -194,3 +194,63 @@ async fn a_worker_whose_connection_was_closed_never_sets_an_older_value() {
         eprintln!("{}", run.expect("a run panicked"));
     }
 }
+
+/// Without single-active-consumer the consumer is exclusive: a second
+/// worker (or a reconnect while the broker still holds the previous
+/// connection's consumer) is refused and waits, and takes over once the
+/// first one is gone, older messages first. Classic and quorum queues.
+async fn without_single_active_consumer_one_worker_consumes(queue_type: QueueType) {
+    let sb = sandbox(&["n"], Faults::default(), |c| {
+        c.amqp.queue_type = queue_type;
+        c.amqp.single_active_consumer = false;
+        c.amqp.lease_ms = 2000;
+    })
+    .await;
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut a = Worker::spawn(&sb.config, &dir, 0);
+    until(DRAIN, "A is ready", || async {
+        a.get("/readyz").await.0 == 200
+    })
+    .await;
+    let b = Worker::spawn(&sb.config, &dir, 1);
+    until(DRAIN, "B is refused", || async {
+        b.logs().contains("Cannot consume yet")
+    })
+    .await;
+    assert_ne!(b.get("/readyz").await.0, 200, "B does not consume");
+    let mut expected = Expected::new();
+    publish_stream(&sb, 200, 20, 0, &mut expected).await;
+    let sim = &sb.sim;
+    let want = expected.clone();
+    eventually(DRAIN, "A applied everything", || sim.state() == want).await;
+    assert_eq!(b.metric("imattr_messages_received_total").await, 0.0);
+    let _ = a.child.start_kill();
+    let _ = a.child.wait().await;
+    publish_stream(&sb, 200, 20, 200, &mut expected).await;
+    let want = expected.clone();
+    eventually(DRAIN, "B took over", || sim.state() == want).await;
+    assert_eq!(sb.sim.stats().regressions, 0);
+    for mut w in [b] {
+        signal_term(&mut w).await;
+    }
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn signal_term(w: &mut Worker) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid()])
+        .status();
+    let _ = w.child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_single_active_consumer_one_worker_consumes_classic() {
+    without_single_active_consumer_one_worker_consumes(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_single_active_consumer_one_worker_consumes_quorum() {
+    without_single_active_consumer_one_worker_consumes(QueueType::Quorum).await;
+}

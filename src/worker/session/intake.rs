@@ -92,11 +92,28 @@ impl<'a> Session<'a> {
         // Counted before registering: once our consumer is registered, an
         // answer on this connection may wait behind deliveries the read
         // gate holds back until the session takes them, so nothing here may
-        // wait for one. A classic queue counts waiting consumers too; a
-        // quorum queue counts only the active one, so there it proves nothing.
-        let alone = a.single_active_consumer
-            && a.queue_type == QueueType::Classic
-            && consumers(&consume_ch, &a.queue).await == Some(0);
+        // wait for one. With single-active-consumer a classic queue counts
+        // waiting consumers too; a quorum queue counts only the active one,
+        // so there it proves nothing.
+        let counted = if !a.single_active_consumer || a.queue_type == QueueType::Classic {
+            consumers(&consume_ch, &a.queue).await
+        } else {
+            None
+        };
+        if !a.single_active_consumer {
+            // Only one consumer at a time: another worker, or our previous
+            // connection that the broker has not closed yet (half-open, it
+            // holds older messages; consuming newer ones now would apply them
+            // first). The exclusive flag below says the same, but a quorum
+            // queue does not enforce it (RabbitMQ 3.10).
+            if let Some(n) = counted.filter(|&n| n > 0) {
+                return Err(anyhow::Error::new(QueueBusy {
+                    queue: a.queue.clone(),
+                    text: format!("{n} consumer(s) registered"),
+                }));
+            }
+        }
+        let alone = a.single_active_consumer && counted == Some(0);
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(
@@ -133,14 +150,20 @@ impl<'a> Session<'a> {
         );
         health.session_started();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        if !a.single_active_consumer {
-            // Every consumer of such a queue gets deliveries.
-            become_active(&health, a, "no single-active-consumer");
-        } else if alone {
-            become_active(&health, a, "only consumer");
+        if !a.single_active_consumer || alone {
+            become_active(
+                &health,
+                a,
+                if alone {
+                    "only consumer"
+                } else {
+                    "no single-active-consumer"
+                },
+            );
             // Another worker registering at the same moment counted none
-            // either: counted again, off the loop, two mean "standby" until
-            // the first delivery says otherwise.
+            // either: counted again, off the loop; two mean "standby" until
+            // the first delivery says otherwise, or, without
+            // single-active-consumer, that this session must end.
             let (ch, queue, events) = (consume_ch.clone(), a.queue.clone(), events_tx.clone());
             tokio::spawn(async move {
                 if consumers(&ch, &queue).await.is_some_and(|n| n > 1) {

@@ -95,7 +95,8 @@ pub(super) enum Event {
     /// sends at most one before its matching [`Event::Resumed`].
     Paused { code: i64, info: String },
     /// The queue counted another consumer after ours registered (another
-    /// worker started at the same moment): a standby, unless a delivery came.
+    /// worker started at the same moment): a standby, unless a delivery
+    /// came; without single-active-consumer, the session ends.
     NotAlone,
     /// A batch that reported [`Event::Paused`] got an answer that ends the
     /// pause (see `Attempt::answered`), or finished (applied or stopped):

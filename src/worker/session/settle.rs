@@ -62,6 +62,14 @@ impl Session<'_> {
                     metrics::gauge!("imattr_paused").set(1.0);
                 }
             }
+            Event::NotAlone if !self.config.amqp.single_active_consumer => {
+                // Two consumers of a queue without single-active-consumer
+                // would hold the same accounts' updates: give way (what
+                // this session holds is redelivered, in order).
+                self.ctx.fence.close(
+                    "another consumer registered at the same moment (no single-active-consumer)",
+                );
+            }
             Event::NotAlone => {
                 if self.received == 0 {
                     super::intake::stand_by(&self.health, &self.config.amqp);
