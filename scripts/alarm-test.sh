@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A memory alarm blocks the dead-letter connection, not the consumer
-# (docs/operations.md, "Resource alarms"). Starts a separate RabbitMQ node of the
+# (docs/operations.md, "Resource alarms"), and a silent broker ends the session
+# within its lease (docs/design.md, "Fencing"). Starts a separate RabbitMQ node of the
 # installed package on spare ports, then, for a classic and a quorum updates queue:
 #   - publishes valid updates and invalid ones (dead-lettered by imattr) while no
 #     worker runs, raises a memory alarm (set_vm_memory_high_watermark), starts
@@ -10,6 +11,9 @@
 #     connection is blocked and the dead-letter queue stays empty;
 #   - clears the alarm and checks that every invalid message reaches the dead-letter
 #     queue, nothing is left in the updates queue, and the worker stops cleanly.
+# Then, with a worker paused by the API (90009), freezes the node (SIGSTOP: to the
+# worker, a connection that went silent) and checks that it says "not connected" and
+# sends nothing more within amqp.lease_ms, and recovers once the node answers again.
 # It stops only the node it started (never the broker on 5672). Needs root (the
 # node runs as user rabbitmq). Usage: scripts/alarm-test.sh (KEEP=1 keeps its
 # temporary directory, with logs).
@@ -49,6 +53,8 @@ cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   if [ "$NODE_STARTED" = 1 ]; then
+    # A node left frozen by a failed step must be able to stop.
+    [ -n "${NODE_PID:-}" ] && kill -CONT "$NODE_PID" 2>/dev/null
     ctl stop >/dev/null 2>&1 || {
       [ -s "$WORK/rabbit.pid" ] && kill "$(cat "$WORK/rabbit.pid")" 2>/dev/null
     }
@@ -96,6 +102,9 @@ until ctl await_startup --timeout 20 >/dev/null 2>&1; do
   sleep 1
 done
 echo "alarm-test: node up in $((SECONDS - t0)) s"
+# The node's Erlang VM, to freeze it later.
+NODE_PID=$(ctl eval 'os:getpid().' | tr -dc 0-9)
+[ -n "$NODE_PID" ] || { echo "alarm-test: cannot find the node's pid" >&2; exit 1; }
 
 "$BIN" simulate --listen "127.0.0.1:$SIM_PORT" --attr-names n >"$WORK/sim.log" 2>&1 &
 PIDS+=($!)
@@ -145,6 +154,7 @@ run_case() { # queue type
     echo "{\"To_Account\":\"acc$i\",\"Attrs\":{\"n\":\"$i\"}}"
     [ $((i % (VALID / INVALID))) = 0 ] && echo "{\"To_Account\":\"bad$i\",\"Attrs\":{\"nope\":\"x\"}}"
   done >"$WORK/updates-$type.ndjson"
+  env "${env[@]}" timeout 60 "$BIN" declare >/dev/null
   # The publisher knows an attribute the worker does not: those are valid to
   # publish and refused (dead-lettered) by the worker.
   env "${env[@]}" IMATTR_ATTRIBUTES__ALLOWED='[n,nope]' timeout 60 "$BIN" publish \
@@ -195,8 +205,82 @@ run_case() { # queue type
   ctl delete_queue "$Q" >/dev/null; ctl delete_queue "$Q.dead" >/dev/null
 }
 
+# --- A frozen broker: the lease ---------------------------------------------
+# The node stops answering (SIGSTOP: a half-open connection, as far as the worker
+# can tell) while the worker is paused by the API (90009) and probing it: within
+# amqp.lease_ms it must stop sending and say "not connected", and once the node
+# answers again it reconnects and applies the update.
+set_faults() { # misconfigured true|false
+  local f
+  f=$(curl -fsS "http://127.0.0.1:$SIM_PORT/__simulator/faults") &&
+    f=$(sed -E "s/\"misconfigured\":(true|false)/\"misconfigured\":$1/" <<<"$f") &&
+    curl -fsS -X POST -H 'content-type: application/json' -d "$f" "http://127.0.0.1:$SIM_PORT/__simulator/faults"
+}
+set_attr_requests() {
+  curl -fsS "http://127.0.0.1:$SIM_PORT/__simulator/stats" | grep -o '"im_set_attr":{[^}]*}' |
+    grep -o ':[0-9]*' | tr -d : | awk '{ n += $1 } END { print n + 0 }'
+}
+ready_says() { curl -s "http://127.0.0.1:$ADMIN_PORT/readyz" | grep -q "$1"; }
+now_ms() { date +%s%3N; }
+freeze_case() {
+  local Q="imattr.alarm.frozen.$SUFFIX"
+  ADMIN_PORT=$(spare_port); TAKEN="$TAKEN $ADMIN_PORT"
+  local env=(
+    IMATTR_CONFIG=/dev/null IMATTR_AMQP__URL="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+    IMATTR_AMQP__EXCHANGE="$Q" IMATTR_AMQP__QUEUE="$Q"
+    IMATTR_AMQP__DEAD_LETTER_EXCHANGE="$Q.dead" IMATTR_AMQP__DEAD_LETTER_QUEUE="$Q.dead"
+    IMATTR_AMQP__LEASE_MS=2000
+    IMATTR_TENCENT__BASE_URL="http://127.0.0.1:$SIM_PORT" IMATTR_TENCENT__SDKAPPID=1400000000
+    IMATTR_TENCENT__SECRET_KEY=5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e
+    IMATTR_ATTRIBUTES__ALLOWED='[n]' IMATTR_ADMIN__LISTEN="127.0.0.1:$ADMIN_PORT" IMATTR_BATCH__MAX_WAIT_MS=20
+  )
+  echo "alarm-test: frozen broker, queue $Q"
+  env "${env[@]}" "$BIN" run >"$WORK/run-frozen.log" 2>&1 &
+  local run_pid=$!
+  PIDS+=("$run_pid")
+  wait_for 60 ready_says '^ready' || { fail "frozen: the worker did not get ready"; return; }
+  set_faults true >/dev/null
+  echo '{"To_Account":"frozen","Attrs":{"n":"1"}}' |
+    env "${env[@]}" timeout 60 "$BIN" publish --file - >/dev/null
+  wait_for 60 ready_says paused || { fail "frozen: the worker did not pause"; return; }
+  local beam=$NODE_PID t0 t1
+  t0=$(now_ms)
+  kill -STOP "$beam"
+  if wait_for 30 ready_says "not connected"; then
+    t1=$(now_ms)
+    pass "frozen: /readyz said not connected $((t1 - t0)) ms after the node froze (amqp.lease_ms = 2000)"
+  else
+    kill -CONT "$beam"; fail "frozen: still $(curl -s "http://127.0.0.1:$ADMIN_PORT/readyz") 30 s after the node froze"; return
+  fi
+  # Nothing of the lost session leaves any more: no probe while the node is frozen.
+  sleep 1
+  local sent
+  sent=$(set_attr_requests)
+  sleep 8
+  if [ "$(set_attr_requests)" = "$sent" ]; then
+    pass "frozen: no request sent after the lease ended ($sent in all)"
+  else
+    fail "frozen: requests went on after the lease ended: $sent, then $(set_attr_requests)"
+  fi
+  kill -CONT "$beam"
+  set_faults false >/dev/null
+  local applied=0
+  for _ in $(seq 1 120); do
+    curl -fsS "http://127.0.0.1:$SIM_PORT/__simulator/state" | grep -q '"frozen":{"n":"1"}' && { applied=1; break; }
+    sleep 0.5
+  done
+  [ "$applied" = 1 ] && pass "frozen: reconnected and applied the update once the node answered" ||
+    fail "frozen: the update was not applied after the node answered again"
+  wait_for 60 counts_are "$Q" "0 0" || fail "frozen: left: $(queue_counts "$Q")"
+  kill -TERM "$run_pid"
+  timeout 40 tail --pid="$run_pid" -f /dev/null || kill -KILL "$run_pid"
+  wait "$run_pid" || true
+  ctl delete_queue "$Q" >/dev/null; ctl delete_queue "$Q.dead" >/dev/null
+}
+
 run_case classic
 run_case quorum
+freeze_case
 
 [ "$FAILED" = 0 ] || exit 1
 echo "alarm-test: all passed in ${SECONDS}s"
