@@ -14,7 +14,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::amqp::readgate::ReadGate;
 use crate::fence::Fence;
@@ -74,7 +74,7 @@ impl Watch {
         if self.fence.is_closed() {
             return;
         }
-        warn!(reason = %why, "The broker session is lost; no request of it leaves any more");
+        debug!(reason = %why, "The broker session is lost; no request of it leaves any more");
         self.fence.close(why);
         self.health.set_connected(false);
     }
