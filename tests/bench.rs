@@ -25,6 +25,8 @@ const CORRECTNESS_ROWS: &[(&str, &str, usize)] = &[
         "replay --dry-run: output right, queue intact",
         1,
     ),
+    // A classic and a quorum updates queue.
+    ("9 large bodies", "final state correct", 2),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
