@@ -74,10 +74,7 @@ pub(crate) async fn connect_gated(
     if cfg.auth_mechanism == AuthMechanism::External {
         uri.query.auth_mechanism = Some(SASLMechanism::External);
     }
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    // lapin's automatic recovery stays off (its default): a connection
-    // recovered behind our back would be a new broker session whose
-    // deliveries the old session's state knows nothing of (docs/design.md).
+    let props = connection_properties(name);
     match gate {
         None => {
             let runtime = lapin::runtime::default_runtime().map_err(broker_error)?;
@@ -92,6 +89,14 @@ pub(crate) async fn connect_gated(
         }
     }
     .map_err(broker_error)
+}
+
+/// The connection's properties: its name, and lapin's automatic recovery
+/// off (lapin's default, kept on purpose): a connection recovered behind our
+/// back would be a new broker session whose deliveries the old session's
+/// state knows nothing of (docs/design.md, "Fencing").
+fn connection_properties(name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(name.into())
 }
 
 /// Reads the TLS files named in `cfg` into lapin's TLS settings (rustls),
@@ -392,6 +397,15 @@ mod tests {
             io_kind,
             text: text.into(),
         }
+    }
+
+    /// lapin recovers nothing by itself: a lost session is ours to end.
+    #[test]
+    fn lapin_does_not_recover_connections_behind_our_back() {
+        let props = format!("{:?}", connection_properties("imattr run q pid 1"));
+        assert!(props.contains("auto_recover: false"), "{props}");
+        // No reconnect of the TCP stream either.
+        assert!(props.contains("max_times: Some(0)"), "{props}");
     }
 
     #[test]
