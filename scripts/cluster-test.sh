@@ -276,7 +276,7 @@ say "stopping node $victim (the active worker's) after $before accounts written,
 stopped_at=$(now_ms)
 ctl "$victim" stop >/dev/null
 # The standby takes over (its log: its first delivery) and the API's count
-# grows again (a redelivery first holds requests for tencent.timeout_ms); the
+# grows again (a redelivery first holds requests for amqp.takeover_hold_ms: lease + timeout + 3 s); the
 # worker that lost its node connects to another and registers as a standby.
 plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
 connects() { plain_log "$WORK/worker.log" | grep -c "Connected to RabbitMQ" || true; }

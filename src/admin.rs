@@ -68,6 +68,11 @@ const METRICS: &[(&str, Kind, &str)] = &[
         "Accounts with updates received but not settled.",
     ),
     (
+        "imattr_held_bytes",
+        Kind::Gauge,
+        "Bytes of message bodies held, plus read and not yet taken in; reads stop at amqp.max_held_bytes.",
+    ),
+    (
         "imattr_in_flight_requests",
         Kind::Gauge,
         "Batches being sent, retried or bisected.",

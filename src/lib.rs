@@ -11,6 +11,7 @@ pub mod coalesce;
 pub mod config;
 pub(crate) mod demo;
 pub mod dlq;
+pub(crate) mod fence;
 pub(crate) mod health;
 pub(crate) mod manpage;
 pub mod publish;

@@ -25,6 +25,8 @@ const CORRECTNESS_ROWS: &[(&str, &str, usize)] = &[
         "replay --dry-run: output right, queue intact",
         1,
     ),
+    // A classic and a quorum updates queue.
+    ("9 large bodies", "final state correct", 2),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,6 +44,7 @@ async fn bench_quick_runs_every_scenario() {
         "6 refusal burst",
         "7 rate-limit regressions",
         "8 dead letters",
+        "9 large bodies",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),

@@ -252,6 +252,7 @@ async fn admin_endpoint_reports_health_readiness_and_metrics() {
         "imattr_api_request_duration_seconds_bucket",
         "imattr_request_accounts_bucket",
         "imattr_pending_accounts",
+        "imattr_held_bytes",
         "imattr_in_flight_requests",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
@@ -407,6 +408,7 @@ async fn health_and_metrics_before_anything_happened() {
         "imattr_api_request_duration_seconds_bucket",
         "imattr_request_accounts_bucket",
         "imattr_pending_accounts",
+        "imattr_held_bytes",
         "imattr_in_flight_requests",
         "imattr_retries_total",
         "imattr_paused",

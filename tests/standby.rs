@@ -3,84 +3,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
-use imattr::config::{Config, QueueType};
-
-/// One `imattr run` child process with its own admin endpoint and log file.
-struct Worker {
-    child: tokio::process::Child,
-    admin: String,
-    log: PathBuf,
-}
-
-impl Worker {
-    fn spawn(config: &Config, dir: &std::path::Path, n: usize) -> Worker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cfg = config.clone();
-        cfg.admin.listen = format!("127.0.0.1:{port}");
-        let log = dir.join(format!("worker{n}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = imattr(&cfg)
-            .arg("run")
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Worker {
-            child,
-            admin: cfg.admin.listen,
-            log,
-        }
-    }
-
-    /// (status, body) of `GET path` on its admin endpoint; (0, "") while it is not listening.
-    async fn get(&self, path: &str) -> (u16, String) {
-        match reqwest::get(format!("http://{}{path}", self.admin)).await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    }
-
-    async fn role(&self) -> String {
-        self.get("/healthz").await.1
-    }
-
-    /// A counter or gauge's value in its /metrics (0 when absent).
-    async fn metric(&self, name: &str) -> f64 {
-        let text = self.get("/metrics").await.1;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().unwrap().to_string()
-    }
-
-    fn logs(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-}
-
-/// Polls until `f` holds (async), or fails the test after `timeout`.
-async fn until<F, Fut>(timeout: Duration, what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use imattr::config::QueueType;
 
 /// The index of the worker whose /healthz says `active`, waiting for one.
 async fn active_worker(workers: &[Worker]) -> usize {

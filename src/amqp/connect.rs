@@ -41,6 +41,16 @@ pub enum ConnectError {
 /// `rabbitmqctl list_connections client_properties`). The TLS files are read
 /// on every call, so renewed certificates are picked up on reconnect.
 pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
+    connect_gated(cfg, name, None).await
+}
+
+/// [`connect`], with the socket read only while `gate` allows (the
+/// worker's consume connection: `amqp.max_held_bytes`).
+pub(crate) async fn connect_gated(
+    cfg: &AmqpConfig,
+    name: &str,
+    gate: Option<std::sync::Arc<super::readgate::ReadGate>>,
+) -> Result<Connection, ConnectError> {
     let tls = tls_config(cfg).map_err(ConnectError::Config)?;
     let broker_error = |cause: lapin::Error| {
         let problem = classify(&Attempt::of(cfg, &cause));
@@ -64,11 +74,29 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection, Connect
     if cfg.auth_mechanism == AuthMechanism::External {
         uri.query.auth_mechanism = Some(SASLMechanism::External);
     }
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    let runtime = lapin::runtime::default_runtime().map_err(broker_error)?;
-    Connection::connect_uri_with_config(uri, props, tls, runtime)
-        .await
-        .map_err(broker_error)
+    let props = connection_properties(name);
+    match gate {
+        None => {
+            let runtime = lapin::runtime::default_runtime().map_err(broker_error)?;
+            Connection::connect_uri_with_config(uri, props, tls, runtime).await
+        }
+        Some(gate) => {
+            let kit = async_rs::util::RuntimeParts::new(
+                async_rs::Tokio::current(),
+                super::readgate::GatedReactor::new(gate),
+            );
+            Connection::connect_uri_with_config(uri, props, tls, async_rs::Runtime::new(kit)).await
+        }
+    }
+    .map_err(broker_error)
+}
+
+/// The connection's properties: its name, and lapin's automatic recovery
+/// off (lapin's default, kept on purpose): a connection recovered behind our
+/// back would be a new broker session whose deliveries the old session's
+/// state knows nothing of (docs/design.md, "Fencing").
+fn connection_properties(name: &str) -> ConnectionProperties {
+    ConnectionProperties::default().with_connection_name(name.into())
 }
 
 /// Reads the TLS files named in `cfg` into lapin's TLS settings (rustls),
@@ -369,6 +397,15 @@ mod tests {
             io_kind,
             text: text.into(),
         }
+    }
+
+    /// lapin recovers nothing by itself: a lost session is ours to end.
+    #[test]
+    fn lapin_does_not_recover_connections_behind_our_back() {
+        let props = format!("{:?}", connection_properties("imattr run q pid 1"));
+        assert!(props.contains("auto_recover: false"), "{props}");
+        // No reconnect of the TCP stream either.
+        assert!(props.contains("max_times: Some(0)"), "{props}");
     }
 
     #[test]

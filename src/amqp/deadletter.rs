@@ -1,6 +1,5 @@
 //! Dead-letter copies: headers, properties and confirmed publishing.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -35,6 +34,9 @@ pub(crate) enum PublishError {
     /// The channel or connection failed (the channel may be closed now).
     #[error("publishing failed: {0}")]
     Channel(#[from] lapin::Error),
+    /// The publisher's own connection could not be opened.
+    #[error("{0}")]
+    Connect(String),
     /// The broker refused to take the message.
     #[error("the broker refused (nacked) the message")]
     Nacked,
@@ -199,22 +201,33 @@ pub(crate) async fn publish_confirmed(
     }
 }
 
-/// Publishes dead-letter copies on a confirm channel of its own, and opens a
-/// new one when the broker has closed it (it does so when it refuses a
-/// message), so that one refused copy does not stop every later one.
+/// Publishes dead-letter copies on a connection and a confirm channel of
+/// their own, opened on first use and opened again when the broker has
+/// closed them (it closes the channel when it refuses a message), so that
+/// one refused copy does not stop every later one.
+///
+/// Its own connection, as RabbitMQ advises for publishers and consumers: a
+/// memory or disk alarm blocks every connection that publishes, and on a
+/// connection shared with the consumer the acknowledgements would wait
+/// behind the blocked publish too (docs/operations.md, "Resource alarms").
 pub(crate) struct DeadLetterPublisher {
-    conn: Arc<Connection>,
+    /// One node's settings (the node the session is connected to).
+    node: crate::config::AmqpConfig,
+    /// The connection's name, shown by `rabbitmqctl list_connections`.
+    name: String,
     exchange: String,
-    channel: tokio::sync::Mutex<Option<Channel>>,
+    link: tokio::sync::Mutex<Option<(Connection, Channel)>>,
 }
 
 impl DeadLetterPublisher {
-    /// A publisher to `exchange` on `conn`; the channel opens on first use.
-    pub(crate) fn new(conn: Arc<Connection>, exchange: &str) -> Self {
+    /// A publisher to `node`'s `dead_letter_exchange`, on a connection named
+    /// `name` opened on first use.
+    pub(crate) fn new(node: &crate::config::AmqpConfig, name: String) -> Self {
         DeadLetterPublisher {
-            conn,
-            exchange: exchange.to_string(),
-            channel: tokio::sync::Mutex::new(None),
+            exchange: node.dead_letter_exchange.clone(),
+            node: node.clone(),
+            name,
+            link: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -226,18 +239,38 @@ impl DeadLetterPublisher {
         props: BasicProperties,
     ) -> Result<(), PublishError> {
         let ch = {
-            let mut slot = self.channel.lock().await;
-            match slot.as_ref().filter(|c| c.status().connected()) {
-                Some(c) => c.clone(),
+            let mut link = self.link.lock().await;
+            match link
+                .as_ref()
+                .filter(|(conn, ch)| conn.status().connected() && ch.status().connected())
+            {
+                Some((_, ch)) => ch.clone(),
                 None => {
-                    let c = self.conn.create_channel().await?;
-                    c.confirm_select(ConfirmSelectOptions::default()).await?;
-                    *slot = Some(c.clone());
-                    c
+                    let conn = match link.take() {
+                        Some((conn, _)) if conn.status().connected() => conn,
+                        _ => crate::amqp::topology::connect(&self.node, &self.name)
+                            .await
+                            .map_err(|e| PublishError::Connect(e.to_string()))?,
+                    };
+                    let ch = conn.create_channel().await?;
+                    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                    *link = Some((conn, ch.clone()));
+                    ch
                 }
             }
         };
         publish_confirmed(&ch, &self.exchange, routing_key, body, props).await
+    }
+
+    /// Closes its connection, waiting at most `within` for the broker.
+    pub(crate) async fn close(&self, within: std::time::Duration) {
+        let link = self.link.lock().await.take();
+        if let Some((conn, _)) = link {
+            if conn.status().connected() {
+                let _ =
+                    tokio::time::timeout(within, conn.close(200, "imattr stopping".into())).await;
+            }
+        }
     }
 }
 

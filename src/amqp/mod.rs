@@ -4,4 +4,5 @@ pub(crate) mod connect;
 pub(crate) mod consume;
 pub mod deadletter;
 pub(crate) mod nodes;
+pub(crate) mod readgate;
 pub mod topology;

@@ -240,6 +240,34 @@ impl std::error::Error for QueueMismatch {}
 /// How [`QueueMismatch`] words an absent argument.
 const NOT_SET: &str = "not set";
 
+/// With `amqp.single_active_consumer = false` the worker consumes
+/// exclusively, and the broker refused: another consumer holds the queue
+/// (another worker, or this worker's previous connection that the broker
+/// has not closed yet). The worker waits and tries again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "queue {queue} is consumed by another consumer, and without single-active-consumer this worker consumes exclusively (one worker only; docs/several-workers.md): waiting for the other consumer to go away ({text})"
+)]
+pub struct QueueBusy {
+    /// The queue's name.
+    pub(crate) queue: String,
+    /// The broker's reply text.
+    pub(crate) text: String,
+}
+
+impl QueueBusy {
+    /// The refusal of an exclusive `basic.consume` of `queue`, if that is what `err` is.
+    pub(crate) fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueBusy> {
+        match err.kind() {
+            lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403 => Some(QueueBusy {
+                queue: queue.to_string(),
+                text: e.get_message().as_str().to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 impl QueueMismatch {
     /// The mismatch in a refused declaration of `queue`, if that is what `err` is.
     pub(crate) fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueMismatch> {

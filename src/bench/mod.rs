@@ -10,6 +10,7 @@ mod broker_bound;
 mod dead_letters;
 mod harness;
 mod hot_accounts;
+mod large_bodies;
 mod latency;
 mod memory;
 mod process;
@@ -38,6 +39,8 @@ struct Sizes {
     burst_before_secs: u64,
     burst_after_secs: u64,
     many_accounts: usize,
+    large_bodies: usize,
+    large_bodies_normal: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -54,6 +57,8 @@ const FULL: Sizes = Sizes {
     burst_before_secs: 4,
     burst_after_secs: 8,
     many_accounts: 40_000,
+    large_bodies: 100,
+    large_bodies_normal: 100,
 };
 
 const QUICK: Sizes = Sizes {
@@ -70,10 +75,12 @@ const QUICK: Sizes = Sizes {
     burst_before_secs: 1,
     burst_after_secs: 2,
     many_accounts: 2_000,
+    large_bodies: 20,
+    large_bodies_normal: 100,
 };
 
 /// The scenarios, numbered from 1.
-pub(crate) const SCENARIOS: [&str; 8] = [
+pub(crate) const SCENARIOS: [&str; 9] = [
     "broker-bound drain",
     "API-bound",
     "hot accounts",
@@ -82,6 +89,7 @@ pub(crate) const SCENARIOS: [&str; 8] = [
     "refusal burst",
     "rate-limit regressions",
     "dead letters",
+    "large bodies",
 ];
 
 /// Runs every scenario (or only scenario `only`) and prints the table (or JSON).
@@ -115,7 +123,8 @@ pub(crate) async fn run(
             5 => latency::run(&base, &sizes).await,
             6 => refusal_burst::run(&base, &sizes).await,
             7 => regressions::run(&base, &sizes).await,
-            _ => dead_letters::run(&base, sizes.dead_letters).await,
+            8 => dead_letters::run(&base, sizes.dead_letters).await,
+            _ => large_bodies::run(&base, &sizes).await,
         };
         figures.extend(scenario.with_context(|| format!("scenario {n}"))?);
     }

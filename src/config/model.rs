@@ -163,10 +163,27 @@ pub struct AmqpConfig {
     pub auth_mechanism: AuthMechanism,
     /// Declare the updates queue with `x-single-active-consumer`: one worker
     /// consumes, the others are hot standbys (docs/several-workers.md).
+    /// When false, the worker's consumer is exclusive: one worker only.
     pub single_active_consumer: bool,
+    /// How long requests may still leave after the broker last answered on the
+    /// consume channel, in milliseconds (1000 to 60000). Checked with a round trip
+    /// every second; past it the session is lost and the worker reconnects.
+    pub lease_ms: u64,
+    /// How long a worker that takes over redelivered messages holds its first
+    /// requests, in milliseconds; 0: `lease_ms` + `tencent.timeout_ms` + 3000 (the
+    /// API's backend timeout), the least allowed.
+    pub takeover_hold_ms: u64,
+    /// Bytes of message bodies the worker holds at once, in bytes (at least 4194304);
+    /// past it the worker stops reading deliveries from the broker until under again.
+    pub max_held_bytes: u64,
 }
 
 impl AmqpConfig {
+    /// `amqp.lease_ms`.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
     /// One configuration per URL of `url` (cluster nodes), in order; each
     /// connects to that node alone.
     pub fn nodes(&self) -> Vec<AmqpConfig> {
@@ -196,6 +213,9 @@ impl Default for AmqpConfig {
             tls_key_file: String::new(),
             auth_mechanism: AuthMechanism::Plain,
             single_active_consumer: true,
+            lease_ms: 10_000,
+            takeover_hold_ms: 0,
+            max_held_bytes: 64 << 20,
         }
     }
 }
@@ -419,6 +439,26 @@ impl ShutdownConfig {
 }
 
 impl Config {
+    /// The least takeover hold that is safe: the longest a request of a
+    /// session lost elsewhere can still land after the broker gave its
+    /// messages away (docs/several-workers.md, "Taking over"): it may leave
+    /// until the lease ends, then take `tencent.timeout_ms` on our side and
+    /// the API's backend timeout on its side.
+    pub fn least_takeover_hold(&self) -> Duration {
+        self.amqp.lease()
+            + self.tencent.timeout()
+            + Duration::from_millis(super::API_BACKEND_TIMEOUT_MS)
+    }
+
+    /// `amqp.takeover_hold_ms`, or the least safe hold when it is 0.
+    pub fn takeover_hold(&self) -> Duration {
+        if self.amqp.takeover_hold_ms == 0 {
+            self.least_takeover_hold()
+        } else {
+            Duration::from_millis(self.amqp.takeover_hold_ms)
+        }
+    }
+
     /// The API's base URL, `https://{domain}` or `tencent.base_url`.
     pub fn api_base_url(&self) -> String {
         if !self.tencent.base_url.is_empty() {
@@ -446,6 +486,13 @@ mod tests {
         assert_eq!(c.retry.max_elapsed_secs, 600);
         assert_eq!(c.admin.listen, "127.0.0.1:9464");
         assert_eq!(c.api_base_url(), "https://console.tim.qq.com");
+        assert_eq!(c.amqp.lease_ms, 10_000);
+        assert_eq!(c.amqp.max_held_bytes, 64 << 20);
+        // Derived: the lease, our timeout, the API's backend timeout.
+        assert_eq!(c.takeover_hold(), Duration::from_millis(18_000));
+        let mut c = c;
+        c.amqp.takeover_hold_ms = 30_000;
+        assert_eq!(c.takeover_hold(), Duration::from_millis(30_000));
     }
 
     #[test]

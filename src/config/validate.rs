@@ -16,6 +16,11 @@ const MAX_BATCH_WAIT_MS: u64 = 60_000;
 const MAX_RETRY_INTERVAL_MS: u64 = 3_600_000;
 const MAX_RETRY_ELAPSED_SECS: u64 = 604_800;
 const MAX_SHUTDOWN_SECS: u64 = 3600;
+const MIN_LEASE_MS: u64 = 1000;
+const MAX_LEASE_MS: u64 = 60_000;
+const MAX_TAKEOVER_HOLD_MS: u64 = 600_000;
+const MIN_HELD_BYTES: u64 = 4 << 20;
+const MAX_HELD_BYTES: u64 = 1 << 40;
 
 /// `Ok` when `ok`, else an error naming `field`.
 fn ensure(ok: bool, field: &'static str, message: impl Into<String>) -> Result<(), ConfigError> {
@@ -76,6 +81,15 @@ pub(crate) fn check_amqp_url(url: &str) -> Result<(), String> {
 pub(crate) fn accepted(key: &str) -> Option<String> {
     Some(match key {
         "amqp.prefetch" => "must be 1 to 65535".into(),
+        "amqp.lease_ms" => format!(
+            "must be {MIN_LEASE_MS} to {MAX_LEASE_MS}, under the broker's heartbeat timeout"
+        ),
+        "amqp.takeover_hold_ms" => format!(
+            "must be 0 (derived) or at least amqp.lease_ms + tencent.timeout_ms + 3000, the least safe hold, and at most {MAX_TAKEOVER_HOLD_MS}"
+        ),
+        "amqp.max_held_bytes" => format!(
+            "must be {MIN_HELD_BYTES} (4 MiB: room for the largest valid message) to {MAX_HELD_BYTES}"
+        ),
         "tencent.sdkappid" => "must be the app's SDKAppID, a whole number".into(),
         "tencent.usersig_ttl_secs" => "must be at least 60".into(),
         "tencent.timeout_ms" => format!(
@@ -120,6 +134,15 @@ impl Config {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.tencent.validate()?;
+        let least = self.least_takeover_hold().as_millis() as u64;
+        let hold = self.amqp.takeover_hold_ms;
+        ensure(
+            hold == 0 || (least..=MAX_TAKEOVER_HOLD_MS).contains(&hold),
+            "amqp.takeover_hold_ms",
+            format!(
+                "must be 0 (derived) or {least} (amqp.lease_ms + tencent.timeout_ms + 3000, the least safe hold) to {MAX_TAKEOVER_HOLD_MS} (got {hold})"
+            ),
+        )?;
         self.batch.validate()?;
         self.retry.validate()?;
         self.attributes.validate()?;
@@ -192,6 +215,16 @@ impl AmqpConfig {
             "must differ from amqp.exchange (dead letters would come back as updates)",
         )?;
         in_range(self.prefetch > 0, "amqp.prefetch", self.prefetch)?;
+        in_range(
+            (MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms),
+            "amqp.lease_ms",
+            self.lease_ms,
+        )?;
+        in_range(
+            (MIN_HELD_BYTES..=MAX_HELD_BYTES).contains(&self.max_held_bytes),
+            "amqp.max_held_bytes",
+            self.max_held_bytes,
+        )?;
         self.validate_tls()
     }
 
@@ -696,6 +729,29 @@ mod tests {
             ("IMATTR_BATCH__MAX_ACCOUNTS", "many", "batch.max_accounts"),
             ("IMATTR_AMQP__QUEUE_TYPE", "Quorum", "amqp.queue_type"),
             ("IMATTR_TENCENT__REGION", "silicon_valley", "tencent.region"),
+            (
+                "IMATTR_AMQP__LEASE_MS",
+                "999",
+                "amqp.lease_ms: must be 1000 to 60000",
+            ),
+            ("IMATTR_AMQP__LEASE_MS", "60001", "amqp.lease_ms"),
+            (
+                "IMATTR_AMQP__MAX_HELD_BYTES",
+                "1048576",
+                "amqp.max_held_bytes",
+            ),
+            ("IMATTR_AMQP__MAX_HELD_BYTES", HUGE, "amqp.max_held_bytes"),
+            // The least safe hold with the defaults: 10000 + 5000 + 3000.
+            (
+                "IMATTR_AMQP__TAKEOVER_HOLD_MS",
+                "17999",
+                "amqp.takeover_hold_ms: must be 0 (derived) or 18000",
+            ),
+            (
+                "IMATTR_AMQP__TAKEOVER_HOLD_MS",
+                "600001",
+                "amqp.takeover_hold_ms",
+            ),
         ];
         for (key, value, field) in cases {
             Jail::expect_with(|jail| {

@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::door::{Door, Slot, Ticket};
 use super::errors::{classify, Class, Reply};
-use super::ratelimit::{Lowering, RateLimiter};
+use super::ratelimit::Lowering;
 use super::tap::RateTap;
 use super::usersig::Signer;
 use crate::config::Config;
+use crate::fence::Fence;
 
 /// The API's names under `v4/all_member_push/`.
 pub mod api {
@@ -147,8 +147,8 @@ pub struct Client {
     http: reqwest::Client,
     base: Arc<str>,
     signer: Arc<Signer>,
-    limiter: Arc<RateLimiter>,
-    in_flight: Arc<Semaphore>,
+    /// The in-flight bound and the rate limiter, shared by all clones.
+    door: Arc<Door>,
     /// Where the requests sent are counted, when a test measures them.
     tap: Option<Arc<RateTap>>,
 }
@@ -190,8 +190,7 @@ impl Client {
             http,
             base: base_url.trim_end_matches('/').into(),
             signer,
-            limiter: Arc::new(RateLimiter::new(rate_limit_per_sec, tap.clone())),
-            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            door: Arc::new(Door::new(rate_limit_per_sec, max_in_flight, tap.clone())),
             tap,
         })
     }
@@ -201,8 +200,9 @@ impl Client {
         &self.signer
     }
 
-    pub(crate) fn limiter(&self) -> &Arc<RateLimiter> {
-        &self.limiter
+    /// The door every request leaves by (in-flight bound, rate limiter).
+    pub(crate) fn door(&self) -> &Arc<Door> {
+        &self.door
     }
 
     /// The full URL of `api`, with a fresh `random` (carries the usersig: never log it).
@@ -219,44 +219,52 @@ impl Client {
         u
     }
 
-    /// Sends one request with a JSON body, within the rate limit and the
-    /// in-flight bound. Never fails: every failure is a [`Reply`].
+    /// Sends one request with a JSON body through the door (an in-flight
+    /// permit, then a rate slot) on behalf of no broker session. Never
+    /// fails: every failure is a [`Reply`].
     pub async fn call(&self, api: &str, body: Vec<u8>) -> CallResult {
-        let _permit = self.in_flight.acquire().await;
-        self.limiter.acquire().await;
-        self.send(api, body).await
+        self.call_unfenced(api, body, Slot::Reserve).await
     }
 
-    /// [`Client::call`] (skipping the rate limiter when `in_slot`: the caller
-    /// has just taken a slot with `limiter().try_acquire()`) unless
-    /// `stop` fires while it waits for its turn: then None, and nothing was
-    /// sent (a stopped session must not send while another one may hold
-    /// the same messages).
-    pub(crate) async fn call_unless_stopped(
+    /// [`Client::call`] with an open fence (nothing to lose), in `slot`.
+    async fn call_unfenced(&self, api: &str, body: Vec<u8>, slot: Slot) -> CallResult {
+        let open = Fence::open();
+        let ticket = self.door.ticket();
+        match self
+            .door
+            .pass(ticket, &open, slot, || self.send(api, body))
+            .await
+        {
+            Some(r) => r,
+            // An open fence never closes; not worth a panic all the same.
+            None => CallResult {
+                reply: Reply::Connection("not sent".into()),
+                class: Class::Transient,
+                body: None,
+                latency: Duration::ZERO,
+            },
+        }
+    }
+
+    /// Sends one request through the door (`tencent::door`): an in-flight
+    /// permit, a rate slot, then `fence` checked right before it leaves.
+    /// None, and nothing sent, when the fence closes first (a lost session
+    /// must not send while another one may hold the same messages). Every
+    /// request of a broker session goes through here, whatever its API.
+    pub(crate) async fn call_fenced(
         &self,
         api: &str,
         body: Vec<u8>,
-        in_slot: bool,
-        stop: &CancellationToken,
+        ticket: Ticket,
+        fence: &Fence,
     ) -> Option<CallResult> {
-        let _permit = tokio::select! {
-            p = self.in_flight.acquire() => p,
-            _ = stop.cancelled() => return None,
-        };
-        if !in_slot {
-            tokio::select! {
-                _ = self.limiter.acquire() => {}
-                _ = stop.cancelled() => return None,
-            }
-        }
-        if stop.is_cancelled() {
-            return None;
-        }
-        Some(self.send(api, body).await)
+        self.door
+            .pass(ticket, fence, Slot::Reserve, || self.send(api, body))
+            .await
     }
 
     async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {
-        metrics::gauge!("imattr_rate_limit_current").set(self.limiter.current_rate());
+        metrics::gauge!("imattr_rate_limit_current").set(self.door.limiter().current_rate());
         let started = tokio::time::Instant::now();
         if let Some(t) = &self.tap {
             t.sent();
@@ -307,14 +315,14 @@ impl Client {
     /// Lowers the rate (at most once a second) and says so once per episode.
     fn on_rate_limited(&self, api: &str, reply: &Reply) {
         metrics::counter!("imattr_rate_limited_total").increment(1);
-        match self.limiter.on_rate_limited() {
+        match self.door.limiter().on_rate_limited() {
             Lowering::NewEpisode(rate) => {
                 metrics::gauge!("imattr_rate_limit_current").set(rate);
                 warn!(
                     api,
                     code = reply.code(),
                     rate_per_sec = rate,
-                    configured_per_sec = self.limiter.max_rate(),
+                    configured_per_sec = self.door.limiter().max_rate(),
                     "The API refuses requests for their rate; lowering the request rate for a while"
                 );
             }
@@ -400,14 +408,10 @@ impl Client {
         Ok(r.attr_names.unwrap_or_default())
     }
 
-    /// Sends in the first rate slot free when it is tried (as batches do);
-    /// counted like every request.
+    /// Sends in the first rate slot free when it is tried (as batches do),
+    /// through the door like every request.
     async fn call_in_free_slot(&self, api: &str, body: Vec<u8>) -> CallResult {
-        let _permit = self.in_flight.acquire().await;
-        while let Err(at) = self.limiter.try_acquire() {
-            tokio::time::sleep_until(at).await;
-        }
-        self.send(api, body).await
+        self.call_unfenced(api, body, Slot::WhenFree).await
     }
 }
 

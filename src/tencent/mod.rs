@@ -1,6 +1,7 @@
 //! Tencent Cloud Chat: the REST client, UserSig and the meaning of answers.
 
 pub mod client;
+pub(crate) mod door;
 pub(crate) mod errors;
 pub(crate) mod ratelimit;
 pub mod tap;

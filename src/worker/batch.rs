@@ -21,8 +21,10 @@ use super::session::Event;
 use crate::amqp::deadletter::{Failure, Reason};
 use crate::coalesce::{BatchCap, Entry, Tag};
 use crate::config::{RetryConfig, API_BACKEND_TIMEOUT_MS};
+use crate::fence::Fence;
 use crate::retry::TransientBudget;
 use crate::tencent::client::{api, set_attr_body};
+use crate::tencent::door::Ticket;
 use crate::tencent::{Class, Client, Reply};
 use crate::wait::{backoff_forever, sleep_unless_cancelled};
 
@@ -42,8 +44,10 @@ pub(super) struct BatchCtx {
     pub(super) client: Client,
     pub(super) retry: RetryConfig,
     pub(super) cap: Arc<BatchCap>,
-    /// Fired when the session ends: retries and probes stop at once.
-    pub(super) stop: CancellationToken,
+    /// The session's fence: closed when the session is lost or ends (retries
+    /// and probes stop at once), shut for a while when its lease lapsed;
+    /// every request checks it right before it leaves.
+    pub(super) fence: Fence,
     pub(super) events: mpsc::UnboundedSender<Event>,
 }
 
@@ -215,27 +219,21 @@ impl Waits for Backoffs {
 
 /// Runs one batch to the end: every part applied or failed, unless the
 /// session stops first (then the parts without outcome stay unacked).
-/// `in_slot`: the caller has taken the rate slot of the first request.
+/// `ticket`: the first request's place at the door, taken when the batch
+/// was formed (None: take one now).
 pub(super) async fn execute_batch(
     entries: Vec<Entry>,
     ctx: &BatchCtx,
-    in_slot: bool,
+    ticket: Option<Ticket>,
 ) -> Vec<PartOutcome> {
     let mut outcomes = Vec::new();
-    let mut in_slot = in_slot;
+    let mut ticket = ticket;
     // Requests still to send, with the attempts already spent on their entries.
     let mut work: VecDeque<(Vec<Entry>, u32)> = VecDeque::from([(entries, 0)]);
     // When the last request with an ambiguous answer was sent.
     let mut last_ambiguous: Option<Instant> = None;
     while let Some((entries, prior)) = work.pop_front() {
-        let Some(sent) = send(
-            &entries,
-            ctx,
-            std::mem::take(&mut in_slot),
-            &mut last_ambiguous,
-        )
-        .await
-        else {
+        let Some(sent) = send(&entries, ctx, ticket.take(), &mut last_ambiguous).await else {
             break;
         };
         let attempts = prior + sent.attempts;
@@ -284,7 +282,7 @@ pub(super) async fn execute_batch(
     // sent once the accounts are unlocked: report only after the backend
     // gave up on it. Stopped meanwhile: nothing is reported (all redelivered).
     if let Some(sent_at) = last_ambiguous {
-        if !settled_after(sent_at, &ctx.stop).await {
+        if !settled_after(sent_at, ctx.fence.token()).await {
             return Vec::new();
         }
     }
@@ -343,7 +341,7 @@ struct Sent {
 async fn send(
     entries: &[Entry],
     ctx: &BatchCtx,
-    mut in_slot: bool,
+    mut ticket: Option<Ticket>,
     last_ambiguous: &mut Option<Instant>,
 ) -> Option<Sent> {
     let merged: Vec<(&str, Vec<(&str, &str)>)> = entries
@@ -362,20 +360,16 @@ async fn send(
     };
     let mut attempts = 0u32;
     let result = loop {
-        if ctx.stop.is_cancelled() {
+        if ctx.fence.is_closed() {
             break None;
         }
         attempts += 1;
-        // Only the first attempt may use the caller's slot; retries wait
-        // for their own.
+        // The first attempt uses the place taken when the batch was formed;
+        // every other one queues up now.
+        let ticket = ticket.take().unwrap_or_else(|| ctx.client.door().ticket());
         let Some(r) = ctx
             .client
-            .call_unless_stopped(
-                api::SET_ATTR,
-                body.clone(),
-                std::mem::take(&mut in_slot),
-                &ctx.stop,
-            )
+            .call_fenced(api::SET_ATTR, body.clone(), ticket, &ctx.fence)
             .await
         else {
             break None;
@@ -430,7 +424,7 @@ async fn send(
             }
             Step::Again(Again::SlowDown(d) | Again::Probe(d)) => d,
         };
-        if !sleep_unless_cancelled(wait, &ctx.stop).await {
+        if !sleep_unless_cancelled(wait, ctx.fence.token()).await {
             break None;
         }
     };
@@ -697,7 +691,7 @@ mod tests {
             client,
             retry,
             cap: Arc::new(BatchCap::new(100)),
-            stop: CancellationToken::new(),
+            fence: Fence::open(),
             events,
         };
         (ctx, rx)
@@ -749,7 +743,7 @@ mod tests {
         let entries: Vec<Entry> = (0..5)
             .map(|i| entry(&format!("u{i}"), &[(i, "sex", "m")]))
             .collect();
-        let out = execute_batch(entries, &ctx, false).await;
+        let out = execute_batch(entries, &ctx, None).await;
         assert_eq!(results(&out), (0..5).map(|t| (t, None)).collect::<Vec<_>>());
         for i in 0..5 {
             assert_eq!(value(&sim, &format!("u{i}"), "sex").as_deref(), Some("m"));
@@ -775,7 +769,7 @@ mod tests {
             entry("c", &[(5, "city", "c5")]),
             entry("d", &[(6, "bad", "y")]),
         ];
-        let out = execute_batch(entries, &ctx, false).await;
+        let out = execute_batch(entries, &ctx, None).await;
         let rejected = Some((Reason::Rejected, 90033));
         assert_eq!(
             results(&out),
@@ -812,7 +806,7 @@ mod tests {
             entry("a", &[(1, "sex", "m"), (2, "city", "x")]),
             entry("b", &[(3, "sex", "f")]),
         ];
-        let out = execute_batch(entries, &ctx, false).await;
+        let out = execute_batch(entries, &ctx, None).await;
         let exhausted = Some((Reason::RetriesExhausted, 91000));
         assert_eq!(
             results(&out),
@@ -836,7 +830,7 @@ mod tests {
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await
             })
         };
         match rx.recv().await {
@@ -869,7 +863,7 @@ mod tests {
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await
             })
         };
         match rx.recv().await {
@@ -912,11 +906,11 @@ mod tests {
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        ctx.stop.cancel();
+        ctx.fence.close("stopped");
         let out = task.await.expect("batch task");
         assert!(out.is_empty(), "{out:?}");
     }
@@ -936,16 +930,16 @@ mod tests {
         )
         .expect("client");
         // Take this second's only slot: the batch's request waits ~1 s.
-        ctx.client.limiter().acquire().await;
+        ctx.client.door().limiter().acquire().await;
         let ctx = Arc::new(ctx);
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
-        ctx.stop.cancel();
+        ctx.fence.close("stopped");
         let out = task.await.expect("batch task");
         assert!(out.is_empty(), "{out:?}");
         // Past the slot it was waiting for: still nothing sent.
@@ -969,7 +963,7 @@ mod tests {
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, false).await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await
             })
         };
         while sim.stats().total(api::SET_ATTR) == 0 {

@@ -22,8 +22,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::amqp::connect::connect_gated;
 use crate::amqp::nodes::Nodes;
-use crate::amqp::topology::{self, QueueMismatch};
+use crate::amqp::readgate::ReadGate;
+use crate::amqp::topology::{QueueBusy, QueueMismatch};
 use crate::attrnames::AttrNames;
 use crate::coalesce::BatchCap;
 use crate::config::Config;
@@ -61,14 +63,18 @@ pub async fn run(
     let mut nodes = Nodes::new(&config.amqp);
     let mut reconnect = backoff_forever(Duration::from_millis(500), Duration::from_secs(30));
     let mut failing_since: Option<Instant> = None;
+    // Whether "cannot consume yet" (an exclusive consumer refused) was said.
+    let mut busy_said = false;
     let close_timeout = Duration::from_secs(config.shutdown.timeout_secs);
     loop {
         if cancel.is_cancelled() {
             return Ok(());
         }
         let (node, node_cfg) = nodes.next_node();
+        // A new gate per connection: nothing of the last session is held.
+        let gate = ReadGate::new(config.amqp.max_held_bytes);
         let conn = tokio::select! {
-            c = topology::connect(node_cfg, &conn_name) => c,
+            c = connect_gated(node_cfg, &conn_name, Some(gate.clone())) => c,
             _ = cancel.cancelled() => return Ok(()),
         };
         let node_url = node_cfg.url.clone();
@@ -100,6 +106,8 @@ pub async fn run(
                 let session = Session::start(
                     &config,
                     &conn,
+                    gate,
+                    node_cfg,
                     client.clone(),
                     names.clone(),
                     cap.clone(),
@@ -123,7 +131,9 @@ pub async fn run(
                     // the exit; at shutdown by what is left of its deadline.
                     let close_by = match &end {
                         Ok(End::Shutdown(deadline)) => *deadline,
-                        _ => Instant::now() + close_timeout,
+                        // A broker that stopped answering will not answer this.
+                        Ok(End::Lost(_)) => Instant::now() + Duration::from_secs(1),
+                        Err(_) => Instant::now() + close_timeout,
                     };
                     let close = conn.close(200, "imattr stopping".into());
                     if tokio::time::timeout_at(close_by, close).await.is_err() {
@@ -133,6 +143,9 @@ pub async fn run(
                 Some(end)
             }
         };
+        if matches!(outcome, Some(Ok(_))) {
+            busy_said = false;
+        }
         match outcome {
             Some(Ok(End::Shutdown(_))) => {
                 info!("Stopped");
@@ -141,6 +154,20 @@ pub async fn run(
             Some(Ok(End::Lost(why))) => {
                 metrics::counter!("imattr_broker_reconnects_total").increment(1);
                 warn!(reason = %why, "Lost the broker session; unacked messages will be redelivered; reconnecting");
+            }
+            Some(Err(e)) if e.downcast_ref::<QueueBusy>().is_some() => {
+                // Expected for a while after losing a connection the broker
+                // has not closed yet: say it once per episode.
+                if !busy_said {
+                    warn!(error = %e, "Cannot consume yet; retrying");
+                    busy_said = true;
+                } else {
+                    debug!(error = %e, "Still cannot consume");
+                }
+                if !sleep_unless_cancelled(Duration::from_secs(1), &cancel).await {
+                    return Ok(());
+                }
+                continue;
             }
             Some(Err(e)) => {
                 metrics::counter!("imattr_broker_reconnects_total").increment(1);

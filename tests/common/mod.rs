@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use imattr::config::Config;
 pub use imattr::sandbox::Sandbox;
@@ -216,4 +217,101 @@ pub fn close_connections(name: &str) -> usize {
         n += 1;
     }
     n
+}
+
+/// One `imattr run` child process with its own admin endpoint and log file.
+pub struct Worker {
+    pub child: tokio::process::Child,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn spawn(config: &Config, dir: &std::path::Path, n: usize) -> Worker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg = config.clone();
+        cfg.admin.listen = format!("127.0.0.1:{port}");
+        let log = dir.join(format!("worker{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = imattr(&cfg)
+            .arg("run")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Worker {
+            child,
+            admin: cfg.admin.listen,
+            log,
+        }
+    }
+
+    /// (status, body) of `GET path` on its admin endpoint; (0, "") while it is not listening.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        match reqwest::get(format!("http://{}{path}", self.admin)).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    pub async fn role(&self) -> String {
+        self.get("/healthz").await.1
+    }
+
+    /// A counter or gauge's value in its /metrics (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.1;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().unwrap().to_string()
+    }
+
+    pub fn logs(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+}
+
+/// Polls until `f` holds (async), or fails the test after `timeout`.
+pub async fn until<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Worker {
+    /// The name of its consume connection (`rabbitmqctl list_connections client_properties`).
+    pub fn connection_name(&self, config: &Config) -> String {
+        format!("imattr run {} pid {}", config.amqp.queue, self.pid())
+    }
+
+    /// Its peak resident memory so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        peak_rss_mib(self.child.id().unwrap())
+    }
+}
+
+/// A process's peak resident memory so far (VmHWM in /proc), in MiB; NaN if unknown.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

@@ -11,11 +11,15 @@ use crate::worker::batch::execute_batch;
 impl Session<'_> {
     /// Starts every batch that is due while the API is not refusing us and
     /// its request can go out at once: an in-flight slot and a rate slot are
-    /// free (`draining`: everything ready is due).
+    /// free and no other request waits at the client's door (`draining`:
+    /// everything ready is due). The slot itself is taken by the request
+    /// when it leaves (`tencent::door`); the batch takes its place in the
+    /// door's queue here, so that the next one is formed only once it left.
     pub(super) fn dispatch(&mut self, draining: bool) {
         // A slot found by an earlier call is stale now; an early return must
         // not leave it behind, or the event loop would wake at it again and again.
         self.next_slot = None;
+        self.at_the_door = false;
         if let Some(until) = self.hold_until {
             if Instant::now() < until {
                 return;
@@ -37,7 +41,13 @@ impl Session<'_> {
             // Form the batch only when its request can go out now: until
             // then its accounts keep merging updates (a backlog goes out in
             // fewer, fuller requests).
-            if let Err(next) = self.ctx.client.limiter().try_acquire() {
+            let door = self.ctx.client.door();
+            if door.queued() > 0 {
+                self.at_the_door = true;
+                break;
+            }
+            let next = door.next_slot(now);
+            if next > now {
                 self.next_slot = Some(next);
                 break;
             }
@@ -45,12 +55,13 @@ impl Session<'_> {
             if entries.is_empty() {
                 break;
             }
+            let ticket = door.ticket();
             self.batches_in_flight += 1;
             metrics::gauge!("imattr_in_flight_requests").set(self.batches_in_flight as f64);
             let ctx = self.ctx.clone();
             self.tasks.spawn(async move {
                 let accounts: Vec<String> = entries.iter().map(|e| e.account.clone()).collect();
-                let outcomes = execute_batch(entries, &ctx, true).await;
+                let outcomes = execute_batch(entries, &ctx, Some(ticket)).await;
                 let _ = ctx.events.send(Event::BatchDone { accounts, outcomes });
             });
         }

@@ -12,16 +12,18 @@ use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::{Msg, Session};
+use super::watch::Watch;
+use super::{Event, Msg, Session};
 use crate::amqp::consume::AckTracker;
 use crate::amqp::deadletter::{DeadLetterPublisher, Failure, Reason};
-use crate::amqp::topology;
+use crate::amqp::readgate::ReadGate;
+use crate::amqp::topology::{self, QueueBusy};
 use crate::attrnames::AttrNames;
 use crate::coalesce::{BatchCap, Coalescer};
-use crate::config::{Config, QueueType};
+use crate::config::{AmqpConfig, Config, QueueType};
+use crate::fence::Fence;
 use crate::health::Health;
 use crate::tencent::Client;
 use crate::update::{self, Rules};
@@ -31,15 +33,20 @@ use crate::worker::End;
 /// Deliveries taken from the consumer's buffer per turn of the event loop.
 const DELIVERY_BURST: usize = 256;
 
+/// Reports this worker as a standby (one INFO line).
+pub(super) fn stand_by(health: &Health, a: &AmqpConfig) {
+    health.set_active(false);
+    info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
+}
+
 /// Reports this worker as the queue's active consumer (one INFO line).
 fn become_active(health: &Health, a: &crate::config::AmqpConfig, how: &'static str) {
     health.set_active(true);
     info!(queue = %a.queue, detected_by = how, "Active: this worker now consumes the queue");
 }
 
-/// Whether our consumer is the queue's only one (a passive declare counts
-/// them); any doubt answers false, and the first delivery settles it.
-async fn only_consumer(ch: &Channel, queue: &str) -> bool {
+/// The queue's consumers, counted by a passive declare; None when unknown.
+async fn consumers(ch: &Channel, queue: &str) -> Option<u32> {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -48,19 +55,24 @@ async fn only_consumer(ch: &Channel, queue: &str) -> bool {
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     {
-        Ok(q) => q.consumer_count() == 1,
+        Ok(q) => Some(q.consumer_count()),
         Err(e) => {
             debug!(error = %e, "Cannot count the queue's consumers");
-            false
+            None
         }
     }
 }
 
 impl<'a> Session<'a> {
-    /// Declares the topology, opens the channels and starts consuming.
+    /// Declares the topology, opens the channels and starts consuming;
+    /// starts watching the session (`watch`). `conn` is read through `gate`;
+    /// dead letters go out on a connection of their own to `node`.
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::worker) async fn start(
         config: &'a Config,
         conn: &Arc<Connection>,
+        gate: Arc<ReadGate>,
+        node: &AmqpConfig,
         client: Client,
         names: AttrNames,
         cap: Arc<BatchCap>,
@@ -74,37 +86,98 @@ impl<'a> Session<'a> {
             .await
             .context("setting the prefetch count")?;
         let dead_letters = Arc::new(DeadLetterPublisher::new(
-            conn.clone(),
-            &a.dead_letter_exchange,
+            node,
+            format!("imattr dead letters {} pid {}", a.queue, std::process::id()),
         ));
+        // Counted before registering: once our consumer is registered, an
+        // answer on this connection may wait behind deliveries the read
+        // gate holds back until the session takes them, so nothing here may
+        // wait for one. With single-active-consumer a classic queue counts
+        // waiting consumers too; a quorum queue counts only the active one,
+        // so there it proves nothing.
+        let counted = if !a.single_active_consumer || a.queue_type == QueueType::Classic {
+            consumers(&consume_ch, &a.queue).await
+        } else {
+            None
+        };
+        if !a.single_active_consumer {
+            // Only one consumer at a time: another worker, or our previous
+            // connection that the broker has not closed yet (half-open, it
+            // holds older messages; consuming newer ones now would apply them
+            // first). The exclusive flag below says the same, but a quorum
+            // queue does not enforce it (RabbitMQ 3.10).
+            if let Some(n) = counted.filter(|&n| n > 0) {
+                return Err(anyhow::Error::new(QueueBusy {
+                    queue: a.queue.clone(),
+                    text: format!("{n} consumer(s) registered"),
+                }));
+            }
+        }
+        let alone = a.single_active_consumer && counted == Some(0);
         let consumer_tag = format!("imattr-{}", std::process::id());
         let consumer = consume_ch
             .basic_consume(
                 a.queue.as_str().into(),
                 consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    // Without single-active-consumer only an exclusive consumer
+                    // keeps a reconnecting worker from consuming newer messages
+                    // while its previous connection, half-open, still holds
+                    // older ones (docs/several-workers.md).
+                    exclusive: !a.single_active_consumer,
+                    ..BasicConsumeOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("consuming from queue {}", a.queue))?;
+            .map_err(|e| match QueueBusy::from_error(&a.queue, &e) {
+                Some(busy) => anyhow::Error::new(busy),
+                None => anyhow::Error::new(e).context(format!("consuming from queue {}", a.queue)),
+            })?;
+        // The broker has just answered on the consume channel: the lease runs from here.
+        let fence = Fence::leased(a.lease(), Instant::now());
+        let watcher = tokio::spawn(
+            Watch {
+                conn: conn.clone(),
+                channel: consume_ch.clone(),
+                queue: a.queue.clone(),
+                lease: a.lease(),
+                fence: fence.clone(),
+                gate: gate.clone(),
+                health: health.clone(),
+            }
+            .run(),
+        );
         health.session_started();
-        if !a.single_active_consumer {
-            // Every consumer of such a queue gets deliveries.
-            become_active(&health, a, "no single-active-consumer");
-        } else if a.queue_type == QueueType::Classic && only_consumer(&consume_ch, &a.queue).await {
-            // A classic queue counts waiting consumers too; a quorum queue
-            // counts only the active one, so the count proves nothing there.
-            become_active(&health, a, "only consumer");
-        } else {
-            health.set_active(false);
-            info!(queue = %a.queue, "Standing by: consuming, active from the first delivery (another worker may be the active one)");
-        }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if !a.single_active_consumer || alone {
+            become_active(
+                &health,
+                a,
+                if alone {
+                    "only consumer"
+                } else {
+                    "no single-active-consumer"
+                },
+            );
+            // Another worker registering at the same moment counted none
+            // either: counted again, off the loop; two mean "standby" until
+            // the first delivery says otherwise, or, without
+            // single-active-consumer, that this session must end.
+            let (ch, queue, events) = (consume_ch.clone(), a.queue.clone(), events_tx.clone());
+            tokio::spawn(async move {
+                if consumers(&ch, &queue).await.is_some_and(|n| n > 1) {
+                    let _ = events.send(Event::NotAlone);
+                }
+            });
+        } else {
+            stand_by(&health, a);
+        }
         let ctx = Arc::new(BatchCtx {
             client,
             retry: config.retry.clone(),
             cap,
-            stop: CancellationToken::new(),
+            fence,
             events: events_tx,
         });
         Ok(Session {
@@ -115,12 +188,15 @@ impl<'a> Session<'a> {
             dead_letters,
             consumer,
             consumer_tag,
+            gate,
+            watcher: Some(watcher),
             coalescer: Coalescer::new(),
             acks: AckTracker::new(),
             messages: HashMap::new(),
             tasks: JoinSet::new(),
             batches_in_flight: 0,
             next_slot: None,
+            at_the_door: false,
             singles_at: Instant::now(),
             dead_letter_turn: None,
             events_rx,
@@ -151,9 +227,27 @@ impl<'a> Session<'a> {
             taken += 1;
             if taken < DELIVERY_BURST {
                 next = self.consumer.next().now_or_never();
+                if next.is_none() {
+                    // lapin holds no complete delivery: what it read so far
+                    // is counted in what the session holds now.
+                    self.gate.claim_all();
+                }
             }
         }
         Ok(())
+    }
+
+    /// Takes what the consumer has buffered, if anything; when nothing,
+    /// tells the read gate that lapin holds no delivery (so that what it
+    /// read since, answers and heartbeats, stops counting).
+    pub(super) fn take_buffered(&mut self) -> Result<(), End> {
+        match self.consumer.next().now_or_never() {
+            Some(first) => self.take_burst(first),
+            None => {
+                self.gate.claim_all();
+                Ok(())
+            }
+        }
     }
 
     /// Parses a delivery: an invalid one is dead-lettered at once, a valid
@@ -170,10 +264,11 @@ impl<'a> Session<'a> {
             // Another session (maybe another worker's) had it and did not ack it.
             metrics::counter!("imattr_messages_redelivered_total").increment(1);
             if self.received == 0 {
-                // Taking over from a worker that died: its last requests may
-                // still be under way at the API and land after ours, older
-                // values over newer. Wait out its client timeout first.
-                let hold = self.config.tencent.timeout();
+                // Taking over from a session that is gone (another worker's,
+                // or our own previous one): it may still send until its lease
+                // ends, and its last requests may land after ours, older
+                // values over newer. Wait that out first (`amqp.takeover_hold_ms`).
+                let hold = self.config.takeover_hold();
                 info!(hold_ms = hold.as_millis() as u64, "Taking over redelivered messages; holding requests until the previous worker's are over");
                 self.hold_until = Some(Instant::now() + hold);
             }
@@ -186,9 +281,10 @@ impl<'a> Session<'a> {
             max_value_bytes: self.config.attributes.max_value_bytes,
             allowed: names.as_deref(),
         };
-        let parsed = update::parse(&d.data, &rules);
+        let body = self.gate.hold(d.data);
+        let parsed = update::parse(&body, &rules);
         let mut msg = Msg {
-            body: d.data,
+            body: Arc::new(body),
             props: d.properties,
             routing_key: d.routing_key,
             accounts: 0,

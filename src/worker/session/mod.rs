@@ -19,6 +19,7 @@
 mod dispatch;
 mod intake;
 mod settle;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,15 +38,22 @@ use super::batch::{BatchCtx, PartOutcome};
 use super::End;
 use crate::amqp::consume::AckTracker;
 use crate::amqp::deadletter::{DeadLetterPublisher, Failure, Reason};
+use crate::amqp::readgate::{HeldBody, ReadGate};
 use crate::attrnames::AttrNames;
 use crate::coalesce::{Coalescer, Tag};
 use crate::config::Config;
 use crate::health::Health;
 
+/// How often the loop looks whether lapin's delivery buffer is empty when
+/// nothing else woke it (see `Session::take_buffered`).
+const CLAIM_EVERY: Duration = Duration::from_millis(500);
+
 /// A delivery being worked on: kept whole until it is acked or its
 /// dead-letter copy is confirmed, because the copy is the original body.
 struct Msg {
-    body: Vec<u8>,
+    /// The one copy of the body, shared with its dead-letter publish and
+    /// counted against `amqp.max_held_bytes` until both are done with it.
+    body: Arc<HeldBody>,
     props: BasicProperties,
     routing_key: lapin::types::ShortString,
     /// Accounts the delivery holds.
@@ -86,6 +94,10 @@ pub(super) enum Event {
     /// them, for the log line and /health) and is now probing. Each batch
     /// sends at most one before its matching [`Event::Resumed`].
     Paused { code: i64, info: String },
+    /// The queue counted another consumer after ours registered (another
+    /// worker started at the same moment): a standby, unless a delivery
+    /// came; without single-active-consumer, the session ends.
+    NotAlone,
     /// A batch that reported [`Event::Paused`] got an answer that ends the
     /// pause (see `Attempt::answered`), or finished (applied or stopped):
     /// one per `Paused`.
@@ -121,6 +133,10 @@ pub(super) struct Session<'a> {
     consumer: lapin::Consumer,
     /// For `basic.cancel` at shutdown (not sent with single-active-consumer).
     consumer_tag: String,
+    /// The consume connection's byte budget: what the session holds counts.
+    gate: Arc<ReadGate>,
+    /// Watches the broker session (`watch`); ends when the fence closes.
+    watcher: Option<tokio::task::JoinHandle<()>>,
     /// Pending updates by account; an account is in flight, and is not put
     /// in another batch, from `take_batch` until its batch's `BatchDone`.
     coalescer: Coalescer,
@@ -138,6 +154,9 @@ pub(super) struct Session<'a> {
     batches_in_flight: usize,
     /// When a batch is due but no rate slot is free: when the next one is.
     next_slot: Option<Instant>,
+    /// A batch is due but another request waits at the client's door
+    /// (`tencent::door`) for its slot: form it when that one has left.
+    at_the_door: bool,
     /// When the acks left for later (behind an unsettled delivery at the
     /// bottom of the window) go out one by one at the latest; see `flush_acks`.
     singles_at: Instant,
@@ -146,14 +165,16 @@ pub(super) struct Session<'a> {
     /// The receiving end of `ctx.events`.
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// Shared with every batch task: the client, the retry settings, the
-    /// batch-size cap, the event sender and `stop`, which [`Session::run`]
-    /// fires when the session ends.
+    /// batch-size cap, the event sender and the session's fence, which the
+    /// watcher closes when the session is lost and [`Session::run`] when it
+    /// ends.
     ctx: Arc<BatchCtx>,
     /// Batches currently probing after a misconfigured answer: +1 on
     /// [`Event::Paused`], -1 on [`Event::Resumed`], and each batch sends them
-    /// in pairs. While it is above zero no batch is formed, nothing is taken
-    /// from the consumer (the broker stops at the prefetch count) and a shutdown does not
-    /// wait for a flush that cannot happen; events and acks still go on. A
+    /// in pairs. While it is above zero no batch is formed and a shutdown does not
+    /// wait for a flush that cannot happen; deliveries are still taken in
+    /// (the prefetch count and the byte budget bound them), events, acks and
+    /// the watch on the broker session go on. A
     /// counter, not a flag: several batches may probe at once, and the first
     /// one to get through must not resume while another still fails. The
     /// /health pause and the `imattr_paused` gauge change only on 0 <-> 1.
@@ -177,14 +198,26 @@ impl<'a> Session<'a> {
     /// every task of this session before returning.
     pub(super) async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<End> {
         let end = self.event_loop(cancel).await;
+        if !matches!(end, Ok(End::Shutdown(_))) {
+            // Readiness says so at once, not after the cleanup below.
+            self.health.set_connected(false);
+        }
         // Acks held back by `flush_acks` go out while the channel may still
         // take them (a cancelled consumer, a panicked task); on a lost
         // connection this fails at once and they are redelivered, in order.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush_acks(true)).await;
         // Nothing from this session may still be in flight when the next one
-        // starts: stop retries and wait for requests under way to finish;
-        // past the shutdown deadline, abort them (nothing acked, all redelivered).
-        self.ctx.stop.cancel();
+        // starts: close the fence (no request leaves any more) and wait for
+        // requests under way to finish; past the shutdown deadline, abort
+        // them (nothing acked, all redelivered).
+        self.ctx.fence.close(match &end {
+            Ok(End::Lost(why)) => why.clone(),
+            Ok(End::Shutdown(_)) => "the session ended".to_string(),
+            Err(e) => format!("{e:#}"),
+        });
+        if let Some(w) = self.watcher.take() {
+            let _ = w.await;
+        }
         let joined = async { while self.tasks.join_next().await.is_some() {} };
         match &end {
             Ok(End::Shutdown(deadline)) => {
@@ -195,6 +228,7 @@ impl<'a> Session<'a> {
             }
             _ => joined.await,
         }
+        self.dead_letters.close(Duration::from_secs(1)).await;
         metrics::gauge!("imattr_pending_accounts").set(0.0);
         metrics::gauge!("imattr_in_flight_requests").set(0.0);
         metrics::gauge!("imattr_paused").set(0.0);
@@ -208,6 +242,10 @@ impl<'a> Session<'a> {
         // The shutdown deadline, once shutdown started: one for consumer
         // cancel, drain, joining the tasks and closing the connection.
         let mut draining: Option<Instant> = None;
+        // Now and then, when no delivery woke the loop: lapin's buffer is
+        // empty, which the read gate needs to know (an idle standby too).
+        let mut claim_tick = tokio::time::interval(CLAIM_EVERY);
+        claim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dispatch(draining.is_some());
             if let Err(e) = self.flush_acks(draining.is_some()).await {
@@ -215,6 +253,7 @@ impl<'a> Session<'a> {
             }
             metrics::gauge!("imattr_pending_accounts")
                 .set(self.coalescer.pending_accounts() as f64);
+            metrics::gauge!("imattr_held_bytes").set(self.gate.outstanding() as f64);
             self.health
                 .set_unsettled(self.messages.len() + self.acks.waiting());
             if let Some(deadline) = draining {
@@ -234,6 +273,11 @@ impl<'a> Session<'a> {
             let batch_deadline = self.batch_deadline(max_wait);
             tokio::select! {
                 biased;
+                // In every state: a lost session ends at once (its requests
+                // are fenced already), whatever it was waiting for.
+                _ = self.ctx.fence.closed() => {
+                    return Ok(End::Lost(self.ctx.fence.reason()));
+                }
                 _ = cancel.cancelled(), if draining.is_none() => {
                     info!(
                         pending_messages = self.messages.len(),
@@ -263,7 +307,7 @@ impl<'a> Session<'a> {
                         unsettled_messages = self.messages.len(),
                         "Shutdown timeout reached; unsettled messages stay unacked and will be redelivered"
                     );
-                    self.ctx.stop.cancel();
+                    self.ctx.fence.close("the shutdown timeout was reached");
                     self.tasks.abort_all();
                     let _ = self.flush_acks(true).await;
                     return Ok(End::Shutdown(draining.unwrap_or_else(Instant::now)));
@@ -278,12 +322,18 @@ impl<'a> Session<'a> {
                         }
                     }
                 }
-                d = self.consumer.next(), if draining.is_none() && self.paused_by == 0 => {
+                d = self.consumer.next(), if draining.is_none() => {
                     if let Err(end) = self.take_burst(d) {
                         return Ok(end);
                     }
                 }
                 _ = tokio::time::sleep_until(batch_deadline.unwrap_or_else(Instant::now)), if batch_deadline.is_some() => {}
+                _ = self.ctx.client.door().departed(), if self.at_the_door => {}
+                _ = claim_tick.tick(), if draining.is_none() => {
+                    if let Err(end) = self.take_buffered() {
+                        return Ok(end);
+                    }
+                }
             }
         }
     }

@@ -62,9 +62,23 @@ impl Session<'_> {
                     metrics::gauge!("imattr_paused").set(1.0);
                 }
             }
+            Event::NotAlone if !self.config.amqp.single_active_consumer => {
+                // Two consumers of a queue without single-active-consumer
+                // would hold the same accounts' updates: give way (what
+                // this session holds is redelivered, in order).
+                self.ctx.fence.close(
+                    "another consumer registered at the same moment (no single-active-consumer)",
+                );
+            }
+            Event::NotAlone => {
+                if self.received == 0 {
+                    super::intake::stand_by(&self.health, &self.config.amqp);
+                }
+            }
             Event::Resumed => {
                 self.paused_by = self.paused_by.saturating_sub(1);
-                if self.paused_by == 0 {
+                // A probe stopped by the fence says nothing about the API.
+                if self.paused_by == 0 && !self.ctx.fence.is_closed() {
                     info!("The API accepts requests again; resuming");
                     self.health.resumed();
                     metrics::gauge!("imattr_paused").set(0.0);
@@ -98,12 +112,15 @@ impl Session<'_> {
             m.routing_key.as_str(),
             deadletter::now_ms(),
         );
+        // The body is shared, not copied: its one copy lives until both the
+        // delivery and its publish are done with it.
         let body = m.body.clone();
         let routing_key = m.routing_key.as_str().to_string();
         let publisher = self.dead_letters.clone();
         let health = self.health.clone();
         let events = self.ctx.events.clone();
-        let stop = self.ctx.stop.clone();
+        let stop = self.ctx.fence.token().clone();
+        let pending = self.gate.dead_letter_pending();
         info!(
             tag,
             reason = failure.reason.as_str(),
@@ -123,6 +140,7 @@ impl Session<'_> {
                 let _ = previous.await;
             }
             let _done = done;
+            let _pending = pending;
             let confirmed = deadletter::publish_until_confirmed(
                 &publisher,
                 &routing_key,

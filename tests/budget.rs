@@ -1,0 +1,133 @@
+//! The byte budget (`amqp.max_held_bytes`, docs/operations.md "Memory"): a
+//! backlog of large bodies does not take the worker's memory with it, and
+//! nothing is lost or reordered on the way.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use imattr::config::QueueType;
+
+const LARGE: usize = 40;
+const LARGE_BYTES: usize = 8 << 20;
+const NORMAL: usize = 100;
+
+/// A policy of our own on the shared broker, cleared when dropped (a
+/// failing test included).
+struct Policy(String);
+
+impl Drop for Policy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["clear_policy", &self.0])
+            .output();
+    }
+}
+
+/// An 8 MiB body (over the 1 MiB rule) that says which one it is.
+fn large_body(i: usize) -> Vec<u8> {
+    let mut body = format!("{{\"To_Account\":\"big{i}\",\"pad\":\"").into_bytes();
+    body.resize(LARGE_BYTES - 2, b'x');
+    body.extend_from_slice(b"\"}");
+    body
+}
+
+/// 40 bodies of 8 MiB and 100 normal updates wait in the queue when the
+/// worker starts, and the dead-letter queue refuses copies for a while (a
+/// policy: max length 0, reject-publish), so that nothing the worker holds
+/// can be freed: the worker stops reading at the budget instead of taking
+/// the whole backlog in. Once the dead-letter queue takes copies again,
+/// every large body is dead-lettered whole and in order, every update is
+/// applied. The worker's peak memory is printed (the backlog is 320 MiB;
+/// `imattr bench --only 9` measures the scenario without the refusals,
+/// BENCHMARKS.md).
+async fn a_backlog_of_large_bodies_stays_within_the_budget(queue_type: QueueType) {
+    let sb = sandbox(&["n"], Faults::default(), |c| {
+        c.amqp.queue_type = queue_type;
+    })
+    .await;
+    let mut expected = Expected::new();
+    for i in 0..LARGE.max(NORMAL) {
+        if i < LARGE {
+            sb.publish(large_body(i)).await.unwrap();
+        }
+        if i < NORMAL {
+            let (a, v) = (format!("acc{i}"), i.to_string());
+            expected
+                .entry(a.clone())
+                .or_default()
+                .insert("n".into(), v.clone());
+            sb.publish(update(&a, &[("n", &v)])).await.unwrap();
+        }
+    }
+    sb.confirm().await.unwrap();
+    let dlq = sb.config.amqp.dead_letter_queue.clone();
+    let policy = format!("{dlq}.refuse");
+    let pattern = format!("^{}$", dlq.replace('.', "\\."));
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &pattern,
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let refusal = Policy(policy.clone());
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = Worker::spawn(&sb.config, &dir, 0);
+    // Refused copies: what the worker holds cannot be freed. Give it the
+    // time to take in all it would.
+    until(DRAIN, "dead-letter copies refused", || async {
+        w.get("/readyz").await.1.contains("dead-letter")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let held = w.metric("imattr_held_bytes").await / (1 << 20) as f64;
+    let peak = w.peak_rss_mib();
+    eprintln!(
+        "{queue_type}: peak RSS {peak:.0} MiB, {held:.0} MiB held, with {LARGE} bodies of 8 MiB and {NORMAL} updates in the queue and dead letters refused"
+    );
+    drop(refusal);
+    let queue = sb.config.amqp.queue.clone();
+    let sim = &sb.sim;
+    until(
+        DRAIN * 2,
+        "every update applied and every large body dead-lettered",
+        || async {
+            sim.state() == expected
+                && sb.depth(&queue).await.unwrap_or(1) == 0
+                && sb.depth(&dlq).await.unwrap_or(0) as usize == LARGE
+        },
+    )
+    .await;
+    let _ = w.child.start_kill();
+    let _ = w.child.wait().await;
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), LARGE);
+    for (i, d) in dead.iter().enumerate() {
+        assert_eq!(d.body_encoding, "utf8");
+        assert!(
+            d.body.as_bytes() == large_body(i).as_slice(),
+            "dead letter {i}: the body whole, in order"
+        );
+        assert_eq!(d.reason.as_deref(), Some("invalid-message"));
+    }
+    assert_eq!(sb.state(), expected);
+    // Generous: the budget is 64 MiB, the backlog 320 MiB, which the worker
+    // took in whole (and more, in copies) before the budget.
+    assert!(peak < 256.0, "{queue_type}: peak RSS {peak:.0} MiB");
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_bodies_stays_within_the_budget_classic() {
+    a_backlog_of_large_bodies_stays_within_the_budget(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_bodies_stays_within_the_budget_quorum() {
+    a_backlog_of_large_bodies_stays_within_the_budget(QueueType::Quorum).await;
+}
