@@ -155,12 +155,17 @@ pub async fn finish(mut sb: Sandbox) {
 
 /// A sandbox holding `n` updates over `accounts` accounts, with `imattr run`
 /// draining it slowly as a child process; returned once some are applied.
+/// Mid-stream by order, not by this machine's speed: an update of account
+/// `STUCK` comes first and fails (91000) until the caller clears
+/// `fail_accounts`, so the worker holds at least that message unacked
+/// whenever it is stopped (it is in the queue again afterwards).
 pub async fn child_worker_mid_stream(
     n: usize,
     accounts: usize,
 ) -> (Sandbox, tokio::process::Child, Expected) {
     let faults = Faults {
         latency_ms: (5, 15),
+        fail_accounts: vec![STUCK.to_string()],
         ..Faults::default()
     };
     let sb = sandbox(&["n"], faults, |c| {
@@ -169,9 +174,13 @@ pub async fn child_worker_mid_stream(
         // Hold only part of the stream, so some of it is still queued when
         // the worker stops.
         c.amqp.prefetch = 500;
+        // A graceful stop gives up on the failing account after this long.
+        c.shutdown.timeout_secs = 3;
     })
     .await;
     let mut expected = Expected::new();
+    sb.publish(update(STUCK, &[("n", "1")])).await.unwrap();
+    expected.insert(STUCK.into(), [("n".to_string(), "1".to_string())].into());
     publish_stream(&sb, n, accounts, 0, &mut expected).await;
     sb.confirm().await.unwrap();
     let child = imattr(&sb.config)
@@ -180,12 +189,17 @@ pub async fn child_worker_mid_stream(
         .spawn()
         .unwrap();
     let sim = &sb.sim;
-    eventually(Duration::from_secs(30), "some progress", || {
-        sim.stats().accounts_written >= 200
-    })
+    eventually(
+        Duration::from_secs(30),
+        "some progress, the stuck account refused",
+        || sim.stats().accounts_written >= 200 && sim.stats().count("im_set_attr", 91000) > 0,
+    )
     .await;
     (sb, child, expected)
 }
+
+/// The account of `child_worker_mid_stream` that fails until cleared.
+pub const STUCK: &str = "stuck";
 
 /// Runs `rabbitmqctl ARGS…` (it must be on PATH) and returns its output.
 pub fn rabbitmqctl(args: &[&str]) -> String {
