@@ -101,6 +101,10 @@ Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fai
         /// Dead letters for scenario 8 (default 1,000,000; 5,000 with --quick).
         #[arg(long)]
         dead_letters: Option<usize>,
+        /// Rounds of scenario 1 (default 1): each round runs the bare consumer and
+        /// `imattr run` with the default, 1 and 2 worker threads, in a rotating order.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=100))]
+        rounds: Option<u16>,
     },
     /// Print a shell completion script.
     #[command(
@@ -428,7 +432,18 @@ pub async fn dispatch(
             json,
             only,
             dead_letters,
-        } => crate::bench::run(config, quick, json, only, dead_letters).await,
+            rounds,
+        } => {
+            crate::bench::run(
+                config,
+                quick,
+                json,
+                only,
+                dead_letters,
+                rounds.map(usize::from),
+            )
+            .await
+        }
         Command::BenchConsumer { count } => crate::bench::bare_consumer(&config, count).await,
         Command::Completions { .. } | Command::Man => write_generated(&command, &mut stdout())
             .unwrap_or(Ok(()))

@@ -46,15 +46,14 @@ fn main() -> ExitCode {
     }
     imattr::telemetry::init(&log);
     config.log = log;
-    // One worker thread unless TOKIO_WORKER_THREADS says otherwise: the work
-    // is I/O-bound, and on small machines shared with the broker fewer
-    // cross-thread wake-ups measure faster (see BENCHMARKS.md).
+    // Two worker threads (one on a single core) unless TOKIO_WORKER_THREADS
+    // says otherwise: against the bare consumer, two drained faster than one
+    // in interleaved runs; more were not measured (BENCHMARKS.md, scenario 1).
     // The benchmark's reference consumer gets tokio's default, one per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default_threads = match cli.command {
-        imattr::cli::Command::BenchConsumer { .. } => {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
-        _ => 1,
+        imattr::cli::Command::BenchConsumer { .. } => cores,
+        _ => cores.min(2),
     };
     let threads = std::env::var("TOKIO_WORKER_THREADS")
         .ok()

@@ -222,7 +222,7 @@ A tracing filter that overrides \fBlog.level\fR.
 When set and not empty, text logs carry no colour; they carry none either when standard error is not a terminal.
 .TP
 \fBTOKIO_WORKER_THREADS\fR
-Async worker threads (default 1).
+Async worker threads (default 2, or 1 on a single core).
 .SH FILES
 .TP
 \fB./config/imattr.toml\fR

@@ -361,6 +361,7 @@ async fn bad_usage_exits_2() {
         (&["dlq", "list", "--limit", "x"], "--limit"),
         (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
         (&["bench", "--only", "10"], "--only"),
+        (&["bench", "--rounds", "0"], "--rounds"),
         (&["no-such-command"], "no-such-command"),
     ];
     for (args, want) in cases {

@@ -26,6 +26,8 @@ pub(crate) use broker_bound::bare_consumer;
 use report::print_table;
 
 struct Sizes {
+    /// Rounds of scenario 1, each running every configuration once.
+    drain_rounds: usize,
     drain_updates: usize,
     drain_accounts: usize,
     api_updates: usize,
@@ -44,6 +46,7 @@ struct Sizes {
 }
 
 const FULL: Sizes = Sizes {
+    drain_rounds: 1,
     drain_updates: 300_000,
     drain_accounts: 20_000,
     api_updates: 200_000,
@@ -62,6 +65,7 @@ const FULL: Sizes = Sizes {
 };
 
 const QUICK: Sizes = Sizes {
+    drain_rounds: 1,
     drain_updates: 3_000,
     drain_accounts: 500,
     api_updates: 2_000,
@@ -99,8 +103,12 @@ pub(crate) async fn run(
     json: bool,
     only: Option<u8>,
     dead_letters_n: Option<usize>,
+    rounds: Option<usize>,
 ) -> anyhow::Result<()> {
     let mut sizes = if quick { QUICK } else { FULL };
+    if let Some(n) = rounds {
+        sizes.drain_rounds = n;
+    }
     if let Some(n) = dead_letters_n {
         sizes.dead_letters = n;
     }

@@ -121,11 +121,20 @@ pub(super) struct WorkerProcess {
 
 impl WorkerProcess {
     pub(super) async fn start(config: &Config) -> anyhow::Result<WorkerProcess> {
+        Self::start_with(config, |c| c).await
+    }
+
+    /// `start`, with `adjust` applied to the command (e.g. its environment).
+    pub(super) async fn start_with(
+        config: &Config,
+        adjust: impl FnOnce(&mut tokio::process::Command) -> &mut tokio::process::Command,
+    ) -> anyhow::Result<WorkerProcess> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let admin = format!("127.0.0.1:{port}");
-        let child = imattr_command(config)?
+        let mut cmd = imattr_command(config)?;
+        let child = adjust(&mut cmd)
             .env("IMATTR_ADMIN__LISTEN", &admin)
             .arg("run")
             .stdout(std::process::Stdio::null())
