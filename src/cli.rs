@@ -263,13 +263,22 @@ pub struct SimulateArgs {
     /// 1-second window; `lenient`: a token bucket (bursts, then the rate).
     #[arg(long, default_value = "strict")]
     pub(crate) rate_limit_mode: crate::simulator::RateLimitMode,
+    /// `per_api`: --rate-limit for each API on its own; `shared`: one
+    /// budget for all of them (im_set_attr and im_remove_attr together).
+    #[arg(long, default_value = "per_api")]
+    pub(crate) rate_limit_scope: crate::config::RateLimitScope,
     /// Probability of answering HTTP 500.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) http_error_rate: f64,
-    /// Answer 91000 to every im_set_attr holding this account (repeatable).
+    /// Answer 91000 to every im_set_attr or im_remove_attr holding this
+    /// account (repeatable).
     #[arg(long)]
     pub(crate) fail_account: Vec<String>,
-    /// Accounts per im_set_attr before 90018.
+    /// Answer 90033 to every im_set_attr or im_remove_attr holding this
+    /// account (repeatable).
+    #[arg(long)]
+    pub(crate) reject_account: Vec<String>,
+    /// Accounts per im_set_attr or im_remove_attr before 90018.
     #[arg(long, default_value_t = 100)]
     pub(crate) max_accounts: usize,
     /// Answer 90033 whenever this attribute appears (repeatable).
