@@ -125,13 +125,17 @@ Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fai
 /// `imattr publish`.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["account", "file"])))]
+#[command(group(clap::ArgGroup::new("ops").multiple(true).args(["attr", "remove"])))]
 pub struct PublishArgs {
     /// The account (To_Account) to update.
-    #[arg(long, requires = "attr", conflicts_with = "file")]
+    #[arg(long, requires = "ops", conflicts_with = "file")]
     pub(crate) account: Option<String>,
     /// An attribute as name=value; repeat for several.
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_attr, requires = "account")]
     pub(crate) attr: Vec<(String, String)>,
+    /// An attribute to remove (`"NAME":null` in the message); repeat for several.
+    #[arg(long, value_name = "NAME", requires = "account")]
+    pub(crate) remove: Vec<String>,
     /// NDJSON file, one message body per line; `-` reads stdin.
     #[arg(long, value_name = "PATH")]
     pub(crate) file: Option<PathBuf>,
