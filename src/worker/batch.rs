@@ -1311,29 +1311,66 @@ mod tests {
     #[tokio::test]
     async fn a_stop_before_the_removals_reports_only_finished_messages() {
         let sim = sim(Faults::default()).await;
-        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let (mut ctx, _rx) = ctx(&sim, fast_retry());
+        // One request a second: the removal waits for its slot.
+        ctx.client = Client::new(
+            &sim.url(),
+            ctx.client.signer().clone(),
+            Duration::from_secs(5),
+            1,
+            8,
+        )
+        .expect("client");
         let ctx = Arc::new(ctx);
-        // The removal request fails transiently until the fence closes.
-        sim.update_faults(|f| f.fail_accounts = vec!["b".into()]);
+        let both = Entry::from_parts(
+            "b".into(),
+            vec![Part {
+                tag: 2,
+                attrs: vec![("sex".into(), Some("m".into())), ("city".into(), None)],
+            }],
+        );
         let task = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                execute_batch(
-                    vec![
-                        entry("a", &[(1, "sex", "m")]),
-                        entry("b", &[(2, "city", "-")]),
-                    ],
-                    &ctx,
-                    None,
-                )
-                .await
+                execute_batch(vec![entry("a", &[(1, "sex", "m")]), both], &ctx, None).await
             })
         };
-        while sim.stats().total(api::REMOVE_ATTR) == 0 {
+        while sim.stats().set_attr_ok == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         ctx.fence.close("stopped");
         let out = task.await.expect("batch task");
         assert_eq!(results(&out), vec![(1, None)]);
+        assert_eq!(value(&sim, "b", "sex").as_deref(), Some("m"));
+        assert_eq!(sim.stats().total(api::REMOVE_ATTR), 0);
+    }
+
+    /// A removal refused while paused on misconfiguration waits, probing,
+    /// and is applied once the API accepts requests again.
+    #[tokio::test]
+    async fn a_removal_pauses_on_misconfiguration_like_a_set() {
+        let sim = sim(Faults::default()).await;
+        let (ctx, mut rx) = ctx(&sim, fast_retry());
+        execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await;
+        sim.update_faults(|f| f.misconfigured = true);
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(2, "sex", "-")])], &ctx, None).await
+            })
+        };
+        match rx.recv().await {
+            Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),
+            _ => panic!("expected a pause"),
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!task.is_finished(), "nothing dead-lettered while paused");
+        sim.update_faults(|f| f.misconfigured = false);
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(2, None)]);
+        assert!(sim.state().is_empty());
+        assert!(sim.stats().count(api::REMOVE_ATTR, 90009) >= 1);
     }
 }
