@@ -95,8 +95,9 @@ Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fai
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 9; 8 is the dead-letter tools, 9 large bodies).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+        /// Run only this scenario (1 to 10; 2 is sets alone into the API, 8 the
+        /// dead-letter tools, 9 large bodies, 10 sets and removals).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=10))]
         only: Option<u8>,
         /// Dead letters for scenario 8 (default 1,000,000; 5,000 with --quick).
         #[arg(long)]

@@ -412,7 +412,7 @@ async fn bad_usage_exits_2() {
         (&["dlq", "purge"], "--yes"),
         (&["dlq", "list", "--limit", "x"], "--limit"),
         (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
-        (&["bench", "--only", "10"], "--only"),
+        (&["bench", "--only", "11"], "--only"),
         (&["no-such-command"], "no-such-command"),
     ];
     for (args, want) in cases {
