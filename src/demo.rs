@@ -203,7 +203,7 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
         stats.count("im_remove_attr", 90033)
     );
     println!(
-        "  accounts written     {} (in {} distinct accounts), {} had attributes removed",
+        "  accounts written     {} (in {} distinct accounts); {} account entries removed attributes",
         stats.accounts_written,
         state.len(),
         stats.accounts_removed
