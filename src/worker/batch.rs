@@ -340,19 +340,24 @@ pub(super) async fn execute_batch(
 ) -> Vec<PartOutcome> {
     let mut outcomes = Outcomes::default();
     let mut ticket = ticket;
-    let unit = |kind: Kind, entries: &[Entry]| Unit {
+    // Only an entry with both values and removals is copied (sets alone:
+    // no copy at all).
+    let (sets, removes_only): (Vec<Entry>, Vec<Entry>) =
+        entries.into_iter().partition(|e| Kind::Set.touches(e));
+    let removes: Vec<Entry> = sets
+        .iter()
+        .filter(|e| Kind::Remove.touches(e))
+        .cloned()
+        .chain(removes_only)
+        .collect();
+    let unit = |kind: Kind, entries: Vec<Entry>| Unit {
         kind,
-        entries: entries
-            .iter()
-            .filter(|e| kind.touches(e))
-            .cloned()
-            .collect(),
+        entries,
         prior: 0,
         alone: false,
     };
     let mut work: VecDeque<Unit> =
-        VecDeque::from([unit(Kind::Set, &entries), unit(Kind::Remove, &entries)]);
-    drop(entries);
+        VecDeque::from([unit(Kind::Set, sets), unit(Kind::Remove, removes)]);
     // Accounts whose messages are being resent one by one, and accounts
     // whose merged request was dead-lettered: their other merged request
     // is not sent (the resending covers it, or the messages are dead).
