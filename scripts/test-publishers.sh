@@ -105,7 +105,8 @@ run() {
   local name="$1"
   shift
   local account="acct-$name-$RANDOM"
-  local attrs='{"sex":"f","city":"深圳"}'
+  # A value, a non-ASCII value and a removal (null).
+  local attrs='{"sex":"f","city":"深圳","tier":null}'
   if IMATTR_EXCHANGE="$TEST_EXCHANGE" ACCOUNT="$account" ATTRS="$attrs" "$@" >"$work/out" 2>&1 &&
     check "$name" "$account" "$attrs"; then
     passed=$((passed + 1))

@@ -95,8 +95,9 @@ Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fai
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Run only this scenario (1 to 9; 8 is the dead-letter tools, 9 large bodies).
-        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=9))]
+        /// Run only this scenario (1 to 10; 2 is sets alone into the API, 8 the
+        /// dead-letter tools, 9 large bodies, 10 sets and removals).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=10))]
         only: Option<u8>,
         /// Dead letters for scenario 8 (default 1,000,000; 5,000 with --quick).
         #[arg(long)]
@@ -129,13 +130,17 @@ Example:\n  imattr simulate --listen 127.0.0.1:18080 --attr-names sex,city --fai
 /// `imattr publish`.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["account", "file"])))]
+#[command(group(clap::ArgGroup::new("ops").multiple(true).args(["attr", "remove"])))]
 pub struct PublishArgs {
     /// The account (To_Account) to update.
-    #[arg(long, requires = "attr", conflicts_with = "file")]
+    #[arg(long, requires = "ops", conflicts_with = "file")]
     pub(crate) account: Option<String>,
     /// An attribute as name=value; repeat for several.
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_attr, requires = "account")]
     pub(crate) attr: Vec<(String, String)>,
+    /// An attribute to remove (`"NAME":null` in the message); repeat for several.
+    #[arg(long, value_name = "NAME", requires = "account")]
+    pub(crate) remove: Vec<String>,
     /// NDJSON file, one message body per line; `-` reads stdin.
     #[arg(long, value_name = "PATH")]
     pub(crate) file: Option<PathBuf>,
@@ -267,13 +272,22 @@ pub struct SimulateArgs {
     /// 1-second window; `lenient`: a token bucket (bursts, then the rate).
     #[arg(long, default_value = "strict")]
     pub(crate) rate_limit_mode: crate::simulator::RateLimitMode,
+    /// `per_api`: --rate-limit for each API on its own; `shared`: one
+    /// budget for all of them (im_set_attr and im_remove_attr together).
+    #[arg(long, default_value = "per_api")]
+    pub(crate) rate_limit_scope: crate::config::RateLimitScope,
     /// Probability of answering HTTP 500.
     #[arg(long, default_value_t = 0.0)]
     pub(crate) http_error_rate: f64,
-    /// Answer 91000 to every im_set_attr holding this account (repeatable).
+    /// Answer 91000 to every im_set_attr or im_remove_attr holding this
+    /// account (repeatable).
     #[arg(long)]
     pub(crate) fail_account: Vec<String>,
-    /// Accounts per im_set_attr before 90018.
+    /// Answer 90033 to every im_set_attr or im_remove_attr holding this
+    /// account (repeatable).
+    #[arg(long)]
+    pub(crate) reject_account: Vec<String>,
+    /// Accounts per im_set_attr or im_remove_attr before 90018.
     #[arg(long, default_value_t = 100)]
     pub(crate) max_accounts: usize,
     /// Answer 90033 whenever this attribute appears (repeatable).

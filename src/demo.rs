@@ -16,7 +16,9 @@ const UPDATES: usize = 20_000;
 /// Runs the demo; fails (exit 1) if the final state is not the expected one.
 pub(crate) async fn run(base: Config) -> anyhow::Result<()> {
     let started = Instant::now();
-    println!("imattr demo: simulator + worker + {UPDATES} updates over {ACCOUNTS} accounts");
+    println!(
+        "imattr demo: simulator + worker + {UPDATES} updates (values and removals) over {ACCOUNTS} accounts"
+    );
     println!("  RabbitMQ: {}", base.amqp.url);
     let faults = Faults {
         fail_rate: 0.02,
@@ -50,7 +52,9 @@ pub(crate) async fn run(base: Config) -> anyhow::Result<()> {
     if ok {
         Ok(())
     } else {
-        anyhow::bail!("the simulator's final state differs from the expected last-value-wins state")
+        anyhow::bail!(
+            "the simulator's final state differs from the expected state (the last operation per attribute wins)"
+        )
     }
 }
 
@@ -60,19 +64,32 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(UPDATES + 16);
     for i in 0..UPDATES {
         let account = format!("user-{:04}", rng.gen_range(0..ACCOUNTS));
-        let mut attrs = BTreeMap::new();
-        attrs.insert("level".to_string(), i.to_string());
+        // None: `null`, which removes the attribute.
+        let mut attrs: BTreeMap<String, Option<String>> = BTreeMap::new();
+        attrs.insert("level".to_string(), Some(i.to_string()));
         if rng.gen_bool(0.5) {
-            attrs.insert("city".to_string(), format!("city-{}", rng.gen_range(0..50)));
+            attrs.insert(
+                "city".to_string(),
+                Some(format!("city-{}", rng.gen_range(0..50))),
+            );
+        } else if rng.gen_bool(0.2) {
+            attrs.insert("city".to_string(), None);
         }
         if rng.gen_bool(0.1) {
             attrs.insert(
                 "tier".to_string(),
-                ["gold", "silver", "bronze"][i % 3].to_string(),
+                Some(["gold", "silver", "bronze"][i % 3].to_string()),
             );
+        } else if rng.gen_bool(0.05) {
+            attrs.insert("tier".to_string(), None);
         }
         let e = expected.entry(account.clone()).or_default();
-        e.extend(attrs.clone());
+        for (k, v) in &attrs {
+            match v {
+                Some(v) => e.insert(k.clone(), v.clone()),
+                None => e.remove(k),
+            };
+        }
         bodies.push(serde_json::to_vec(
             &serde_json::json!({"To_Account": account, "Attrs": attrs}),
         )?);
@@ -85,18 +102,25 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
         br#"{"To_Account":"user-0003","Attrs":{"favourite_colour":"blue"}}"#.to_vec(),
         vec![0xff, 0xfe, 0x00, 0x01],
     ];
-    // … and a few the API rejects (an attribute the simulator refuses).
-    let rejected: Vec<Vec<u8>> = (0..3)
+    // … and a few the API rejects (an attribute the simulator refuses, set
+    // or removed).
+    let rejected: Vec<Vec<u8>> = (0..5)
         .map(|i| {
+            let op = if i < 3 {
+                format!("\"nick{i}\"")
+            } else {
+                "null".to_string()
+            };
             format!(
-                r#"{{"To_Account":"user-{:04}","Attrs":{{"nickname":"nick{i}"}}}}"#,
+                r#"{{"To_Account":"user-{:04}","Attrs":{{"nickname":{op}}}}}"#,
                 i * 7
             )
             .into_bytes()
         })
         .collect();
+    let odd = invalid.len() + rejected.len();
     for (i, b) in invalid.iter().chain(rejected.iter()).enumerate() {
-        let at = (i + 1) * UPDATES / 9;
+        let at = (i + 1) * UPDATES / (odd + 1);
         bodies.insert(at, b.clone());
     }
     let published = bodies.len();
@@ -157,6 +181,7 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     let stats = sb.sim.stats();
     let requests = stats.total("im_set_attr");
     let retries = stats.count("im_set_attr", 91000);
+    let removals = stats.total("im_remove_attr");
     let ok = mismatched == 0
         && extra == 0
         && left == 0
@@ -172,9 +197,16 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
         stats.count("im_set_attr", 90033)
     );
     println!(
-        "  accounts written     {} (in {} distinct accounts)",
+        "                       {removals} im_remove_attr ({} OK, {} answered 91000 and retried, {} answered 90033)",
+        stats.remove_attr_ok,
+        stats.count("im_remove_attr", 91000),
+        stats.count("im_remove_attr", 90033)
+    );
+    println!(
+        "  accounts written     {} (in {} distinct accounts); {} account entries removed attributes",
         stats.accounts_written,
-        state.len()
+        state.len(),
+        stats.accounts_removed
     );
     println!(
         "  mean accounts/request {:.1}",
@@ -204,7 +236,8 @@ async fn drive(sb: &mut Sandbox, started: Instant) -> anyhow::Result<bool> {
     println!(
         "  final state          {}",
         if ok {
-            "matches the expected last-value-wins state for every account ✔".to_string()
+            "matches the expected state (last operation per attribute wins) for every account ✔"
+                .to_string()
         } else {
             format!("WRONG: {mismatched} accounts differ, {extra} unexpected accounts, {left} messages left")
         }

@@ -2,7 +2,8 @@
 //!
 //! A body is either one update `{"To_Account":"a","Attrs":{…}}` or the API's
 //! own request shape `{"UserAttrs":[{…}, …]}`. Anything else is invalid, and
-//! the error names the exact rule and field that failed.
+//! the error names the exact rule and field that failed. `Attrs` is a JSON
+//! Merge Patch (RFC 7396): a string sets the attribute, `null` removes it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,14 +22,18 @@ pub const MAX_ATTRS: usize = 10;
 /// Most `UserAttrs` entries per message.
 pub(crate) const MAX_ENTRIES: usize = 1000;
 
-/// One account's update: attribute (name, value) pairs in arrival order,
+/// What an update does to one attribute: `Some(value)` sets it, `None`
+/// (a JSON `null`) removes it.
+pub type Op = Option<String>;
+
+/// One account's update: attribute (name, operation) pairs in arrival order,
 /// each name once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountUpdate {
     /// `To_Account`.
     pub account: String,
-    /// `(name, value)` pairs.
-    pub attrs: Vec<(String, String)>,
+    /// `(name, operation)` pairs: a value to set, or `None` to remove.
+    pub attrs: Vec<(String, Op)>,
 }
 
 /// The rule an invalid message broke, naming the field (goes into `x-imattr-error`).
@@ -164,9 +169,10 @@ pub(crate) fn guess_account(body: &[u8]) -> Option<String> {
     }
 }
 
-/// Merges `newer` into `into`: a later value for the same name wins, new
-/// names are appended in order.
-pub(crate) fn merge_attrs(into: &mut Vec<(String, String)>, newer: Vec<(String, String)>) {
+/// Merges `newer` into `into`: a later operation for the same name wins (a
+/// removal replaces a value and the other way round), new names are
+/// appended in order.
+pub(crate) fn merge_attrs<V>(into: &mut Vec<(String, V)>, newer: Vec<(String, V)>) {
     for (k, v) in newer {
         match into.iter_mut().find(|(name, _)| *name == k) {
             Some(slot) => slot.1 = v,
@@ -192,7 +198,7 @@ fn check_attrs(
     field: &str,
     attrs: Option<RawAttrs>,
     rules: &Rules<'_>,
-) -> Result<Vec<(String, String)>, InvalidMessage> {
+) -> Result<Vec<(String, Op)>, InvalidMessage> {
     let pairs = match attrs {
         None => return Err(invalid(format!("{field} is missing"))),
         Some(RawAttrs::NotObject(kind)) => {
@@ -208,7 +214,7 @@ fn check_attrs(
     if pairs.is_empty() {
         return Err(invalid(format!("{field} is empty")));
     }
-    let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+    let mut out: Vec<(String, Op)> = Vec::with_capacity(pairs.len());
     for (name, value) in pairs {
         if name.is_empty() {
             return Err(invalid(format!("{field} has an empty attribute name")));
@@ -224,17 +230,23 @@ fn check_attrs(
             return Err(invalid(format!("{field}.{name} appears twice")));
         }
         let value = match value {
-            Scalar::Str(v) => v,
+            Scalar::Str(v) => Some(v),
+            // JSON Merge Patch: null removes the attribute.
+            Scalar::Other("null") => None,
             Scalar::Other(kind) => {
-                return Err(invalid(format!("{field}.{name} is {kind}, not a string")))
+                return Err(invalid(format!(
+                    "{field}.{name} is {kind}, not a string or null"
+                )))
             }
         };
-        if value.len() > rules.max_value_bytes {
-            return Err(invalid(format!(
-                "{field}.{name} is {} bytes, over the {}-byte limit",
-                value.len(),
-                rules.max_value_bytes
-            )));
+        if let Some(v) = &value {
+            if v.len() > rules.max_value_bytes {
+                return Err(invalid(format!(
+                    "{field}.{name} is {} bytes, over the {}-byte limit",
+                    v.len(),
+                    rules.max_value_bytes
+                )));
+            }
         }
         if let Some(allowed) = rules.allowed {
             if !allowed.contains(&name) {
@@ -492,9 +504,16 @@ mod tests {
         parse(body, &Rules::default()).unwrap_err().0
     }
 
-    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, Op)> {
         p.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .map(|(a, b)| (a.to_string(), Some(b.to_string())))
+            .collect()
+    }
+
+    /// `(name, Some(value))` sets, `(name, None)` removes.
+    fn ops(p: &[(&str, Option<&str>)]) -> Vec<(String, Op)> {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.map(str::to_string)))
             .collect()
     }
 
@@ -748,5 +767,56 @@ mod tests {
         let mut a = pairs(&[("x", "1"), ("y", "1")]);
         merge_attrs(&mut a, pairs(&[("y", "2"), ("z", "2")]));
         assert_eq!(a, pairs(&[("x", "1"), ("y", "2"), ("z", "2")]));
+    }
+
+    #[test]
+    fn null_removes_in_both_shapes() {
+        let u = ok(r#"{"To_Account":"a","Attrs":{"sex":"m","city":null}}"#);
+        assert_eq!(u[0].attrs, ops(&[("sex", Some("m")), ("city", None)]));
+        let u = ok(
+            r#"{"UserAttrs":[{"To_Account":"a","Attrs":{"city":null}},{"To_Account":"b","Attrs":{"sex":null,"city":"x"}}]}"#,
+        );
+        assert_eq!(u[0].attrs, ops(&[("city", None)]));
+        assert_eq!(u[1].attrs, ops(&[("sex", None), ("city", Some("x"))]));
+    }
+
+    #[test]
+    fn entries_for_one_account_merge_with_the_last_operation_winning() {
+        let u = ok(
+            r#"{"UserAttrs":[{"To_Account":"a","Attrs":{"sex":"m","city":"x"}},{"To_Account":"a","Attrs":{"sex":null}},{"To_Account":"a","Attrs":{"city":null}},{"To_Account":"a","Attrs":{"city":"y"}}]}"#,
+        );
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].attrs, ops(&[("sex", None), ("city", Some("y"))]));
+    }
+
+    #[test]
+    fn removals_follow_the_name_rules() {
+        let allowed: HashSet<String> = ["sex".to_string()].into();
+        let rules = Rules {
+            max_value_bytes: 3,
+            allowed: Some(&allowed),
+        };
+        let e = parse(br#"{"To_Account":"a","Attrs":{"age":null}}"#, &rules).unwrap_err();
+        assert_eq!(
+            e.0,
+            "Attrs.age is not one of the app's attribute names (sex)"
+        );
+        let e = parse(br#"{"To_Account":"a","Attrs":{"":null}}"#, &rules).unwrap_err();
+        assert!(e.0.contains("empty attribute name"), "{}", e.0);
+        // The value limit does not apply to a removal.
+        parse(br#"{"To_Account":"a","Attrs":{"sex":null}}"#, &rules).unwrap();
+        // Other non-strings are still refused, naming both accepted kinds.
+        let e = err(br#"{"To_Account":"a","Attrs":{"sex":true}}"#);
+        assert_eq!(e, "Attrs.sex is a boolean, not a string or null");
+        // A null account or Attrs is not a removal.
+        assert!(err(br#"{"To_Account":"a","Attrs":null}"#).contains("Attrs is null"));
+        assert!(err(br#"{"To_Account":null,"Attrs":{"sex":null}}"#).contains("To_Account is null"));
+    }
+
+    #[test]
+    fn merge_attrs_a_removal_replaces_a_value_and_back() {
+        let mut a = ops(&[("x", Some("1")), ("y", None)]);
+        merge_attrs(&mut a, ops(&[("x", None), ("y", Some("2")), ("z", None)]));
+        assert_eq!(a, ops(&[("x", None), ("y", Some("2")), ("z", None)]));
     }
 }

@@ -27,6 +27,12 @@ const CORRECTNESS_ROWS: &[(&str, &str, usize)] = &[
     ),
     // A classic and a quorum updates queue.
     ("9 large bodies", "final state correct", 2),
+    ("10 sets and removals", "final state correct", 1),
+    (
+        "10 sets and removals",
+        "50 ms: an account in two requests at once",
+        1,
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,6 +51,7 @@ async fn bench_quick_runs_every_scenario() {
         "7 rate-limit regressions",
         "8 dead letters",
         "9 large bodies",
+        "10 sets and removals",
     ] {
         assert!(
             figures.iter().any(|f| f["scenario"] == s),

@@ -155,6 +155,39 @@ async fn publish_from_the_command_line_and_files() {
     assert_eq!(state.len(), 501);
     assert_eq!(state["xiaojun012"]["city"], "attr2");
     assert_eq!(state["f499"]["city"], "c499");
+
+    // --remove publishes `"city":null`, which removes the attribute.
+    let (code, out, err) = imattr_output(
+        &sb.config,
+        &[
+            "publish",
+            "--account",
+            "xiaojun012",
+            "--attr",
+            "sex=attr3",
+            "--remove",
+            "city",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "published 1");
+    let (code, out, err) = imattr_output(
+        &sb.config,
+        &["publish", "--account", "f499", "--remove", "city"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "published 1");
+    sb.wait_drained(DRAIN).await.unwrap();
+    let state = sb.state();
+    assert_eq!(
+        state
+            .get("xiaojun012")
+            .map(|a| a.clone().into_iter().collect::<Vec<_>>()),
+        Some(vec![("sex".to_string(), "attr3".to_string())])
+    );
+    assert!(!state.contains_key("f499"), "{:?}", state.get("f499"));
     sb.cleanup().await.unwrap();
 }
 
@@ -348,6 +381,24 @@ async fn bad_usage_exits_2() {
         ),
         (&["publish", "--attr", "sex=m"], "--account"),
         (&["publish", "--account", "a"], "--attr"),
+        (&["publish", "--account", "a"], "--remove"),
+        (&["publish", "--remove", "sex"], "--account"),
+        (
+            &["publish", "--account", "a", "--remove", "age"],
+            "Attrs.age is not one of the app's attribute names",
+        ),
+        (
+            &[
+                "publish",
+                "--account",
+                "a",
+                "--attr",
+                "sex=m",
+                "--remove",
+                "sex",
+            ],
+            "Attrs.sex appears twice",
+        ),
         // An update on the command line that breaks a rule.
         (
             &["publish", "--account", "a", "--attr", "age=30"],
@@ -360,7 +411,7 @@ async fn bad_usage_exits_2() {
         (&["dlq", "purge"], "--yes"),
         (&["dlq", "list", "--limit", "x"], "--limit"),
         (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
-        (&["bench", "--only", "10"], "--only"),
+        (&["bench", "--only", "11"], "--only"),
         (&["bench", "--rounds", "0"], "--rounds"),
         (&["no-such-command"], "no-such-command"),
     ];

@@ -235,7 +235,10 @@ impl Gen {
     }
 
     fn value(&mut self) -> String {
-        if self.below(8) == 0 {
+        if self.below(6) == 0 {
+            // A removal.
+            "null".into()
+        } else if self.below(8) == 0 {
             self.other_value()
         } else {
             self.string()

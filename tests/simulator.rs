@@ -514,6 +514,10 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
         "5",
         "--rate-limit-mode",
         "strict",
+        "--rate-limit-scope",
+        "shared",
+        "--reject-account",
+        "refused",
     ])
     .await;
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
@@ -545,10 +549,12 @@ async fn simulate_as_a_process_prints_its_address_and_takes_every_fault() {
             latency_ms: (1, 3),
             rate_limit: 5,
             rate_limit_mode: imattr::simulator::RateLimitMode::Strict,
+            rate_limit_scope: imattr::simulator::RateLimitScope::Shared,
             max_accounts: 1,
             reject_attrs: vec!["city".into()],
             misconfigured: false,
             fail_accounts: vec!["bad".into(), "worse".into()],
+            reject_accounts: vec!["refused".into()],
         }
     );
     let stats = http_stats(&url).await;

@@ -13,6 +13,7 @@ mod hot_accounts;
 mod large_bodies;
 mod latency;
 mod memory;
+mod mixed;
 mod process;
 mod refusal_burst;
 mod regressions;
@@ -84,7 +85,7 @@ const QUICK: Sizes = Sizes {
 };
 
 /// The scenarios, numbered from 1.
-pub(crate) const SCENARIOS: [&str; 9] = [
+pub(crate) const SCENARIOS: [&str; 10] = [
     "broker-bound drain",
     "API-bound",
     "hot accounts",
@@ -94,6 +95,7 @@ pub(crate) const SCENARIOS: [&str; 9] = [
     "rate-limit regressions",
     "dead letters",
     "large bodies",
+    "sets and removals",
 ];
 
 /// Runs every scenario (or only scenario `only`) and prints the table (or JSON).
@@ -132,7 +134,8 @@ pub(crate) async fn run(
             6 => refusal_burst::run(&base, &sizes).await,
             7 => regressions::run(&base, &sizes).await,
             8 => dead_letters::run(&base, sizes.dead_letters).await,
-            _ => large_bodies::run(&base, &sizes).await,
+            9 => large_bodies::run(&base, &sizes).await,
+            _ => mixed::run(&base, &sizes).await,
         };
         figures.extend(scenario.with_context(|| format!("scenario {n}"))?);
     }

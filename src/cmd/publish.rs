@@ -22,19 +22,30 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
     // (routing key, body)
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(account) = a.account {
-        let attrs: Vec<(&str, &str)> = a
+        // In the documented field order: the values in the order given,
+        // then the removals (`null`) in the order given.
+        let mut body = format!(
+            "{{\"To_Account\":{},\"Attrs\":{{",
+            serde_json::to_string(&account)?
+        );
+        let ops = a
             .attr
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        // In the documented field order, attributes in the order given.
-        let mut body = format!(
-            "{{\"To_Account\":{},\"Attrs\":",
-            serde_json::to_string(&account)?
-        )
-        .into_bytes();
-        serde_json::to_writer(&mut body, &crate::tencent::client::AttrPairs(&attrs))?;
-        body.push(b'}');
+            .map(|(k, v)| (k, Some(v)))
+            .chain(a.remove.iter().map(|k| (k, None)));
+        for (i, (k, v)) in ops.enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&serde_json::to_string(k)?);
+            body.push(':');
+            match v {
+                Some(v) => body.push_str(&serde_json::to_string(v)?),
+                None => body.push_str("null"),
+            }
+        }
+        body.push_str("}}");
+        let body = body.into_bytes();
         // The arguments break a rule: bad usage, status 2.
         let updates =
             update::parse(&body, &rules).map_err(|e| UsageError(format!("invalid update: {e}")))?;
@@ -84,7 +95,10 @@ pub(crate) async fn run(a: PublishArgs, config: &Config) -> anyhow::Result<()> {
         }
     } else {
         // clap requires one of them.
-        return Err(UsageError("give --account A --attr k=v, or --file PATH".into()).into());
+        return Err(UsageError(
+            "give --account A with --attr k=v or --remove NAME, or --file PATH".into(),
+        )
+        .into());
     }
     let mut out = crate::cli::stdout();
     if a.dry_run {

@@ -31,10 +31,12 @@ pub(crate) async fn run(a: SimulateArgs, config: &Config) -> anyhow::Result<()> 
             latency_ms: a.latency_ms,
             rate_limit: a.rate_limit,
             rate_limit_mode: a.rate_limit_mode,
+            rate_limit_scope: a.rate_limit_scope,
             max_accounts: a.max_accounts,
             reject_attrs: a.reject_attr,
             misconfigured: a.misconfigured,
             fail_accounts: a.fail_account,
+            reject_accounts: a.reject_account,
         },
         ..SimOptions::default()
     };

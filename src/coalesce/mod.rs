@@ -1,16 +1,19 @@
 //! Coalescing and batch forming (docs/messages.md, docs/design.md), as a plain data structure.
 //!
-//! Pending updates merge per account in arrival order (later value wins) and
-//! remember which deliveries contributed. A batch takes the accounts whose
-//! oldest pending update is oldest, at most `max_accounts`, never an account
-//! already in flight; those accounts stay locked until `Coalescer::complete`.
+//! Pending updates merge per account in arrival order (per attribute the
+//! later operation wins: a value, or a removal) and remember which
+//! deliveries contributed. A batch takes the accounts whose oldest pending
+//! update is oldest, at most `max_accounts`, never an account already in
+//! flight; those accounts stay locked until `Coalescer::complete`, which the
+//! batch reports once both its `im_set_attr` and its `im_remove_attr`
+//! requests are settled (`worker::batch`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::update::merge_attrs;
+use crate::update::{merge_attrs, Op};
 
 mod cap;
 pub(crate) use cap::BatchCap;
@@ -22,8 +25,9 @@ pub(crate) type Tag = u64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Part {
     pub(crate) tag: Tag,
-    /// What it sets for this account.
-    pub(crate) attrs: Vec<(String, String)>,
+    /// What it does to this account: `(name, Some(value))` sets,
+    /// `(name, None)` removes.
+    pub(crate) attrs: Vec<(String, Op)>,
 }
 
 /// One account in a batch: the parts behind it, merged when the request is built.
@@ -40,18 +44,38 @@ impl Entry {
         Entry { account, parts }
     }
 
-    /// The parts merged in order, later values winning (borrowed, no copies).
-    pub(crate) fn merged(&self) -> Vec<(&str, &str)> {
-        let mut out: Vec<(&str, &str)> = Vec::new();
+    /// The parts merged in order, per attribute the last operation winning
+    /// (borrowed, no copies): `Some(value)` to set, `None` to remove.
+    pub(crate) fn merged(&self) -> Vec<(&str, Option<&str>)> {
+        let mut out: Vec<(&str, Option<&str>)> = Vec::new();
         for p in &self.parts {
             for (k, v) in &p.attrs {
                 match out.iter_mut().find(|(name, _)| name == k) {
-                    Some(slot) => slot.1 = v,
-                    None => out.push((k, v)),
+                    Some(slot) => slot.1 = v.as_deref(),
+                    None => out.push((k, v.as_deref())),
                 }
             }
         }
         out
+    }
+
+    /// What the account's one `im_set_attr` entry sets: the attributes whose
+    /// last operation is a value.
+    pub(crate) fn sets(&self) -> Vec<(&str, &str)> {
+        self.merged()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect()
+    }
+
+    /// What the account's one `im_remove_attr` entry removes: the attributes
+    /// whose last operation is a removal. Never one of [`Entry::sets`].
+    pub(crate) fn removes(&self) -> Vec<&str> {
+        self.merged()
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k)
+            .collect()
     }
 }
 
@@ -86,7 +110,7 @@ impl Coalescer {
     }
 
     /// Adds one delivery's update for one account.
-    pub fn push(&mut self, account: &str, attrs: Vec<(String, String)>, tag: Tag, now: Instant) {
+    pub fn push(&mut self, account: &str, attrs: Vec<(String, Op)>, tag: Tag, now: Instant) {
         if let Some(p) = self.pending.get_mut(account) {
             match p.parts.last_mut() {
                 // The same delivery touching the account again (cannot happen
@@ -191,8 +215,12 @@ impl Coalescer {
 mod tests {
     use super::*;
 
-    fn kv(k: &str, v: &str) -> Vec<(String, String)> {
-        vec![(k.to_string(), v.to_string())]
+    fn kv(k: &str, v: &str) -> Vec<(String, Op)> {
+        vec![(k.to_string(), Some(v.to_string()))]
+    }
+
+    fn rm(k: &str) -> Vec<(String, Op)> {
+        vec![(k.to_string(), None)]
     }
 
     #[test]
@@ -205,7 +233,7 @@ mod tests {
         assert_eq!(c.ready_accounts(), 1);
         let b = c.take_batch(100);
         assert_eq!(b.len(), 1);
-        assert_eq!(b[0].merged(), vec![("sex", "2"), ("city", "x")]);
+        assert_eq!(b[0].sets(), vec![("sex", "2"), ("city", "x")]);
         assert_eq!(
             b[0].parts.iter().map(|p| p.tag).collect::<Vec<_>>(),
             [1, 2, 3]
@@ -232,7 +260,7 @@ mod tests {
         let distinct: HashSet<_> = b1.iter().map(|e| &e.account).collect();
         assert_eq!(distinct.len(), 100);
         // u0 got values 0, 120, 240: the last wins.
-        assert_eq!(b1[0].merged(), vec![("k", "240")]);
+        assert_eq!(b1[0].sets(), vec![("k", "240")]);
         let b2 = c.take_batch(100);
         assert_eq!(b2.len(), 20);
         assert!(c.take_batch(100).is_empty());
@@ -260,7 +288,7 @@ mod tests {
         assert_eq!(c.oldest_ready(), Some(t0 + Duration::from_millis(5)));
         let b = c.take_batch(10);
         assert_eq!(b[0].account, "a");
-        assert_eq!(b[0].merged(), vec![("k", "2")]);
+        assert_eq!(b[0].sets(), vec![("k", "2")]);
         assert_eq!(b[0].parts.len(), 1);
         c.complete(["a", "b"]);
         assert!(c.is_idle());
@@ -287,39 +315,98 @@ mod tests {
         assert_eq!(c.deadline(wait), None);
     }
 
-    /// A deterministic random walk: whatever the interleaving of pushes,
-    /// takes and completions, no batch exceeds its bound, no account is in two
-    /// batches at once, and applying batches in completion order gives the
-    /// last pushed value of every (account, attribute).
     #[test]
-    fn random_walk_invariants() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9E3779B97F4A7C15);
-        let mut next = || rng.gen::<u64>();
+    fn the_last_operation_per_attribute_wins() {
+        let t = Instant::now();
+        let mut c = Coalescer::new();
+        // set then remove = remove; remove then set = set.
+        c.push("a", kv("sex", "m"), 1, t);
+        c.push("a", rm("sex"), 2, t);
+        c.push("a", rm("city"), 3, t);
+        c.push("a", kv("city", "x"), 4, t);
+        c.push("a", rm("age"), 5, t);
+        let b = c.take_batch(10);
+        assert_eq!(
+            b[0].merged(),
+            vec![("sex", None), ("city", Some("x")), ("age", None)]
+        );
+        assert_eq!(b[0].sets(), vec![("city", "x")]);
+        assert_eq!(b[0].removes(), vec!["sex", "age"]);
+        assert_eq!(b[0].parts.len(), 5, "every delivery is remembered");
+    }
+
+    #[test]
+    fn removals_fill_batches_like_sets() {
+        let t = Instant::now();
+        let mut c = Coalescer::new();
+        for i in 0..150u64 {
+            c.push(&format!("u{i}"), rm("k"), i, t);
+        }
+        assert!(c.is_due(t, 100, Duration::from_secs(1)));
+        let b = c.take_batch(100);
+        assert_eq!(b.len(), 100);
+        assert!(b
+            .iter()
+            .all(|e| e.removes() == ["k"] && e.sets().is_empty()));
+    }
+
+    /// (account, attribute) → value.
+    type State = HashMap<(String, String), String>;
+
+    /// Applies one batch as the worker does: each entry's `im_set_attr`
+    /// part and its `im_remove_attr` part, which never share an attribute
+    /// (so their order does not matter).
+    fn apply(state: &mut State, batch: &[Entry]) {
+        for e in batch {
+            let sets = e.sets();
+            let removes = e.removes();
+            assert!(
+                removes.iter().all(|r| sets.iter().all(|(k, _)| k != r)),
+                "an attribute both set and removed: {e:?}"
+            );
+            for (k, v) in sets {
+                state.insert((e.account.clone(), k.to_string()), v.to_string());
+            }
+            for k in removes {
+                state.remove(&(e.account.clone(), k.to_string()));
+            }
+        }
+    }
+
+    /// One step of a walk: push an operation, take a batch, or complete one.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Push { account: u8, attr: u8, set: bool },
+        Take(usize),
+        Complete(usize),
+    }
+
+    /// Runs a walk; returns (state applied by the batches, state of
+    /// applying every operation in publish order). Checks on the way that
+    /// no batch exceeds its bound and no account is in two batches at once.
+    fn walk(steps: &[Step]) -> (State, State) {
         let t0 = Instant::now();
         let mut c = Coalescer::new();
         let mut in_flight: Vec<Vec<Entry>> = Vec::new();
         let mut locked: HashSet<String> = HashSet::new();
-        let mut applied: HashMap<(String, String), String> = HashMap::new();
-        let mut expected: HashMap<(String, String), String> = HashMap::new();
-        for step in 0..20_000u64 {
-            match next() % 10 {
-                0..=5 => {
-                    let acc = format!("u{}", next() % 40);
-                    let attr = format!("k{}", next() % 3);
-                    let val = step.to_string();
-                    expected.insert((acc.clone(), attr.clone()), val.clone());
-                    c.push(
-                        &acc,
-                        vec![(attr, val)],
-                        step,
-                        t0 + Duration::from_micros(step),
-                    );
+        let mut applied = HashMap::new();
+        let mut expected = HashMap::new();
+        for (i, step) in steps.iter().enumerate() {
+            let tag = i as u64;
+            match step {
+                Step::Push { account, attr, set } => {
+                    let acc = format!("u{account}");
+                    let attr = format!("k{attr}");
+                    let op = set.then(|| tag.to_string());
+                    match &op {
+                        Some(v) => expected.insert((acc.clone(), attr.clone()), v.clone()),
+                        None => expected.remove(&(acc.clone(), attr.clone())),
+                    };
+                    c.push(&acc, vec![(attr, op)], tag, t0 + Duration::from_micros(tag));
                 }
-                6..=7 => {
-                    let max = 1 + (next() % 7) as usize;
-                    let b = c.take_batch(max);
-                    assert!(b.len() <= max);
+                Step::Take(max) => {
+                    let b = c.take_batch(*max);
+                    assert!(b.len() <= *max);
                     for e in &b {
                         assert!(locked.insert(e.account.clone()), "account in two batches");
                     }
@@ -327,14 +414,11 @@ mod tests {
                         in_flight.push(b);
                     }
                 }
-                _ => {
+                Step::Complete(pick) => {
                     if !in_flight.is_empty() {
-                        let i = (next() as usize) % in_flight.len();
-                        let b = in_flight.swap_remove(i);
+                        let b = in_flight.swap_remove(pick % in_flight.len());
+                        apply(&mut applied, &b);
                         for e in &b {
-                            for (k, v) in e.merged() {
-                                applied.insert((e.account.clone(), k.to_string()), v.to_string());
-                            }
                             locked.remove(&e.account);
                         }
                         c.complete(b.iter().map(|e| e.account.as_str()));
@@ -345,11 +429,7 @@ mod tests {
         // Drain.
         loop {
             for b in in_flight.drain(..) {
-                for e in &b {
-                    for (k, v) in e.merged() {
-                        applied.insert((e.account.clone(), k.to_string()), v.to_string());
-                    }
-                }
+                apply(&mut applied, &b);
                 c.complete(b.iter().map(|e| e.account.as_str()));
             }
             let b = c.take_batch(5);
@@ -359,6 +439,55 @@ mod tests {
             in_flight.push(b);
         }
         assert!(c.is_idle());
+        (applied, expected)
+    }
+
+    /// A deterministic random walk: whatever the interleaving of pushes
+    /// (sets and removals), takes and completions, applying the batches in
+    /// completion order gives the state of applying every operation in
+    /// publish order.
+    #[test]
+    fn random_walk_invariants() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x9E3779B97F4A7C15);
+        let steps: Vec<Step> = (0..20_000)
+            .map(|_| match rng.gen_range(0..10) {
+                0..=5 => Step::Push {
+                    account: rng.gen_range(0..40),
+                    attr: rng.gen_range(0..3),
+                    set: rng.gen_bool(0.7),
+                },
+                6..=7 => Step::Take(rng.gen_range(1..=7)),
+                _ => Step::Complete(rng.gen()),
+            })
+            .collect();
+        let (applied, expected) = walk(&steps);
+        assert!(!expected.is_empty());
         assert_eq!(applied, expected);
+    }
+
+    mod merge_rule {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                4 => (0u8..3, 0u8..3, any::<bool>())
+                    .prop_map(|(account, attr, set)| Step::Push { account, attr, set }),
+                1 => (1usize..4).prop_map(Step::Take),
+                1 => any::<usize>().prop_map(Step::Complete),
+            ]
+        }
+
+        proptest! {
+            /// The coalesced result equals applying the operations in
+            /// publish order, over few accounts and attributes so that
+            /// sets and removals of one attribute meet often.
+            #[test]
+            fn coalesced_equals_in_order(steps in proptest::collection::vec(step(), 0..200)) {
+                let (applied, expected) = walk(&steps);
+                prop_assert_eq!(applied, expected);
+            }
+        }
     }
 }

@@ -126,7 +126,9 @@ fn number(n: Num) -> String {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
-    use crate::config::{AmqpUrl, AuthMechanism, LogFormat, QueueType, Region, Secret};
+    use crate::config::{
+        AmqpUrl, AuthMechanism, LogFormat, QueueType, RateLimitScope, Region, Secret,
+    };
     use figment::Jail;
 
     /// Every key away from its default, with strings figment would otherwise
@@ -159,6 +161,7 @@ mod tests {
         c.tencent.usersig_ttl_secs = 3600;
         c.tencent.timeout_ms = 4000;
         c.tencent.rate_limit_per_sec = 50;
+        c.tencent.rate_limit_scope = RateLimitScope::PerApi;
         c.tencent.max_in_flight = 3;
         c.batch.max_accounts = 10;
         c.batch.max_wait_ms = 20;

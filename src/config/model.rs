@@ -44,6 +44,46 @@ pub enum AuthMechanism {
     External,
 }
 
+/// `tencent.rate_limit_scope`: what `tencent.rate_limit_per_sec` counts.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitScope {
+    /// One budget for every API imattr calls (`im_set_attr`,
+    /// `im_remove_attr` and the reads): the strictest reading of Tencent's
+    /// limit, which does not say whether the APIs share it.
+    #[default]
+    Shared,
+    /// `im_remove_attr` has a budget of its own; the other APIs share one.
+    PerApi,
+}
+
+impl RateLimitScope {
+    /// The name used in the configuration and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitScope::Shared => "shared",
+            RateLimitScope::PerApi => "per_api",
+        }
+    }
+}
+
+impl std::str::FromStr for RateLimitScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(RateLimitScope::Shared),
+            "per_api" => Ok(RateLimitScope::PerApi),
+            _ => Err(format!("expected shared or per_api, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for RateLimitScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `tencent.region`: which of the API's regional domains to use.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -246,6 +286,10 @@ pub struct TencentConfig {
     pub timeout_ms: u64,
     /// Request rate ceiling, requests per second.
     pub rate_limit_per_sec: u32,
+    /// What `rate_limit_per_sec` counts: `shared` (one budget for
+    /// `im_set_attr` and `im_remove_attr` together, the default) or
+    /// `per_api` (one budget for each); see docs/configuration.md.
+    pub rate_limit_scope: RateLimitScope,
     /// Requests in flight at once. Sending at the full rate needs about
     /// rate x API latency (100/s x 300 ms = 30); the default leaves headroom.
     pub max_in_flight: usize,
@@ -264,6 +308,7 @@ impl Default for TencentConfig {
             usersig_ttl_secs: 86400,
             timeout_ms: 5000,
             rate_limit_per_sec: 100,
+            rate_limit_scope: RateLimitScope::Shared,
             max_in_flight: 48,
         }
     }

@@ -236,6 +236,15 @@ mod tests {
                     None,
                 )),
             ),
+            // Removals (null) stay as they were.
+            (
+                r#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":null}},{"To_Account":"b","Attrs":{"k":"1","z":null}}]}"#,
+                &["b"],
+                Some((
+                    r#"{"To_Account":"b","Attrs":{"k":"1","z":null}}"#,
+                    Some("b"),
+                )),
+            ),
             // Whole body: every account failed, none matches, no header, other shapes.
             (MANY, &["a", "b", "c"], None),
             (MANY, &["x"], None),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use rand::Rng;
 
-use super::{Faults, Shared};
+use super::{Faults, RateLimitScope, Shared};
 use crate::tencent::client::{ApiResponse, UserAttrs};
 use crate::tencent::usersig::{unix_now, verify_usersig, UserSigError};
 
@@ -57,6 +57,7 @@ async fn checked(s: &Shared, api: &str, query: &str, body: &[u8]) -> Check<Answe
     check_faults(&drawn, &faults, &accounts)?;
     Ok(match request {
         Request::SetAttr(list) => set_attr(s, &faults, list),
+        Request::RemoveAttr(list) => remove_attr(s, &faults, list),
         Request::Other(json) => other_api(s, api, &json),
     })
 }
@@ -140,7 +141,12 @@ fn check_limit(s: &Shared, api: &str, faults: &Faults) -> Check<()> {
     if st.refuse_until.is_some_and(|t| now < t) {
         return Err(Answer::fail(60007, "request frequency limit exceeded"));
     }
-    let limiter = st.limiters.entry(api.to_string()).or_default();
+    // Shared: every API of the family counts on one budget.
+    let key = match faults.rate_limit_scope {
+        RateLimitScope::PerApi => api,
+        RateLimitScope::Shared => "all_member_push",
+    };
+    let limiter = st.limiters.entry(key.to_string()).or_default();
     if !limiter.admit(faults.rate_limit_mode, faults.rate_limit, now) {
         return Err(Answer::fail(60007, "request frequency limit exceeded"));
     }
@@ -157,17 +163,25 @@ fn check_misconfigured(faults: &Faults) -> Check<()> {
     Ok(())
 }
 
+/// One account's entry of an `im_remove_attr` request: the names to remove.
+pub(super) struct Removal {
+    to_account: String,
+    attrs: Vec<String>,
+}
+
 /// A request whose body parsed.
 enum Request {
     SetAttr(Vec<UserAttrs>),
+    RemoveAttr(Vec<Removal>),
     Other(serde_json::Value),
 }
 
 impl Request {
-    /// The accounts an `im_set_attr` request writes, in order.
+    /// The accounts an `im_set_attr` or `im_remove_attr` request writes, in order.
     fn accounts(&self) -> Vec<String> {
         match self {
             Request::SetAttr(list) => list.iter().map(|u| u.to_account.clone()).collect(),
+            Request::RemoveAttr(list) => list.iter().map(|u| u.to_account.clone()).collect(),
             Request::Other(_) => Vec::new(),
         }
     }
@@ -177,11 +191,39 @@ fn check_body(api: &str, body: &[u8]) -> Check<Request> {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Err(Answer::fail(90001, "failed to parse the JSON body"));
     };
-    if api == "im_set_attr" {
-        parse_user_attrs(&json).map(Request::SetAttr)
-    } else {
-        Ok(Request::Other(json))
+    match api {
+        "im_set_attr" => parse_user_attrs(&json).map(Request::SetAttr),
+        "im_remove_attr" => parse_removals(&json).map(Request::RemoveAttr),
+        _ => Ok(Request::Other(json)),
     }
+}
+
+/// `{"UserAttrs":[{"To_Account":"a","Attrs":["sex","city"]}]}`.
+fn parse_removals(json: &serde_json::Value) -> Check<Vec<Removal>> {
+    let Some(list) = json.get("UserAttrs").and_then(|v| v.as_array()) else {
+        return Err(Answer::fail(90001, "UserAttrs must be an array"));
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for e in list {
+        let Some(to) = e.get("To_Account").and_then(|v| v.as_str()) else {
+            return Err(Answer::fail(90001, "To_Account must be a string"));
+        };
+        let Some(attrs) = e.get("Attrs").and_then(|v| v.as_array()) else {
+            return Err(Answer::fail(90001, "Attrs must be an array of names"));
+        };
+        let mut names = Vec::with_capacity(attrs.len());
+        for n in attrs {
+            let Some(n) = n.as_str() else {
+                return Err(Answer::fail(90033, "attribute names must be strings"));
+            };
+            names.push(n.to_string());
+        }
+        out.push(Removal {
+            to_account: to.to_string(),
+            attrs: names,
+        });
+    }
+    Ok(out)
 }
 
 fn parse_user_attrs(json: &serde_json::Value) -> Check<Vec<UserAttrs>> {
@@ -297,33 +339,10 @@ fn check_faults(drawn: &Drawn, faults: &Faults, accounts: &[String]) -> Check<()
 }
 
 fn check_set_attr(names: &HashSet<&String>, faults: &Faults, list: &[UserAttrs]) -> Check<()> {
-    if list.len() > faults.max_accounts {
-        return Err(Answer::fail(
-            90018,
-            format!(
-                "{} accounts, over the limit of {}",
-                list.len(),
-                faults.max_accounts
-            ),
-        ));
-    }
+    check_accounts(faults, list.iter().map(|u| u.to_account.as_str()))?;
     for u in list {
-        if u.attrs.len() > 10 {
-            return Err(Answer::fail(
-                90033,
-                format!("{}: more than 10 attributes", u.to_account),
-            ));
-        }
+        check_names(names, faults, &u.to_account, u.attrs.keys())?;
         for (k, v) in &u.attrs {
-            if faults.reject_attrs.contains(k) {
-                return Err(Answer::fail(90033, format!("invalid attribute: {k}")));
-            }
-            if !names.contains(k) {
-                return Err(Answer::fail(
-                    90033,
-                    format!("invalid attribute: {k} is not registered"),
-                ));
-            }
             if v.len() > 50 {
                 return Err(Answer::fail(
                     90033,
@@ -333,6 +352,83 @@ fn check_set_attr(names: &HashSet<&String>, faults: &Faults, list: &[UserAttrs])
         }
     }
     Ok(())
+}
+
+/// The checks on a request's accounts, common to `im_set_attr` and
+/// `im_remove_attr`: how many, and the injected refusals.
+fn check_accounts<'a>(
+    faults: &Faults,
+    accounts: impl ExactSizeIterator<Item = &'a str>,
+) -> Check<()> {
+    let n = accounts.len();
+    if n > faults.max_accounts {
+        return Err(Answer::fail(
+            90018,
+            format!("{n} accounts, over the limit of {}", faults.max_accounts),
+        ));
+    }
+    for a in accounts {
+        if faults.reject_accounts.iter().any(|r| r == a) {
+            return Err(Answer::fail(90033, format!("invalid account: {a}")));
+        }
+    }
+    Ok(())
+}
+
+/// The checks on one account's attribute names, common to `im_set_attr`
+/// and `im_remove_attr`: at most 10, registered, not refused by a fault.
+fn check_names<'a>(
+    names: &HashSet<&String>,
+    faults: &Faults,
+    account: &str,
+    attrs: impl ExactSizeIterator<Item = &'a String>,
+) -> Check<()> {
+    if attrs.len() > 10 {
+        return Err(Answer::fail(
+            90033,
+            format!("{account}: more than 10 attributes"),
+        ));
+    }
+    for k in attrs {
+        if faults.reject_attrs.contains(k) {
+            return Err(Answer::fail(90033, format!("invalid attribute: {k}")));
+        }
+        if !names.contains(k) {
+            return Err(Answer::fail(
+                90033,
+                format!("invalid attribute: {k} is not registered"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn remove_attr(s: &Shared, faults: &Faults, list: Vec<Removal>) -> Answer {
+    let mut guard = s.lock();
+    let st = &mut *guard;
+    let names: HashSet<&String> = st.names.values().collect();
+    if let Err(a) = check_accounts(faults, list.iter().map(|u| u.to_account.as_str())) {
+        return a;
+    }
+    for u in &list {
+        if let Err(a) = check_names(&names, faults, &u.to_account, u.attrs.iter()) {
+            return a;
+        }
+    }
+    let n = list.len() as u64;
+    for u in list {
+        if let Some(stored) = st.store.get_mut(&u.to_account) {
+            for k in &u.attrs {
+                stored.remove(k);
+            }
+            if stored.is_empty() {
+                st.store.remove(&u.to_account);
+            }
+        }
+    }
+    st.stats.accounts_removed += n;
+    st.stats.remove_attr_ok += 1;
+    Answer::ok(ApiResponse::ok())
 }
 
 /// Whether writing `new` over `old` moves an integer value backwards.
@@ -394,25 +490,6 @@ fn other_api(s: &Shared, api: &str, json: &serde_json::Value) -> Answer {
                 user_attrs: Some(users),
                 ..ApiResponse::ok()
             })
-        }
-        "im_remove_attr" => {
-            let Some(list) = json.get("UserAttrs").and_then(|v| v.as_array()) else {
-                return Answer::fail(90001, "UserAttrs must be an array");
-            };
-            for e in list {
-                let (Some(a), Some(names)) = (
-                    e.get("To_Account").and_then(|v| v.as_str()),
-                    e.get("Attrs").and_then(|v| v.as_array()),
-                ) else {
-                    return Answer::fail(90001, "each entry needs To_Account and Attrs");
-                };
-                if let Some(m) = st.store.get_mut(a) {
-                    for n in names.iter().filter_map(|n| n.as_str()) {
-                        m.remove(n);
-                    }
-                }
-            }
-            Answer::ok(ApiResponse::ok())
         }
         "im_get_attr_name" => Answer::ok(ApiResponse {
             attr_names: Some(st.names.clone()),

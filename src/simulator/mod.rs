@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) use limiter::Limiter;
 pub use limiter::RateLimitMode;
 
+pub use crate::config::RateLimitScope;
+
 /// The secret key the simulator uses unless told otherwise (the documented test key).
 pub const DEFAULT_SECRET_KEY: &str =
     "5bd2850fff3ecb11d7c805251c51ee463a25727bddc2385f3fa8bfee1bb93b5e";
@@ -44,15 +46,27 @@ pub struct Faults {
     /// How `rate_limit` is measured (strict: any sliding 1-second window).
     #[serde(default)]
     pub rate_limit_mode: RateLimitMode,
-    /// Accounts per `im_set_attr` before 90018.
+    /// Whether `rate_limit` counts each API on its own or all together.
+    #[serde(default = "per_api")]
+    pub rate_limit_scope: RateLimitScope,
+    /// Accounts per `im_set_attr` or `im_remove_attr` before 90018.
     pub max_accounts: usize,
     /// Attribute names answered with 90033 whenever they appear.
     pub reject_attrs: Vec<String>,
     /// Answer every request with 90009.
     pub misconfigured: bool,
-    /// Accounts whose every `im_set_attr` request answers 91000, applying nothing.
+    /// Accounts whose every `im_set_attr` or `im_remove_attr` request
+    /// answers 91000, applying nothing.
     #[serde(default)]
     pub fail_accounts: Vec<String>,
+    /// Accounts whose every `im_set_attr` or `im_remove_attr` request
+    /// answers 90033, applying nothing.
+    #[serde(default)]
+    pub reject_accounts: Vec<String>,
+}
+
+fn per_api() -> RateLimitScope {
+    RateLimitScope::PerApi
 }
 
 impl Default for Faults {
@@ -63,10 +77,12 @@ impl Default for Faults {
             latency_ms: (0, 0),
             rate_limit: 100,
             rate_limit_mode: RateLimitMode::Strict,
+            rate_limit_scope: RateLimitScope::PerApi,
             max_accounts: 100,
             reject_attrs: Vec::new(),
             misconfigured: false,
             fail_accounts: Vec::new(),
+            reject_accounts: Vec::new(),
         }
     }
 }
@@ -134,11 +150,18 @@ pub struct Stats {
     pub accounts_written: u64,
     /// Successful `im_set_attr` calls.
     pub set_attr_ok: u64,
-    /// Most accounts seen in one `im_set_attr` request.
+    /// Account entries of successful `im_remove_attr` calls.
+    #[serde(default)]
+    pub accounts_removed: u64,
+    /// Successful `im_remove_attr` calls.
+    #[serde(default)]
+    pub remove_attr_ok: u64,
+    /// Most accounts seen in one `im_set_attr` or `im_remove_attr` request.
     pub max_accounts_in_request: usize,
-    /// `im_set_attr` requests holding one account twice.
+    /// `im_set_attr` or `im_remove_attr` requests holding one account twice.
     pub requests_with_duplicate_accounts: u64,
-    /// Times an account was in two `im_set_attr` requests at once.
+    /// Times an account was in two requests at once (`im_set_attr` or
+    /// `im_remove_attr`, in any combination).
     pub overlapping_account_requests: u64,
     /// Most requests in progress at once.
     pub max_concurrent_requests: usize,
@@ -591,5 +614,90 @@ mod tests {
         s.lock().faults.fail_accounts.clear();
         assert_eq!(set(&s, "bad", "1").await, 0);
         assert_eq!(s.lock().store.len(), 2);
+    }
+
+    async fn call(s: &Shared, api: &str, body: &str) -> i64 {
+        answer::answer(s, api, &query(), body.as_bytes())
+            .await
+            .body
+            .error_code
+    }
+
+    #[tokio::test]
+    async fn remove_attr_is_as_strict_as_set_attr() {
+        let s = shared(Faults {
+            max_accounts: 2,
+            reject_accounts: vec!["refused".into()],
+            ..Faults::default()
+        });
+        assert_eq!(set(&s, "a", "1").await, 0);
+        assert_eq!(set(&s, "b", "1").await, 0);
+        let rm = "im_remove_attr";
+        // Names must be registered, entries well formed, accounts within the limit.
+        assert_eq!(
+            call(
+                &s,
+                rm,
+                r#"{"UserAttrs":[{"To_Account":"a","Attrs":["nope"]}]}"#
+            )
+            .await,
+            90033
+        );
+        assert_eq!(
+            call(&s, rm, r#"{"UserAttrs":[{"To_Account":"a","Attrs":[1]}]}"#).await,
+            90033
+        );
+        assert_eq!(
+            call(
+                &s,
+                rm,
+                r#"{"UserAttrs":[{"To_Account":"a","Attrs":{"k":"v"}}]}"#
+            )
+            .await,
+            90001
+        );
+        assert_eq!(call(&s, rm, r#"{"To_Account":"a"}"#).await, 90001);
+        let three = r#"{"UserAttrs":[{"To_Account":"a","Attrs":["k"]},{"To_Account":"b","Attrs":["k"]},{"To_Account":"c","Attrs":["k"]}]}"#;
+        assert_eq!(call(&s, rm, three).await, 90018);
+        let with_refused = r#"{"UserAttrs":[{"To_Account":"a","Attrs":["k"]},{"To_Account":"refused","Attrs":["k"]}]}"#;
+        assert_eq!(call(&s, rm, with_refused).await, 90033);
+        assert_eq!(
+            s.lock().store.len(),
+            2,
+            "nothing removed by a refused request"
+        );
+        // Accepted: a removed, b kept; removing what is absent is fine.
+        let ok =
+            r#"{"UserAttrs":[{"To_Account":"a","Attrs":["k"]},{"To_Account":"zz","Attrs":["k"]}]}"#;
+        assert_eq!(call(&s, rm, ok).await, 0);
+        {
+            let st = s.lock();
+            assert!(!st.store.contains_key("a"));
+            assert_eq!(st.store["b"]["k"], "1");
+            assert_eq!((st.stats.remove_attr_ok, st.stats.accounts_removed), (1, 2));
+        }
+        // The same refusal for sets.
+        let set_refused = r#"{"UserAttrs":[{"To_Account":"refused","Attrs":{"k":"1"}}]}"#;
+        assert_eq!(call(&s, "im_set_attr", set_refused).await, 90033);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shared_scope_counts_both_apis_on_one_budget() {
+        for (scope, refused) in [(RateLimitScope::PerApi, 0), (RateLimitScope::Shared, 2)] {
+            let s = shared(Faults {
+                rate_limit: 2,
+                rate_limit_scope: scope,
+                ..Faults::default()
+            });
+            let rm = r#"{"UserAttrs":[{"To_Account":"a","Attrs":["k"]}]}"#;
+            let codes = [
+                set(&s, "a", "1").await,
+                set(&s, "a", "2").await,
+                call(&s, "im_remove_attr", rm).await,
+                call(&s, "im_remove_attr", rm).await,
+            ];
+            let n = codes.iter().filter(|c| **c == 60007).count();
+            assert_eq!(n, refused, "{scope}: {codes:?}");
+        }
     }
 }

@@ -13,13 +13,15 @@ use super::errors::{classify, Class, Reply};
 use super::ratelimit::Lowering;
 use super::tap::RateTap;
 use super::usersig::Signer;
-use crate::config::Config;
+use crate::config::{Config, RateLimitScope};
 use crate::fence::Fence;
 
 /// The API's names under `v4/all_member_push/`.
 pub mod api {
     /// Sets attributes.
     pub const SET_ATTR: &str = "im_set_attr";
+    /// Removes attributes.
+    pub const REMOVE_ATTR: &str = "im_remove_attr";
     /// Reads attributes.
     pub(crate) const GET_ATTR: &str = "im_get_attr";
     /// Reads the app's attribute names.
@@ -113,6 +115,28 @@ pub fn set_attr_body<'a>(entries: &'a [(&'a str, Vec<(&'a str, &'a str)>)]) -> V
     out
 }
 
+#[derive(Serialize)]
+struct RemoveRef<'a> {
+    #[serde(rename = "To_Account")]
+    to_account: &'a str,
+    #[serde(rename = "Attrs")]
+    attrs: &'a [&'a str],
+}
+
+/// Builds an `im_remove_attr` body from `(account, attribute names)` pairs:
+/// `{"UserAttrs":[{"To_Account":"a","Attrs":["sex","city"]}]}`.
+pub fn remove_attr_body<'a>(entries: &'a [(&'a str, Vec<&'a str>)]) -> Vec<u8> {
+    let list: Vec<RemoveRef<'a>> = entries
+        .iter()
+        .map(|(to_account, attrs)| RemoveRef { to_account, attrs })
+        .collect();
+    let mut out = Vec::with_capacity(64 + list.len() * 48);
+    out.extend_from_slice(b"{\"UserAttrs\":");
+    serde_json::to_writer(&mut out, &list).expect("serialising strings cannot fail");
+    out.push(b'}');
+    out
+}
+
 /// The outcome of one call: the raw reply, its class, and the parsed body.
 #[derive(Debug, Clone)]
 pub struct CallResult {
@@ -157,13 +181,33 @@ impl Client {
     /// Builds a client from the configuration (which must pass `validate_api`).
     pub(crate) fn from_config(config: &Config) -> anyhow::Result<Client> {
         let t = &config.tencent;
-        Client::new(
+        Ok(Client::new(
             &config.api_base_url(),
             Arc::new(Signer::from_config(t)),
             t.timeout(),
             t.rate_limit_per_sec,
             t.max_in_flight,
-        )
+        )?
+        .with_rate_limit_scope(t.rate_limit_scope, t.rate_limit_per_sec, t.max_in_flight))
+    }
+
+    /// The same client with its rate budget counted as `scope` says
+    /// (`Client::new` makes one budget shared by every API).
+    pub fn with_rate_limit_scope(
+        mut self,
+        scope: RateLimitScope,
+        rate_limit_per_sec: u32,
+        max_in_flight: usize,
+    ) -> Client {
+        if scope == RateLimitScope::PerApi {
+            self.door = Arc::new(Door::per_api(
+                rate_limit_per_sec,
+                max_in_flight,
+                self.tap.clone(),
+                &[api::REMOVE_ATTR],
+            ));
+        }
+        self
     }
 
     /// Builds a client for `base_url` (e.g. `https://console.tim.qq.com`).
@@ -232,7 +276,7 @@ impl Client {
         let ticket = self.door.ticket();
         match self
             .door
-            .pass(ticket, &open, slot, || self.send(api, body))
+            .pass(api, ticket, &open, slot, || self.send(api, body))
             .await
         {
             Some(r) => r,
@@ -259,12 +303,12 @@ impl Client {
         fence: &Fence,
     ) -> Option<CallResult> {
         self.door
-            .pass(ticket, fence, Slot::Reserve, || self.send(api, body))
+            .pass(api, ticket, fence, Slot::Reserve, || self.send(api, body))
             .await
     }
 
     async fn send(&self, api: &str, body: Vec<u8>) -> CallResult {
-        metrics::gauge!("imattr_rate_limit_current").set(self.door.limiter().current_rate());
+        metrics::gauge!("imattr_rate_limit_current").set(self.door.limiter_for(api).current_rate());
         let started = tokio::time::Instant::now();
         if let Some(t) = &self.tap {
             t.sent();
@@ -315,14 +359,15 @@ impl Client {
     /// Lowers the rate (at most once a second) and says so once per episode.
     fn on_rate_limited(&self, api: &str, reply: &Reply) {
         metrics::counter!("imattr_rate_limited_total").increment(1);
-        match self.door.limiter().on_rate_limited() {
+        let limiter = self.door.limiter_for(api);
+        match limiter.on_rate_limited() {
             Lowering::NewEpisode(rate) => {
                 metrics::gauge!("imattr_rate_limit_current").set(rate);
                 warn!(
                     api,
                     code = reply.code(),
                     rate_per_sec = rate,
-                    configured_per_sec = self.door.limiter().max_rate(),
+                    configured_per_sec = limiter.max_rate(),
                     "The API refuses requests for their rate; lowering the request rate for a while"
                 );
             }
@@ -464,6 +509,15 @@ mod tests {
         assert_eq!(
             String::from_utf8(body).unwrap(),
             r#"{"UserAttrs":[{"To_Account":"u1","Attrs":{"sex":"m","city":"x\"y"}},{"To_Account":"u2","Attrs":{"city":"z"}}]}"#
+        );
+    }
+
+    #[test]
+    fn remove_body_shape() {
+        let body = remove_attr_body(&[("u1", vec!["sex", "c\"ity"]), ("u2", vec!["city"])]);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"UserAttrs":[{"To_Account":"u1","Attrs":["sex","c\"ity"]},{"To_Account":"u2","Attrs":["city"]}]}"#
         );
     }
 

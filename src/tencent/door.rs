@@ -26,6 +26,9 @@ use crate::fence::{Fence, Shut};
 pub(crate) struct Door {
     in_flight: Semaphore,
     limiter: RateLimiter,
+    /// APIs with a rate budget of their own (`tencent.rate_limit_scope =
+    /// "per_api"`); every other API counts on `limiter`.
+    own_limiters: Vec<(&'static str, RateLimiter)>,
     /// Tickets handed out whose request has not left yet.
     queued: AtomicUsize,
     /// Notified each time a ticket is used or given up.
@@ -69,9 +72,34 @@ impl Door {
         Door {
             in_flight: Semaphore::new(max_in_flight.max(1)),
             limiter: RateLimiter::new(rate_limit_per_sec, tap),
+            own_limiters: Vec::new(),
             queued: AtomicUsize::new(0),
             departed: Notify::new(),
         }
+    }
+
+    /// A door where each of `own` has a budget of `rate_limit_per_sec` of
+    /// its own, and the other APIs share one.
+    pub(crate) fn per_api(
+        rate_limit_per_sec: u32,
+        max_in_flight: usize,
+        tap: Option<Arc<RateTap>>,
+        own: &[&'static str],
+    ) -> Door {
+        let mut door = Door::new(rate_limit_per_sec, max_in_flight, tap.clone());
+        door.own_limiters = own
+            .iter()
+            .map(|api| (*api, RateLimiter::new(rate_limit_per_sec, tap.clone())))
+            .collect();
+        door
+    }
+
+    /// The rate limiter that counts requests to `api`.
+    pub(crate) fn limiter_for(&self, api: &str) -> &RateLimiter {
+        self.own_limiters
+            .iter()
+            .find(|(a, _)| *a == api)
+            .map_or(&self.limiter, |(_, l)| l)
     }
 
     /// Queues up for the door.
@@ -97,17 +125,20 @@ impl Door {
         self.limiter.next_slot(now)
     }
 
-    /// The rate limiter (its rate goes down on rate-limited answers).
+    /// The rate limiter of the shared budget (its rate goes down on
+    /// rate-limited answers).
+    #[cfg(test)]
     pub(crate) fn limiter(&self) -> &RateLimiter {
         &self.limiter
     }
 
-    /// Lets one request through: waits for an in-flight permit (held until
-    /// `send` completes), then for a live lease and a rate slot (`slot`),
-    /// checks the fence and runs `send` at once. None, and nothing sent,
-    /// when the fence closes first.
+    /// Lets one request to `api` through: waits for an in-flight permit
+    /// (held until `send` completes), then for a live lease and a rate slot
+    /// of `api`'s budget (`slot`), checks the fence and runs `send` at once.
+    /// None, and nothing sent, when the fence closes first.
     pub(crate) async fn pass<F, Fut, T>(
         &self,
+        api: &str,
         ticket: Ticket,
         fence: &Fence,
         slot: Slot,
@@ -117,6 +148,7 @@ impl Door {
         F: FnOnce() -> Fut,
         Fut: Future<Output = T>,
     {
+        let limiter = self.limiter_for(api);
         let _permit = tokio::select! {
             p = self.in_flight.acquire() => p.ok()?,
             _ = fence.closed() => return None,
@@ -129,10 +161,10 @@ impl Door {
             }
             // A slot free now is taken as it is; else reserved and waited
             // for, or (`WhenFree`) waited for and tried again.
-            if let Err(next) = self.limiter.try_acquire() {
+            if let Err(next) = limiter.try_acquire() {
                 match slot {
                     Slot::Reserve => tokio::select! {
-                        _ = self.limiter.acquire() => {}
+                        _ = limiter.acquire() => {}
                         _ = fence.closed() => return None,
                     },
                     Slot::WhenFree => {
@@ -197,7 +229,7 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     tokio::time::sleep(start).await;
                     let ticket = door.ticket();
-                    door.pass(ticket, &fence, Slot::Reserve, || async {
+                    door.pass("x", ticket, &fence, Slot::Reserve, || async {
                         sent.lock().unwrap().push(Instant::now());
                         tokio::time::sleep(latency).await;
                     })
@@ -231,7 +263,13 @@ mod tests {
             }
         };
         assert!(door
-            .pass(door.ticket(), &fence, Slot::Reserve, send(sent.clone()))
+            .pass(
+                "x",
+                door.ticket(),
+                &fence,
+                Slot::Reserve,
+                send(sent.clone())
+            )
             .await
             .is_some());
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -239,7 +277,7 @@ mod tests {
         let waiting = tokio::spawn({
             let (door, fence, sent) = (door.clone(), fence.clone(), sent.clone());
             async move {
-                door.pass(door.ticket(), &fence, Slot::Reserve, send(sent))
+                door.pass("x", door.ticket(), &fence, Slot::Reserve, send(sent))
                     .await
             }
         });
@@ -254,7 +292,7 @@ mod tests {
         let waiting = tokio::spawn({
             let (door, fence, sent) = (door.clone(), fence.clone(), sent.clone());
             async move {
-                door.pass(door.ticket(), &fence, Slot::Reserve, send(sent))
+                door.pass("x", door.ticket(), &fence, Slot::Reserve, send(sent))
                     .await
             }
         });
@@ -264,5 +302,57 @@ mod tests {
         assert!(waiting.await.unwrap().is_none());
         assert_eq!(sent.load(Ordering::Relaxed), 2);
         assert_eq!(door.queued(), 0);
+    }
+
+    /// Shared (the default): requests to both write APIs count on one
+    /// budget. Per API: each has the whole rate to itself.
+    #[tokio::test(start_paused = true)]
+    async fn the_scope_decides_which_requests_share_a_budget() {
+        const APIS: [&str; 2] = ["im_set_attr", "im_remove_attr"];
+        for per_api in [false, true] {
+            let door = Arc::new(if per_api {
+                Door::per_api(5, 64, None, &["im_remove_attr"])
+            } else {
+                Door::new(5, 64, None)
+            });
+            let fence = Fence::open();
+            let sent: Arc<std::sync::Mutex<Vec<(usize, Instant)>>> = Arc::default();
+            let mut tasks = Vec::new();
+            for i in 0..40 {
+                let (door, fence, sent) = (door.clone(), fence.clone(), sent.clone());
+                tasks.push(tokio::spawn(async move {
+                    let which = i % 2;
+                    door.pass(
+                        APIS[which],
+                        door.ticket(),
+                        &fence,
+                        Slot::Reserve,
+                        || async {
+                            sent.lock().unwrap().push((which, Instant::now()));
+                        },
+                    )
+                    .await
+                }));
+            }
+            for t in tasks {
+                assert!(t.await.unwrap().is_some());
+            }
+            let sent = sent.lock().unwrap().clone();
+            let of = |w: Option<usize>| {
+                let mut v: Vec<Instant> = sent
+                    .iter()
+                    .filter(|(x, _)| w.is_none_or(|w| *x == w))
+                    .map(|(_, t)| *t)
+                    .collect();
+                v.sort();
+                max_in_window(&v, Duration::from_secs(1))
+            };
+            assert!(of(Some(0)) <= 5 && of(Some(1)) <= 5, "per_api {per_api}");
+            if per_api {
+                assert!(of(None) > 5, "each API has its own budget");
+            } else {
+                assert!(of(None) <= 5, "one budget for both");
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! of the answer's class and where the request stands; this module only
 //! carries its steps out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use crate::coalesce::{BatchCap, Entry, Tag};
 use crate::config::{RetryConfig, API_BACKEND_TIMEOUT_MS};
 use crate::fence::Fence;
 use crate::retry::TransientBudget;
-use crate::tencent::client::{api, set_attr_body};
+use crate::tencent::client::{api, remove_attr_body, set_attr_body};
 use crate::tencent::door::Ticket;
 use crate::tencent::{Class, Client, Reply};
 use crate::wait::{backoff_forever, sleep_unless_cancelled};
@@ -217,67 +217,243 @@ impl Waits for Backoffs {
     }
 }
 
+/// Which write API a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// `im_set_attr`: the attributes whose last operation is a value.
+    Set,
+    /// `im_remove_attr`: the attributes whose last operation is a removal.
+    Remove,
+}
+
+impl Kind {
+    fn api(self) -> &'static str {
+        match self {
+            Kind::Set => api::SET_ATTR,
+            Kind::Remove => api::REMOVE_ATTR,
+        }
+    }
+
+    /// Whether an entry has anything for this API.
+    fn touches(self, e: &Entry) -> bool {
+        match self {
+            Kind::Set => !e.sets().is_empty(),
+            Kind::Remove => !e.removes().is_empty(),
+        }
+    }
+
+    /// The request body for these entries (each has something for this API).
+    fn body(self, entries: &[Entry]) -> Vec<u8> {
+        match self {
+            Kind::Set => {
+                let sets: Vec<(&str, Vec<(&str, &str)>)> = entries
+                    .iter()
+                    .map(|e| (e.account.as_str(), e.sets()))
+                    .collect();
+                set_attr_body(&sets)
+            }
+            Kind::Remove => {
+                let removes: Vec<(&str, Vec<&str>)> = entries
+                    .iter()
+                    .map(|e| (e.account.as_str(), e.removes()))
+                    .collect();
+                remove_attr_body(&removes)
+            }
+        }
+    }
+}
+
+/// One request still to send.
+struct Unit {
+    kind: Kind,
+    entries: Vec<Entry>,
+    /// Attempts already spent on these entries.
+    prior: u32,
+    /// One message of one account resent on its own (isolating a rejected
+    /// one): its own operations, sent whatever became of the account's
+    /// merged request.
+    alone: bool,
+}
+
+/// The outcome of every (delivery, account) of a batch, each reported once:
+/// a failure in either API's request wins over a success in the other.
+#[derive(Default)]
+struct Outcomes {
+    order: Vec<(Tag, String)>,
+    results: HashMap<(Tag, String), Result<(), Failure>>,
+}
+
+impl Outcomes {
+    fn applied(&mut self, entries: &[Entry]) {
+        for e in entries {
+            for p in &e.parts {
+                self.record(p.tag, &e.account, Ok(()));
+            }
+        }
+    }
+
+    fn record(&mut self, tag: Tag, account: &str, r: Result<(), Failure>) {
+        match self.results.get_mut(&(tag, account.to_string())) {
+            None => {
+                self.order.push((tag, account.to_string()));
+                self.results.insert((tag, account.to_string()), r);
+            }
+            Some(old @ Ok(())) => *old = r,
+            // The first failure stays (what the dead letter reports).
+            Some(Err(_)) => {}
+        }
+    }
+
+    fn failed(&self, tag: Tag, account: &str) -> bool {
+        matches!(self.results.get(&(tag, account.to_string())), Some(Err(_)))
+    }
+
+    /// The outcomes, leaving out those of `unfinished` (parts with a
+    /// request still to send: reporting them would ack a message before all
+    /// of it was applied).
+    fn into_vec(mut self, unfinished: &HashSet<(Tag, String)>) -> Vec<PartOutcome> {
+        self.order
+            .into_iter()
+            .filter(|k| !unfinished.contains(k))
+            .filter_map(|k| {
+                let result = self.results.remove(&k)?;
+                Some(PartOutcome { tag: k.0, result })
+            })
+            .collect()
+    }
+}
+
 /// Runs one batch to the end: every part applied or failed, unless the
 /// session stops first (then the parts without outcome stay unacked).
 /// `ticket`: the first request's place at the door, taken when the batch
 /// was formed (None: take one now).
+///
+/// Each account's operations leave as at most one `im_set_attr` entry and
+/// one `im_remove_attr` entry, never at the same time: the batch sends its
+/// `im_set_attr` request, then its `im_remove_attr` request (they touch
+/// different attributes, so either order gives the same state), and the
+/// accounts stay locked until both are settled (docs/design.md).
 pub(super) async fn execute_batch(
     entries: Vec<Entry>,
     ctx: &BatchCtx,
     ticket: Option<Ticket>,
 ) -> Vec<PartOutcome> {
-    let mut outcomes = Vec::new();
+    let mut outcomes = Outcomes::default();
     let mut ticket = ticket;
-    // Requests still to send, with the attempts already spent on their entries.
-    let mut work: VecDeque<(Vec<Entry>, u32)> = VecDeque::from([(entries, 0)]);
+    // Only an entry with both values and removals is copied (sets alone:
+    // no copy at all).
+    let (sets, removes_only): (Vec<Entry>, Vec<Entry>) =
+        entries.into_iter().partition(|e| Kind::Set.touches(e));
+    let removes: Vec<Entry> = sets
+        .iter()
+        .filter(|e| Kind::Remove.touches(e))
+        .cloned()
+        .chain(removes_only)
+        .collect();
+    let unit = |kind: Kind, entries: Vec<Entry>| Unit {
+        kind,
+        entries,
+        prior: 0,
+        alone: false,
+    };
+    let mut work: VecDeque<Unit> =
+        VecDeque::from([unit(Kind::Set, sets), unit(Kind::Remove, removes)]);
+    // Accounts whose messages are being resent one by one, and accounts
+    // whose merged request was dead-lettered: their other merged request
+    // is not sent (the resending covers it, or the messages are dead).
+    let mut done_with: HashSet<String> = HashSet::new();
     // When the last request with an ambiguous answer was sent.
     let mut last_ambiguous: Option<Instant> = None;
-    while let Some((entries, prior)) = work.pop_front() {
-        let Some(sent) = send(&entries, ctx, ticket.take(), &mut last_ambiguous).await else {
+    let mut stopped = None;
+    while let Some(mut u) = work.pop_front() {
+        if u.alone {
+            // A message resent alone already failed in its other request.
+            u.entries
+                .retain(|e| e.parts.iter().all(|p| !outcomes.failed(p.tag, &e.account)));
+        } else {
+            u.entries.retain(|e| !done_with.contains(&e.account));
+        }
+        if u.entries.is_empty() {
+            continue;
+        }
+        if u.alone {
+            // A message resent alone may set what a merged request with an
+            // ambiguous answer also wrote: that one must be past applying.
+            if let Some(sent_at) = last_ambiguous {
+                if !settled_after(sent_at, ctx.fence.token()).await {
+                    stopped = Some(u);
+                    break;
+                }
+            }
+        }
+        let Some(sent) = send(u.kind, &u.entries, ctx, ticket.take(), &mut last_ambiguous).await
+        else {
+            stopped = Some(u);
             break;
         };
-        let attempts = prior + sent.attempts;
+        let attempts = u.prior + sent.attempts;
         match sent.verdict {
-            Verdict::Applied => {
-                for e in entries {
-                    outcomes.extend(e.parts.into_iter().map(|p| PartOutcome {
-                        tag: p.tag,
-                        result: Ok(()),
-                    }));
-                }
-            }
+            Verdict::Applied => outcomes.applied(&u.entries),
             Verdict::Split | Verdict::Bisect => {
                 if sent.verdict == Verdict::Split {
-                    ctx.cap.lower(entries.len());
-                    warn!(accounts = entries.len(), "Too many accounts for the API (90018); splitting and lowering the batch size for a while");
+                    ctx.cap.lower(u.entries.len());
+                    warn!(api = u.kind.api(), accounts = u.entries.len(), "Too many accounts for the API (90018); splitting and lowering the batch size for a while");
                 }
-                let (a, b) = split_half(entries);
-                work.push_front((b, attempts));
-                work.push_front((a, attempts));
+                let (a, b) = split_half(u.entries);
+                for half in [b, a] {
+                    work.push_front(Unit {
+                        kind: u.kind,
+                        entries: half,
+                        prior: attempts,
+                        alone: u.alone,
+                    });
+                }
             }
             Verdict::Isolate => {
-                for e in entries {
+                // Every message of the account again, in order, each its
+                // sets then its removals: whatever of the account was
+                // applied already, the last operation applied per
+                // attribute is then the last one of a message not refused.
+                for e in u.entries {
+                    done_with.insert(e.account.clone());
                     for p in e.parts.into_iter().rev() {
-                        work.push_front((
-                            vec![Entry::from_parts(e.account.clone(), vec![p])],
-                            attempts,
-                        ));
+                        let one = Entry::from_parts(e.account.clone(), vec![p]);
+                        for kind in [Kind::Remove, Kind::Set] {
+                            if kind.touches(&one) {
+                                work.push_front(Unit {
+                                    kind,
+                                    entries: vec![one.clone()],
+                                    prior: attempts,
+                                    alone: true,
+                                });
+                            }
+                        }
                     }
                 }
             }
             Verdict::DeadLetter(reason) => {
                 if reason == Reason::RetriesExhausted {
                     warn!(
-                        accounts = entries.len(),
+                        api = u.kind.api(),
+                        accounts = u.entries.len(),
                         attempts,
                         error = %sent.reply.info(),
                         "Retries exhausted; dead-lettering the batch's messages"
                     );
                 }
-                fail_all(&mut outcomes, entries, reason, &sent.reply, attempts);
+                if !u.alone {
+                    done_with.extend(u.entries.iter().map(|e| e.account.clone()));
+                }
+                fail_all(&mut outcomes, &u.entries, reason, &sent.reply, attempts);
             }
         }
     }
+    let unfinished: HashSet<(Tag, String)> = stopped
+        .iter()
+        .chain(work.iter())
+        .flat_map(|u| &u.entries)
+        .flat_map(|e| e.parts.iter().map(|p| (p.tag, e.account.clone())))
+        .collect();
     // An ambiguous request may still be applied late, over a newer value
     // sent once the accounts are unlocked: report only after the backend
     // gave up on it. Stopped meanwhile: nothing is reported (all redelivered).
@@ -286,7 +462,7 @@ pub(super) async fn execute_batch(
             return Vec::new();
         }
     }
-    outcomes
+    outcomes.into_vec(&unfinished)
 }
 
 /// Waits until the API's backend is done with a request sent at `sent_at`;
@@ -303,25 +479,20 @@ fn split_half(mut entries: Vec<Entry>) -> (Vec<Entry>, Vec<Entry>) {
     (entries, b)
 }
 
-fn fail_all(
-    out: &mut Vec<PartOutcome>,
-    entries: Vec<Entry>,
-    reason: Reason,
-    reply: &Reply,
-    attempts: u32,
-) {
+fn fail_all(out: &mut Outcomes, entries: &[Entry], reason: Reason, reply: &Reply, attempts: u32) {
     for e in entries {
-        for p in e.parts {
-            out.push(PartOutcome {
-                tag: p.tag,
-                result: Err(Failure {
+        for p in &e.parts {
+            out.record(
+                p.tag,
+                &e.account,
+                Err(Failure {
                     reason,
                     code: reply.code(),
                     error: reply.info(),
                     account: Some(e.account.clone()),
                     attempts,
                 }),
-            });
+            );
         }
     }
 }
@@ -339,16 +510,13 @@ struct Sent {
 /// misconfigured answer and [`Event::Resumed`] when it ends after one.
 /// Notes in `last_ambiguous` when a request with an ambiguous answer was sent.
 async fn send(
+    kind: Kind,
     entries: &[Entry],
     ctx: &BatchCtx,
     mut ticket: Option<Ticket>,
     last_ambiguous: &mut Option<Instant>,
 ) -> Option<Sent> {
-    let merged: Vec<(&str, Vec<(&str, &str)>)> = entries
-        .iter()
-        .map(|e| (e.account.as_str(), e.merged()))
-        .collect();
-    let body = set_attr_body(&merged);
+    let body = kind.body(entries);
     let messages: usize = entries.iter().map(|e| e.parts.len()).sum();
     let mut waits = Backoffs::new(&ctx.retry);
     let mut at = Attempt {
@@ -369,7 +537,7 @@ async fn send(
         let ticket = ticket.take().unwrap_or_else(|| ctx.client.door().ticket());
         let Some(r) = ctx
             .client
-            .call_fenced(api::SET_ATTR, body.clone(), ticket, &ctx.fence)
+            .call_fenced(kind.api(), body.clone(), ticket, &ctx.fence)
             .await
         else {
             break None;
@@ -383,6 +551,7 @@ async fn send(
         metrics::histogram!("imattr_api_request_duration_seconds").record(r.latency.as_secs_f64());
         metrics::histogram!("imattr_request_accounts").record(entries.len() as f64);
         debug!(
+            api = kind.api(),
             accounts = entries.len(),
             messages,
             attempt = attempts,
@@ -713,7 +882,8 @@ mod tests {
                 .iter()
                 .map(|(tag, k, v)| Part {
                     tag: *tag,
-                    attrs: vec![(k.to_string(), v.to_string())],
+                    // "-" removes.
+                    attrs: vec![(k.to_string(), (*v != "-").then(|| v.to_string()))],
                 })
                 .collect(),
         )
@@ -979,5 +1149,233 @@ mod tests {
         );
         let out = task.await.expect("batch task");
         assert_eq!(results(&out), vec![(1, None)]);
+    }
+
+    #[tokio::test]
+    async fn a_mixed_batch_sends_its_sets_then_its_removals_never_together() {
+        let sim = sim(Faults {
+            latency_ms: (20, 20),
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        execute_batch(
+            vec![entry("a", &[(1, "sex", "m"), (2, "city", "x")])],
+            &ctx,
+            None,
+        )
+        .await;
+        let entries = vec![
+            // set then remove = remove; remove then set = set.
+            entry(
+                "a",
+                &[
+                    (3, "sex", "f"),
+                    (4, "sex", "-"),
+                    (5, "city", "-"),
+                    (6, "city", "y"),
+                ],
+            ),
+            entry("b", &[(7, "city", "-")]),
+            entry("c", &[(8, "sex", "m")]),
+        ];
+        let out = execute_batch(entries, &ctx, None).await;
+        assert_eq!(
+            results(&out),
+            (3..=8).map(|t| (t, None)).collect::<Vec<_>>()
+        );
+        assert_eq!(value(&sim, "a", "sex"), None);
+        assert_eq!(value(&sim, "a", "city").as_deref(), Some("y"));
+        assert_eq!(value(&sim, "c", "sex").as_deref(), Some("m"));
+        let st = sim.stats();
+        assert_eq!(st.set_attr_ok, 2);
+        assert_eq!(st.remove_attr_ok, 1);
+        assert_eq!(st.accounts_removed, 2, "a and b in one im_remove_attr");
+        assert_eq!(st.overlapping_account_requests, 0);
+        assert_eq!(st.max_concurrent_requests, 1);
+    }
+
+    #[tokio::test]
+    async fn removals_alone_split_on_too_many_accounts() {
+        let sim = sim(Faults {
+            max_accounts: 2,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let sets: Vec<Entry> = (0..5)
+            .map(|i| entry(&format!("u{i}"), &[(i, "sex", "m")]))
+            .collect();
+        for chunk in sets.chunks(2) {
+            execute_batch(chunk.to_vec(), &ctx, None).await;
+        }
+        let removes: Vec<Entry> = (0..5)
+            .map(|i| entry(&format!("u{i}"), &[(10 + i, "sex", "-")]))
+            .collect();
+        let out = execute_batch(removes, &ctx, None).await;
+        assert_eq!(
+            results(&out),
+            (10..15).map(|t| (t, None)).collect::<Vec<_>>()
+        );
+        assert!(sim.state().is_empty(), "{:?}", sim.state());
+        assert_eq!(sim.stats().count(api::REMOVE_ATTR, 90018), 2);
+        assert_eq!(sim.stats().remove_attr_ok, 3);
+        assert!(ctx.cap.get() <= 2);
+    }
+
+    /// A refused removal merged with other messages of its account: the
+    /// messages are resent one by one, in order, each its sets then its
+    /// removals; the refused one is dead-lettered and the state is that of
+    /// the others applied in order.
+    #[tokio::test]
+    async fn a_refused_removal_is_isolated_and_the_rest_applied_in_order() {
+        let sim = sim(Faults {
+            reject_attrs: vec!["bad".into()],
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let entries = vec![
+            entry(
+                "a",
+                &[
+                    (1, "city", "x"),
+                    (2, "bad", "-"),
+                    (3, "city", "-"),
+                    (4, "sex", "m"),
+                ],
+            ),
+            entry("b", &[(5, "sex", "-")]),
+            entry("c", &[(6, "city", "c")]),
+        ];
+        let out = execute_batch(entries, &ctx, None).await;
+        let rejected = Some((Reason::Rejected, 90033));
+        assert_eq!(
+            results(&out),
+            vec![
+                (1, None),
+                (2, rejected),
+                (3, None),
+                (4, None),
+                (5, None),
+                (6, None)
+            ]
+        );
+        assert_eq!(value(&sim, "a", "city"), None, "removed after it was set");
+        assert_eq!(value(&sim, "a", "sex").as_deref(), Some("m"));
+        assert_eq!(value(&sim, "c", "city").as_deref(), Some("c"));
+        assert_eq!(sim.stats().overlapping_account_requests, 0);
+    }
+
+    /// Refused in its im_set_attr request: the account's merged removal is
+    /// not sent; its messages are resent one by one instead.
+    #[tokio::test]
+    async fn an_account_isolated_in_its_sets_sends_no_merged_removal() {
+        let sim = sim(Faults {
+            reject_attrs: vec!["bad".into()],
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await;
+        let entries = vec![entry(
+            "a",
+            &[(2, "bad", "x"), (3, "sex", "-"), (4, "city", "y")],
+        )];
+        let out = execute_batch(entries, &ctx, None).await;
+        let rejected = Some((Reason::Rejected, 90033));
+        assert_eq!(results(&out), vec![(2, rejected), (3, None), (4, None)]);
+        assert_eq!(value(&sim, "a", "sex"), None);
+        assert_eq!(value(&sim, "a", "city").as_deref(), Some("y"));
+        // One merged im_set_attr (refused), then per message: 2 (refused),
+        // 3's removal, 4's set. No merged im_remove_attr.
+        assert_eq!(sim.stats().total(api::REMOVE_ATTR), 1);
+        assert_eq!(sim.stats().count(api::SET_ATTR, 90033), 2);
+    }
+
+    /// Retries exhausted on the im_set_attr request: the account's
+    /// messages are dead-lettered together and its removals not sent.
+    #[tokio::test]
+    async fn an_account_dead_lettered_in_its_sets_sends_no_removal() {
+        let sim = sim(Faults {
+            fail_accounts: vec!["a".into()],
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let entries = vec![entry("a", &[(1, "sex", "m"), (2, "city", "-")])];
+        let out = execute_batch(entries, &ctx, None).await;
+        let exhausted = Some((Reason::RetriesExhausted, 91000));
+        assert_eq!(results(&out), vec![(1, exhausted), (2, exhausted)]);
+        assert_eq!(sim.stats().total(api::REMOVE_ATTR), 0);
+    }
+
+    /// Stopped between the im_set_attr and the im_remove_attr request: a
+    /// message with a removal still to send has no outcome (it would be
+    /// acked half applied); a message wholly applied has one.
+    #[tokio::test]
+    async fn a_stop_before_the_removals_reports_only_finished_messages() {
+        let sim = sim(Faults::default()).await;
+        let (mut ctx, _rx) = ctx(&sim, fast_retry());
+        // One request a second: the removal waits for its slot.
+        ctx.client = Client::new(
+            &sim.url(),
+            ctx.client.signer().clone(),
+            Duration::from_secs(5),
+            1,
+            8,
+        )
+        .expect("client");
+        let ctx = Arc::new(ctx);
+        let both = Entry::from_parts(
+            "b".into(),
+            vec![Part {
+                tag: 2,
+                attrs: vec![("sex".into(), Some("m".into())), ("city".into(), None)],
+            }],
+        );
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(1, "sex", "m")]), both], &ctx, None).await
+            })
+        };
+        while sim.stats().set_attr_ok == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ctx.fence.close("stopped");
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(1, None)]);
+        assert_eq!(value(&sim, "b", "sex").as_deref(), Some("m"));
+        assert_eq!(sim.stats().total(api::REMOVE_ATTR), 0);
+    }
+
+    /// A removal refused while paused on misconfiguration waits, probing,
+    /// and is applied once the API accepts requests again.
+    #[tokio::test]
+    async fn a_removal_pauses_on_misconfiguration_like_a_set() {
+        let sim = sim(Faults::default()).await;
+        let (ctx, mut rx) = ctx(&sim, fast_retry());
+        execute_batch(vec![entry("a", &[(1, "sex", "m")])], &ctx, None).await;
+        sim.update_faults(|f| f.misconfigured = true);
+        let ctx = Arc::new(ctx);
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                execute_batch(vec![entry("a", &[(2, "sex", "-")])], &ctx, None).await
+            })
+        };
+        match rx.recv().await {
+            Some(Event::Paused { code, .. }) => assert_eq!(code, 90009),
+            _ => panic!("expected a pause"),
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!task.is_finished(), "nothing dead-lettered while paused");
+        sim.update_faults(|f| f.misconfigured = false);
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(2, None)]);
+        assert!(sim.state().is_empty());
+        assert!(sim.stats().count(api::REMOVE_ATTR, 90009) >= 1);
     }
 }

@@ -162,6 +162,10 @@ pub fn valid() -> Vec<Vec<u8>> {
         br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"city":"x"},"note":1}],"source":"crm"}"#.to_vec(),
         br#"{"To_Account":"a\u00e9","Attrs":{"city":"Shenzhen\n"}}"#.to_vec(),
         "{\"To_Account\":\"账户\",\"Attrs\":{\"city\":\"深圳\"}}".as_bytes().to_vec(),
+        // Removals (null), alone and with values, in both shapes.
+        br#"{"To_Account":"a","Attrs":{"city":null}}"#.to_vec(),
+        br#"{"To_Account":"a","Attrs":{"sex":"m","city":null}}"#.to_vec(),
+        br#"{"UserAttrs":[{"To_Account":"a","Attrs":{"sex":null}},{"To_Account":"a","Attrs":{"sex":"f"}}]}"#.to_vec(),
     ];
     let a32 = "a".repeat(32);
     let v50 = "v".repeat(50);

@@ -4,7 +4,7 @@
 //	ACCOUNT=xiaojun012 ATTRS='{"sex":"attr1","city":"attr2"}' go run .
 //
 // Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), IMATTR_EXCHANGE
-// (default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value).
+// (default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value, or null to remove the attribute).
 package main
 
 import (
@@ -28,13 +28,14 @@ func publish() error {
 	url := env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 	exchange := env("IMATTR_EXCHANGE", "imattr.updates")
 	account := env("ACCOUNT", "xiaojun012")
-	var attrs map[string]string
+	// A nil value is JSON null: it removes the attribute.
+	var attrs map[string]*string
 	if err := json.Unmarshal([]byte(env("ATTRS", `{"sex":"attr1","city":"attr2"}`)), &attrs); err != nil {
-		return fmt.Errorf("ATTRS must be a JSON object of strings: %w", err)
+		return fmt.Errorf("ATTRS must be a JSON object of strings or nulls: %w", err)
 	}
 	body, err := json.Marshal(struct {
-		ToAccount string            `json:"To_Account"`
-		Attrs     map[string]string `json:"Attrs"`
+		ToAccount string             `json:"To_Account"`
+		Attrs     map[string]*string `json:"Attrs"`
 	}{account, attrs})
 	if err != nil {
 		return err

@@ -6,7 +6,7 @@
 //     java -cp amqp-client-5.x.jar:slf4j-api.jar:. Publish
 //
 // Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), IMATTR_EXCHANGE
-// (default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value,
+// (default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value or null, which removes it,
 // passed through as it is: build it with your JSON library).
 
 import com.rabbitmq.client.AMQP;

@@ -4,7 +4,7 @@
     ACCOUNT=xiaojun012 ATTRS='{"sex":"attr1","city":"attr2"}' python3 publish.py
 
 Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f), IMATTR_EXCHANGE
-(default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value).
+(default imattr.updates), ACCOUNT, ATTRS (a JSON object of attribute name to string value, or null to remove the attribute).
 """
 
 import json
