@@ -152,6 +152,16 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `--limit`: 0 would ask for nothing, which is never meant (it is bad
+/// usage, exit 2, rather than an empty answer that looks like "no match").
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (leave --limit out for no limit)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Bad usage found after parsing (an update given on the command line that
 /// breaks a rule, say): `imattr` exits with status 2.
 #[derive(Debug, thiserror::Error)]
@@ -166,8 +176,8 @@ pub enum DlqCommand {
         after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --json | jq .error"
     )]
     List {
-        /// At most this many.
-        #[arg(long)]
+        /// At most this many (1 or more; leave it out for no limit).
+        #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
         /// NDJSON with all headers, properties and the body.
         #[arg(long)]
@@ -191,8 +201,8 @@ pub enum DlqCommand {
         after_help = "Examples:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted\n  imattr dlq replay --reason broker:expired --whole"
     )]
     Replay {
-        /// At most this many.
-        #[arg(long)]
+        /// At most this many (1 or more; leave it out for no limit).
+        #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
         /// Which dead letters.
         #[command(flatten)]

@@ -360,6 +360,9 @@ async fn bad_usage_exits_2() {
         ),
         (&["dlq", "purge"], "--yes"),
         (&["dlq", "list", "--limit", "x"], "--limit"),
+        // 0 asks for nothing: bad usage, not "nothing matches".
+        (&["dlq", "list", "--limit", "0"], "at least 1"),
+        (&["dlq", "replay", "--limit", "0", "--dry-run"], "at least 1"),
         (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
         (&["bench", "--only", "10"], "--only"),
         (&["no-such-command"], "no-such-command"),
