@@ -392,10 +392,11 @@ async fn replay_sends_only_the_failed_accounts_unless_whole() {
 
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead[0].failed_accounts, ["p2", "p3"]);
-    let (code, out, _) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p3"]).await;
-    assert_eq!(code, 0);
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p3"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1, "the failed account matches");
-    let (_, out, _) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p1"]).await;
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p1"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 0, "the applied one does not");
 
     let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
@@ -473,8 +474,9 @@ async fn broker_made_dead_letters_are_shown_counted_and_replayable() {
     assert_eq!(stats["total"], 3);
     assert_eq!(stats["by_reason"]["broker:expired"], 3);
     assert_eq!(stats["by_source_queue"][c.amqp.queue.as_str()], 3);
-    let (_, out, _) =
+    let (code, out, err) =
         imattr_output(&c, &["dlq", "replay", "--reason", "rejected", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "would replay 0");
 
     sb.start_worker();
