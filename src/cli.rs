@@ -173,7 +173,7 @@ pub struct UsageError(pub String);
 pub enum DlqCommand {
     /// Show dead-lettered messages without removing them.
     #[command(
-        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --json | jq .error"
+        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --wide --code 90033\n  imattr dlq list --json | jq .error"
     )]
     List {
         /// At most this many (1 or more; leave it out for no limit).
@@ -182,6 +182,9 @@ pub enum DlqCommand {
         /// NDJSON with all headers, properties and the body.
         #[arg(long)]
         json: bool,
+        /// Print the table's accounts, errors and bodies whole, not cut.
+        #[arg(long, conflicts_with = "json")]
+        wide: bool,
         /// Which dead letters.
         #[command(flatten)]
         filter: DlqFilter,
@@ -214,12 +217,17 @@ pub enum DlqCommand {
         #[arg(long)]
         whole: bool,
     },
-    /// Write every dead letter as NDJSON, removing nothing.
-    #[command(after_help = "Example:\n  imattr dlq export --out dead.ndjson")]
+    /// Write the dead letters (every one, or those matching) as NDJSON, removing nothing.
+    #[command(
+        after_help = "Examples:\n  imattr dlq export --out dead.ndjson\n  imattr dlq export --reason rejected --code 90033 --out rejected.ndjson"
+    )]
     Export {
         /// Output file (default stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: DlqFilter,
     },
     /// Delete every dead-lettered message.
     #[command(after_help = "Example:\n  imattr dlq purge --yes")]

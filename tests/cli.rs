@@ -427,6 +427,26 @@ async fn dlq_export_writes_every_dead_letter_and_removes_none() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    // With the filters of list and replay.
+    for (args, want) in [
+        (&["--reason", "rejected"][..], vec!["r0", "r1", "r2"]),
+        (&["--code", "0"][..], vec!["x"]),
+        (&["--account", "r1"][..], vec!["r1"]),
+    ] {
+        let (code, text, err) =
+            imattr_output(&sb.config, &[&["dlq", "export"][..], args].concat()).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let mut accounts: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["account"].as_str().unwrap().to_string()
+            })
+            .collect();
+        accounts.sort();
+        assert_eq!(accounts, want, "{args:?}");
+    }
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     sb.cleanup().await.unwrap();
 }
 
@@ -561,6 +581,7 @@ async fn bad_usage_exits_2() {
         ),
         (&["dlq", "purge"], "--yes"),
         (&["dlq", "list", "--limit", "x"], "--limit"),
+        (&["dlq", "list", "--wide", "--json"], "--json"),
         // 0 asks for nothing: bad usage, not "nothing matches".
         (&["dlq", "list", "--limit", "0"], "at least 1"),
         (

@@ -278,7 +278,10 @@ async fn a_pass_never_holds_more_than_its_window_unacked() {
     }
     let q = open(&c, 500).await;
     let mut sink = Slow(Vec::new());
-    assert_eq!(q.export(&mut sink).await.unwrap(), u64::from(n));
+    assert_eq!(
+        q.export(&Filter::default(), &mut sink).await.unwrap(),
+        u64::from(n)
+    );
     q.close().await;
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();

@@ -215,13 +215,16 @@ impl Dlq {
         Ok(out)
     }
 
-    /// Writes every dead letter to `w` as NDJSON, removing nothing; returns how many.
-    pub async fn export(&self, w: &mut dyn Write) -> anyhow::Result<u64> {
+    /// Writes the dead letters matching `filter` to `w` as NDJSON, removing
+    /// nothing; returns how many.
+    pub async fn export(&self, filter: &Filter, w: &mut dyn Write) -> anyhow::Result<u64> {
         let mut n = 0u64;
         self.pass(self.pass_config, &mut |meta, props, body| {
-            serde_json::to_writer(&mut *w, &DeadLetterView::new(meta, props, body))?;
-            w.write_all(b"\n").context("writing the export")?;
-            n += 1;
+            if filter.matches(meta) {
+                serde_json::to_writer(&mut *w, &DeadLetterView::new(meta, props, body))?;
+                w.write_all(b"\n").context("writing the export")?;
+                n += 1;
+            }
             Ok(Visit::keep())
         })
         .await?;

@@ -304,9 +304,27 @@ const SIZING_ROWS: usize = 1000;
 pub(crate) struct Table {
     pending: Vec<[String; 7]>,
     widths: Option<[usize; 7]>,
+    /// Accounts, errors and bodies whole (`list --wide`).
+    wide: bool,
 }
 
 impl Table {
+    /// A table that cuts nothing.
+    pub(crate) fn wide() -> Table {
+        Table {
+            wide: true,
+            ..Table::default()
+        }
+    }
+
+    fn cut(&self, s: &str, max: usize) -> String {
+        if self.wide {
+            s.to_string()
+        } else {
+            cut(s, max)
+        }
+    }
+
     /// Adds a row; prints once the columns are sized.
     pub(crate) fn push(&mut self, out: &mut impl Write, v: &DeadLetterView) -> std::io::Result<()> {
         let accounts = if v.failed_accounts.is_empty() {
@@ -315,15 +333,15 @@ impl Table {
             v.failed_accounts.join(",")
         };
         let row = [
-            cut(&accounts, 40),
+            self.cut(&accounts, 40),
             v.reason.clone().unwrap_or_else(|| "-".into()),
             v.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-            cut(v.error.as_deref().unwrap_or("-"), 60),
+            self.cut(v.error.as_deref().unwrap_or("-"), 60),
             v.attempts
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
             v.failed_at_ms.map(utc_time).unwrap_or_else(|| "-".into()),
-            cut(&v.body.replace('\n', " "), 60),
+            self.cut(&v.body.replace('\n', " "), 60),
         ];
         match self.widths {
             Some(w) => writeln!(out, "{}", line(&w, &row)),
@@ -612,5 +630,19 @@ mod tests {
         let mut empty = Vec::new();
         assert!(!Table::default().finish(&mut empty).unwrap());
         assert!(empty.is_empty());
+
+        // Cut to 60 characters, or whole with --wide.
+        let mut long = v.clone();
+        long.error = Some(format!("{}END", "e".repeat(100)));
+        long.body = format!("{}TAIL", "b".repeat(100));
+        for (mut t, whole) in [(Table::default(), false), (Table::wide(), true)] {
+            let mut out = Vec::new();
+            t.push(&mut out, &long).unwrap();
+            t.finish(&mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.contains("eEND"), whole, "{text}");
+            assert_eq!(text.contains("bTAIL"), whole, "{text}");
+            assert_eq!(text.contains('…'), !whole, "{text}");
+        }
     }
 }
