@@ -229,12 +229,17 @@ pub enum DlqCommand {
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Delete every dead-lettered message.
-    #[command(after_help = "Example:\n  imattr dlq purge --yes")]
+    /// Delete every dead-lettered message, or the matching ones.
+    #[command(
+        after_help = "Examples:\n  imattr dlq purge --yes\n  imattr dlq purge --yes --reason invalid-message --account xiaojun014"
+    )]
     Purge {
         /// Confirm the deletion (required: there is no undo).
         #[arg(long, required = true)]
         yes: bool,
+        /// Which dead letters (default: all).
+        #[command(flatten)]
+        filter: DlqFilter,
     },
 }
 

@@ -520,9 +520,24 @@ async fn dlq_purge_refuses_without_yes_then_deletes_everything() {
     assert_eq!(code, 2, "bad usage: {err}");
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
-    let (code, out, _) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
-    assert_eq!(code, 0);
-    assert_eq!(out.trim(), "purged 4");
+    // With the filters of replay: only the matching ones, the others in order.
+    let before = sb.dead_letters().await.unwrap();
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes", "--account", "r1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 1");
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes", "--code", "0"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 1");
+    let left = sb.dead_letters().await.unwrap();
+    let want: Vec<_> = before
+        .into_iter()
+        .filter(|d| d.code == Some(90033) && d.account.as_deref() != Some("r1"))
+        .collect();
+    assert_eq!(left, want);
+    assert_eq!(left.len(), 2);
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 2");
     assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.cleanup().await.unwrap();
 }

@@ -9,7 +9,7 @@ use crate::config::Config;
 
 pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
     use crate::dlq::{Dlq, ReplayOptions, Table};
-    if let DlqCommand::Purge { yes: false } = c {
+    if let DlqCommand::Purge { yes: false, .. } = c {
         // clap requires --yes; this stays as a second lock.
         return Err(crate::cli::UsageError(format!(
             "refusing to delete every message of {} without --yes",
@@ -94,8 +94,13 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                     writeln!(out, "replayed {n}")?;
                 }
             }
-            DlqCommand::Purge { .. } => {
-                let n = q.purge().await?;
+            DlqCommand::Purge { filter, .. } => {
+                let filter: crate::dlq::Filter = filter.into();
+                let n = if filter.is_empty() {
+                    u64::from(q.purge().await?)
+                } else {
+                    q.purge_matching(&filter).await?
+                };
                 writeln!(crate::cli::stdout(), "purged {n}")?;
             }
         }

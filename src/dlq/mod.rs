@@ -268,6 +268,22 @@ impl Dlq {
         Ok(matched)
     }
 
+    /// Deletes the dead letters matching `filter` among those present at the
+    /// start, leaving the others in order; returns how many. Each is removed
+    /// by acknowledging it: nothing is requeued, expired or dead-lettered.
+    pub(crate) async fn purge_matching(&self, filter: &Filter) -> anyhow::Result<u64> {
+        let report = self
+            .pass(self.pass_config, &mut |meta, _, _| {
+                Ok(if filter.matches(meta) {
+                    Visit::removed()
+                } else {
+                    Visit::keep()
+                })
+            })
+            .await?;
+        Ok(report.removed)
+    }
+
     /// Deletes every dead letter; returns how many.
     pub(crate) async fn purge(&self) -> anyhow::Result<u32> {
         let queue = &self.config.amqp.dead_letter_queue;
