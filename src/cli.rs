@@ -161,6 +161,16 @@ fn parse_attr(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `--limit`: 0 would ask for nothing, which is never meant (it is bad
+/// usage, exit 2, rather than an empty answer that looks like "no match").
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (leave --limit out for no limit)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Bad usage found after parsing (an update given on the command line that
 /// breaks a rule, say): `imattr` exits with status 2.
 #[derive(Debug, thiserror::Error)]
@@ -172,15 +182,18 @@ pub struct UsageError(pub String);
 pub enum DlqCommand {
     /// Show dead-lettered messages without removing them.
     #[command(
-        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --json | jq .error"
+        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --wide --code 90033\n  imattr dlq list --json | jq .error"
     )]
     List {
-        /// At most this many.
-        #[arg(long)]
+        /// At most this many (1 or more; leave it out for no limit).
+        #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
         /// NDJSON with all headers, properties and the body.
         #[arg(long)]
         json: bool,
+        /// Print the table's accounts, errors and bodies whole, not cut.
+        #[arg(long, conflicts_with = "json")]
+        wide: bool,
         /// Which dead letters.
         #[command(flatten)]
         filter: DlqFilter,
@@ -200,8 +213,8 @@ pub enum DlqCommand {
         after_help = "Examples:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted\n  imattr dlq replay --reason broker:expired --whole"
     )]
     Replay {
-        /// At most this many.
-        #[arg(long)]
+        /// At most this many (1 or more; leave it out for no limit).
+        #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
         /// Which dead letters.
         #[command(flatten)]
@@ -213,19 +226,29 @@ pub enum DlqCommand {
         #[arg(long)]
         whole: bool,
     },
-    /// Write every dead letter as NDJSON, removing nothing.
-    #[command(after_help = "Example:\n  imattr dlq export --out dead.ndjson")]
+    /// Write the dead letters (every one, or those matching) as NDJSON, removing nothing.
+    #[command(
+        after_help = "Examples:\n  imattr dlq export --out dead.ndjson\n  imattr dlq export --reason rejected --code 90033 --out rejected.ndjson"
+    )]
     Export {
         /// Output file (default stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: DlqFilter,
     },
-    /// Delete every dead-lettered message.
-    #[command(after_help = "Example:\n  imattr dlq purge --yes")]
+    /// Delete every dead-lettered message, or the matching ones.
+    #[command(
+        after_help = "Examples:\n  imattr dlq purge --yes\n  imattr dlq purge --yes --reason invalid-message --account xiaojun014"
+    )]
     Purge {
         /// Confirm the deletion (required: there is no undo).
         #[arg(long, required = true)]
         yes: bool,
+        /// Which dead letters (default: all).
+        #[command(flatten)]
+        filter: DlqFilter,
     },
 }
 

@@ -229,7 +229,8 @@ async fn dlq_list_shows_dead_letters_and_leaves_them() {
         table.contains("rejected") && table.contains("90033") && table.contains("invalid-message"),
         "{table}"
     );
-    let (_, table2, _) = imattr_output(&cfg, &["dlq", "list"]).await;
+    let (code, table2, err) = imattr_output(&cfg, &["dlq", "list"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(table, table2, "listing removed nothing");
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     sb.cleanup().await.unwrap();
@@ -239,9 +240,11 @@ async fn dlq_list_shows_dead_letters_and_leaves_them() {
 async fn dlq_list_json_carries_headers_reason_and_account() {
     let sb = with_dead_letters().await;
     let cfg = sb.config.clone();
-    let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json", "--limit", "2"]).await;
+    let (code, json, err) = imattr_output(&cfg, &["dlq", "list", "--json", "--limit", "2"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(json.lines().count(), 2);
-    let (_, json, _) = imattr_output(&cfg, &["dlq", "list", "--json"]).await;
+    let (code, json, err) = imattr_output(&cfg, &["dlq", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
     let rows: Vec<serde_json::Value> = json
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -267,6 +270,182 @@ async fn dlq_list_json_carries_headers_reason_and_account() {
     sb.cleanup().await.unwrap();
 }
 
+/// The dead-letter header names, spelled out here rather than taken from
+/// the constants the writer and the tools share: a renamed constant changes
+/// both sides at once, and only literals catch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_headers_have_their_documented_names() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
+    let (code, json, err) =
+        imattr_output(&cfg, &["dlq", "list", "--json", "--reason", "rejected"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "{json}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut accounts = Vec::new();
+    for r in &rows {
+        let h = &r["headers"];
+        let account = h["x-imattr-account"].as_str().unwrap().to_string();
+        assert_eq!(h["x-imattr-original-routing-key"], account.as_str(), "{h}");
+        assert_eq!(h["x-imattr-error"], "invalid attribute: city", "{h}");
+        assert!(h["x-imattr-attempts"].as_i64().unwrap() >= 1, "{h}");
+        let at = h["x-imattr-failed-at"].as_i64().unwrap();
+        assert!(at > now_ms - 600_000 && at <= now_ms, "{h}");
+        assert_eq!(h["x-imattr-reason"], "rejected", "{h}");
+        assert_eq!(h["x-imattr-error-code"], 90033, "{h}");
+        assert_eq!(h["x-imattr-source-queue"], cfg.amqp.queue.as_str(), "{h}");
+        // The top-level fields are read from those same headers.
+        assert_eq!(r["account"], account.as_str());
+        assert_eq!(r["failed_at_ms"], at);
+        accounts.push(account);
+    }
+    accounts.sort();
+    assert_eq!(accounts, ["r0", "r1", "r2"]);
+
+    // A dead letter as the broker holds it, read without the tools.
+    let conn = imattr::amqp::topology::connect(&cfg.amqp, "imattr test raw")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut raw = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            cfg.amqp.dead_letter_queue.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        raw.push(m.delivery.properties.headers().clone().unwrap_or_default());
+    }
+    let _ = conn.close(200, "done".into()).await;
+    assert_eq!(raw.len(), 4);
+    let text = |h: &lapin::types::FieldTable, k: &str| match h.inner().get(k) {
+        Some(lapin::types::AMQPValue::LongString(s)) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        other => panic!("{k}: {other:?}"),
+    };
+    let int = |h: &lapin::types::FieldTable, k: &str| match h.inner().get(k) {
+        Some(lapin::types::AMQPValue::LongLongInt(n)) => *n,
+        other => panic!("{k}: {other:?}"),
+    };
+    let r0 = raw
+        .iter()
+        .find(|h| {
+            h.inner().get("x-imattr-account").is_some() && text(h, "x-imattr-account") == "r0"
+        })
+        .expect("r0's dead letter");
+    assert_eq!(text(r0, "x-imattr-error"), "invalid attribute: city");
+    assert_eq!(text(r0, "x-imattr-original-routing-key"), "r0");
+    assert!(int(r0, "x-imattr-attempts") >= 1);
+    assert!(int(r0, "x-imattr-failed-at") > now_ms - 600_000);
+    sb.cleanup().await.unwrap();
+}
+
+/// Times are printed in UTC with a `Z`, like the logs, whatever the
+/// machine's zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_and_stats_print_utc_times() {
+    let sb = with_dead_letters().await;
+    let cfg = sb.config.clone();
+    let run = |args: &'static [&'static str]| {
+        let cfg = cfg.clone();
+        async move {
+            let out = imattr(&cfg)
+                .env("TZ", "Asia/Shanghai")
+                .args(args)
+                .output()
+                .await
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let utc = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string()
+    };
+    let json = run(&["dlq", "list", "--json", "--limit", "1"]).await;
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    let at = first["failed_at_ms"].as_i64().unwrap();
+    let table = run(&["dlq", "list", "--limit", "1"]).await;
+    assert!(table.contains(&utc(at)), "{} in {table}", utc(at));
+    let stats: serde_json::Value =
+        serde_json::from_str(&run(&["dlq", "stats", "--json"]).await).unwrap();
+    let (oldest, newest) = (
+        stats["oldest_failed_at_ms"].as_i64().unwrap(),
+        stats["newest_failed_at_ms"].as_i64().unwrap(),
+    );
+    let text = run(&["dlq", "stats"]).await;
+    let want = format!("failed between {} and {}", utc(oldest), utc(newest));
+    assert!(text.contains(&want), "{want} in {text}");
+    sb.cleanup().await.unwrap();
+}
+
+/// A body that is not UTF-8 has no readable account: `--account` finds its
+/// dead letter by the routing key publishers set to the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_by_account_finds_a_body_that_is_not_utf8() {
+    let mut sb = sandbox(&["sex"], Faults::default(), |_| {}).await;
+    sb.start_worker();
+    let cfg = sb.config.clone();
+    let conn = imattr::amqp::topology::connect(&cfg.amqp, "imattr test raw")
+        .await
+        .unwrap();
+    let mut p = imattr::publish::Publisher::new(&conn, &cfg.amqp.exchange)
+        .await
+        .unwrap();
+    p.publish(
+        "binacc",
+        &[0xff, 0xfe, 0x00, 0x80],
+        imattr::publish::update_properties(),
+    )
+    .await
+    .unwrap();
+    p.publish("other", b"not json", imattr::publish::update_properties())
+        .await
+        .unwrap();
+    p.finish().await.unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    sb.wait_drained(DRAIN).await.unwrap();
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 2);
+
+    let (code, out, err) =
+        imattr_output(&cfg, &["dlq", "list", "--json", "--account", "binacc"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["account"], "binacc");
+    assert_eq!(rows[0]["reason"], "invalid-message");
+    assert_eq!(rows[0]["body_encoding"], "base64");
+    assert!(rows[0]["headers"].get("x-imattr-account").is_none());
+    let (code, table, err) = imattr_output(&cfg, &["dlq", "list", "--account", "binacc"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("binacc"),
+        "{table}"
+    );
+    let (code, out, err) =
+        imattr_output(&cfg, &["dlq", "replay", "--account", "binacc", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "would replay 1");
+    sb.cleanup().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_export_writes_every_dead_letter_and_removes_none() {
     let sb = with_dead_letters().await;
@@ -280,23 +459,63 @@ async fn dlq_export_writes_every_dead_letter_and_removes_none() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 4);
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    // With the filters of list and replay.
+    for (args, want) in [
+        (&["--reason", "rejected"][..], vec!["r0", "r1", "r2"]),
+        (&["--code", "0"][..], vec!["x"]),
+        (&["--account", "r1"][..], vec!["r1"]),
+    ] {
+        let (code, text, err) =
+            imattr_output(&sb.config, &[&["dlq", "export"][..], args].concat()).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let mut accounts: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["account"].as_str().unwrap().to_string()
+            })
+            .collect();
+        accounts.sort();
+        assert_eq!(accounts, want, "{args:?}");
+    }
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     sb.cleanup().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_replay_dry_run_counts_by_filter_and_moves_nothing() {
-    let sb = with_dead_letters().await;
+    let mut sb = with_dead_letters().await;
     let cfg = sb.config.clone();
-    let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--dry-run"]).await;
+    // The cause is gone and no worker consumes: a message moved by mistake
+    // would wait in the updates queue, and later be applied.
+    sb.sim.update_faults(|f| f.reject_attrs.clear());
+    sb.stop_worker().await.unwrap();
+    let before = sb.dead_letters().await.unwrap();
+    let (code, out, err) =
+        imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "would replay 3");
-    let (_, out, _) = imattr_output(
+    let (code, out, err) = imattr_output(
         &cfg,
         &["dlq", "replay", "--reason", "invalid-message", "--dry-run"],
     )
     .await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "would replay 1");
-    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "replay", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "would replay 4");
+    assert_eq!(sb.depth(&cfg.amqp.queue).await.unwrap(), 0, "nothing moved");
+    let after = sb.dead_letters().await.unwrap();
+    assert_eq!(after, before, "the same dead letters, in the same order");
+    assert!(after
+        .iter()
+        .all(|d| d.headers.get("x-imattr-replays").is_none()));
+    // And nothing reaches the API once a worker runs again.
+    sb.start_worker();
+    sb.wait_drained(DRAIN).await.unwrap();
     assert!(!sb.state().contains_key("r0"));
+    assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
     sb.cleanup().await.unwrap();
 }
 
@@ -311,7 +530,8 @@ async fn dlq_replay_after_the_fix_applies_only_the_matching_ones() {
     assert_eq!(out.trim(), "replayed 2");
     sb.wait_drained(DRAIN).await.unwrap();
     assert_eq!(sb.dead_letters().await.unwrap().len(), 2, "--limit held");
-    let (_, out, _) = imattr_output(&cfg, &["dlq", "replay", "--reason", "rejected"]).await;
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "replay", "--reason", "rejected"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "replayed 1");
     sb.wait_drained(DRAIN).await.unwrap();
     let state = sb.state();
@@ -332,9 +552,24 @@ async fn dlq_purge_refuses_without_yes_then_deletes_everything() {
     assert_eq!(code, 2, "bad usage: {err}");
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(sb.dead_letters().await.unwrap().len(), 4);
-    let (code, out, _) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
-    assert_eq!(code, 0);
-    assert_eq!(out.trim(), "purged 4");
+    // With the filters of replay: only the matching ones, the others in order.
+    let before = sb.dead_letters().await.unwrap();
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes", "--account", "r1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 1");
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes", "--code", "0"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 1");
+    let left = sb.dead_letters().await.unwrap();
+    let want: Vec<_> = before
+        .into_iter()
+        .filter(|d| d.code == Some(90033) && d.account.as_deref() != Some("r1"))
+        .collect();
+    assert_eq!(left, want);
+    assert_eq!(left.len(), 2);
+    let (code, out, err) = imattr_output(&cfg, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "purged 2");
     assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.cleanup().await.unwrap();
 }
@@ -352,7 +587,8 @@ async fn replay_keeps_body_properties_routing_key_and_counts_replays() {
     sb.wait_drained(DRAIN).await.unwrap();
     let cfg = sb.config.clone();
     for round in 1..=2 {
-        let (_, out, _) = imattr_output(&cfg, &["dlq", "replay"]).await;
+        let (code, out, err) = imattr_output(&cfg, &["dlq", "replay"]).await;
+        assert_eq!(code, 0, "{err}");
         assert_eq!(out.trim(), "replayed 1");
         sb.wait_drained(DRAIN).await.unwrap();
         let dead = sb.dead_letters().await.unwrap();
@@ -410,6 +646,13 @@ async fn bad_usage_exits_2() {
         ),
         (&["dlq", "purge"], "--yes"),
         (&["dlq", "list", "--limit", "x"], "--limit"),
+        (&["dlq", "list", "--wide", "--json"], "--json"),
+        // 0 asks for nothing: bad usage, not "nothing matches".
+        (&["dlq", "list", "--limit", "0"], "at least 1"),
+        (
+            &["dlq", "replay", "--limit", "0", "--dry-run"],
+            "at least 1",
+        ),
         (&["simulate", "--latency-ms", "20..5"], "MIN..MAX"),
         (&["bench", "--only", "11"], "--only"),
         (&["bench", "--rounds", "0"], "--rounds"),

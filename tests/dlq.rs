@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,7 +278,10 @@ async fn a_pass_never_holds_more_than_its_window_unacked() {
     }
     let q = open(&c, 500).await;
     let mut sink = Slow(Vec::new());
-    assert_eq!(q.export(&mut sink).await.unwrap(), u64::from(n));
+    assert_eq!(
+        q.export(&Filter::default(), &mut sink).await.unwrap(),
+        u64::from(n)
+    );
     q.close().await;
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
@@ -310,21 +314,44 @@ async fn replay_ends_while_new_dead_letters_arrive() {
         };
         dl.one(reason, &format!("a{i}"), &format!("old{i}")).await;
     }
+    // K new ones are there before the replay starts.
+    const K: usize = 100;
+    for i in 0..K {
+        dl.one(Reason::Rejected, &format!("b{i}"), &format!("new{i}"))
+            .await;
+    }
     dl.confirm().await;
 
-    // New dead letters keep arriving during the replay.
+    // The others arrive once the pass is reading (it holds the consumer).
+    let arrived_during = Arc::new(AtomicU32::new(0));
+    let replay_done = Arc::new(AtomicBool::new(false));
     let arriving = {
-        let c = c.clone();
+        let (c, arrived_during, replay_done) =
+            (c.clone(), arrived_during.clone(), replay_done.clone());
         tokio::spawn(async move {
+            let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            eventually_async(|| async {
+                imattr::dlq::pass::count(&ch, &c.amqp.dead_letter_queue)
+                    .await
+                    .unwrap()
+                    .1
+                    == 1
+            })
+            .await;
             let mut dl = DeadLetters::new(&c).await;
-            for i in 0..1000 {
+            for i in K..1000 {
                 dl.one(Reason::Rejected, &format!("b{i}"), &format!("new{i}"))
                     .await;
+                if !replay_done.load(Ordering::SeqCst) {
+                    arrived_during.fetch_add(1, Ordering::SeqCst);
+                }
                 if i % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
             dl.confirm().await;
+            let _ = conn.close(200, "done".into()).await;
         })
     };
     let q = open(&c, 300).await;
@@ -338,12 +365,17 @@ async fn replay_ends_while_new_dead_letters_arrive() {
         })
         .await
         .unwrap();
+    replay_done.store(true, Ordering::SeqCst);
     q.close().await;
     arriving.await.unwrap();
+    assert!(
+        arrived_during.load(Ordering::SeqCst) > 0,
+        "no dead letter arrived during the replay (raise n if this machine is fast)"
+    );
 
     // Exactly the rejected ones present at the start moved, once each: the
-    // old ones and the first k new ones (those that had already arrived).
-    let k = replayed - n / 2;
+    // old ones and the first K new ones.
+    assert_eq!(replayed, n / 2 + K, "only those present at the start");
     let moved = drain(&c, &c.amqp.queue).await;
     let moved_ns: HashSet<String> = moved
         .iter()
@@ -359,7 +391,7 @@ async fn replay_ends_while_new_dead_letters_arrive() {
     let want_moved: HashSet<String> = (0..n)
         .step_by(2)
         .map(|i| format!("old{i}"))
-        .chain((0..k).map(|i| format!("new{i}")))
+        .chain((0..K).map(|i| format!("new{i}")))
         .collect();
     assert_eq!(moved_ns, want_moved);
 
@@ -369,11 +401,11 @@ async fn replay_ends_while_new_dead_letters_arrive() {
     let want_old: Vec<String> = (1..n).step_by(2).map(|i| format!("old{i}")).collect();
     assert_eq!(old_left, want_old.iter().collect::<Vec<_>>());
     let new_left: Vec<&String> = left.iter().filter(|s| s.starts_with("new")).collect();
-    let want_new: Vec<String> = (k..1000).map(|i| format!("new{i}")).collect();
+    let want_new: Vec<String> = (K..1000).map(|i| format!("new{i}")).collect();
     assert_eq!(new_left, want_new.iter().collect::<Vec<_>>());
     assert_eq!(
         left.len(),
-        n / 2 + 1000 - k,
+        n / 2 + 1000 - K,
         "nothing lost, nothing duplicated"
     );
     sb.cleanup().await.unwrap();
@@ -392,10 +424,11 @@ async fn replay_sends_only_the_failed_accounts_unless_whole() {
 
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead[0].failed_accounts, ["p2", "p3"]);
-    let (code, out, _) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p3"]).await;
-    assert_eq!(code, 0);
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p3"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 1, "the failed account matches");
-    let (_, out, _) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p1"]).await;
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--account", "p1"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 0, "the applied one does not");
 
     let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
@@ -473,8 +506,9 @@ async fn broker_made_dead_letters_are_shown_counted_and_replayable() {
     assert_eq!(stats["total"], 3);
     assert_eq!(stats["by_reason"]["broker:expired"], 3);
     assert_eq!(stats["by_source_queue"][c.amqp.queue.as_str()], 3);
-    let (_, out, _) =
+    let (code, out, err) =
         imattr_output(&c, &["dlq", "replay", "--reason", "rejected", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "would replay 0");
 
     sb.start_worker();
@@ -523,7 +557,13 @@ async fn killing_a_pass_loses_nothing_and_duplicates_at_most_a_batch() {
         assert!(seen, "the pass started");
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         child.start_kill().unwrap();
-        let _ = child.wait().await;
+        let status = child.wait().await.unwrap();
+        // Killed, not finished: the pass was still running.
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "killed after {delay_ms} ms while the pass ran: {status:?}"
+        );
         // The broker returns the window once it sees the connection gone.
         eventually_async(|| async { imattr::dlq::pass::count(&ch, &q).await.unwrap().1 == 0 })
             .await;
@@ -631,4 +671,214 @@ async fn the_tools_are_safe_while_the_worker_runs() {
         assert_eq!(state[&format!("ok{i}")]["n"], i.to_string());
     }
     Arc::into_inner(sb).unwrap().cleanup().await.unwrap();
+}
+
+/// Publishes `n` dead letters `0..n` for account `a`: the even ones
+/// rejected, the odd ones invalid.
+async fn fill(c: &Config, n: usize) {
+    let mut dl = DeadLetters::new(c).await;
+    for i in 0..n {
+        let reason = if i % 2 == 0 {
+            Reason::Rejected
+        } else {
+            Reason::InvalidMessage
+        };
+        dl.one(reason, "a", &i.to_string()).await;
+    }
+    dl.confirm().await;
+}
+
+/// Sends `sig` (`-INT`, `-STOP`, …) to a child process.
+fn signal(sig: &str, child: &tokio::process::Child) {
+    let pid = child.id().expect("the child runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Waits until nothing reads the dead-letter queue.
+async fn no_reader(c: &Config) {
+    let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = &c.amqp.dead_letter_queue;
+    eventually_async(|| async { imattr::dlq::pass::count(&ch, q).await.unwrap().1 == 0 }).await;
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// The `n` attribute of each message, in order.
+fn body_ns(messages: &[(String, FieldTable, Vec<u8>)]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|(_, _, b)| {
+            let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+            v["Attrs"]["n"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replay_loses_nothing_and_duplicates_at_most_a_batch() {
+    // No worker: what the replay moves waits in the updates queue.
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let n = 20_000usize;
+    fill(&c, n).await;
+    let mut child = imattr(&c)
+        .args(["dlq", "replay"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once two batches (the default window is 2,000, a batch 1,000)
+    // were moved: a third may be between its confirms and its ack.
+    eventually_async(|| async { sb.depth(&c.amqp.queue).await.unwrap() >= 2000 }).await;
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.signal(), Some(9), "killed mid-replay: {status:?}");
+    no_reader(&c).await;
+
+    let moved = drain(&c, &c.amqp.queue).await;
+    for (_, h, _) in &moved {
+        assert_eq!(deadletter::header_i64(h, deadletter::H_REPLAYS), Some(1));
+    }
+    let moved = body_ns(&moved);
+    let left = ns(&peek_all(&c, 2000).await);
+    assert!(moved.len() < n, "stopped mid-replay");
+    let all: HashSet<&String> = moved.iter().chain(&left).collect();
+    assert_eq!(all.len(), n, "nothing lost");
+    let dups = moved.len() + left.len() - n;
+    assert!(dups <= 1000, "at most one batch duplicated, got {dups}");
+    // What was not sent is still in order, at the head.
+    let sent: HashSet<&String> = moved.iter().collect();
+    let unsent: Vec<&String> = left.iter().filter(|s| !sent.contains(s)).collect();
+    let first = unsent[0].parse::<usize>().unwrap();
+    let want: Vec<String> = (first..n).map(|i| i.to_string()).collect();
+    assert_eq!(unsent, want.iter().collect::<Vec<_>>());
+    sb.cleanup().await.unwrap();
+}
+
+/// SIGINT and SIGTERM stop a pass at a batch boundary: what it read is
+/// settled (moved, or rotated to the tail), what it did not read goes back
+/// to the head, and nothing is lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_and_sigterm_stop_a_pass_at_a_batch_boundary() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let n = 20_000usize;
+    fill(&c, n).await;
+    let dlq = c.amqp.dead_letter_queue.clone();
+    let mut order: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let rejected = |s: &String| s.parse::<usize>().unwrap() % 2 == 0;
+    for (sig, args) in [
+        ("-INT", &["dlq", "stats"][..]),
+        ("-TERM", &["dlq", "stats"][..]),
+        ("-INT", &["dlq", "replay", "--reason", "rejected"][..]),
+        ("-TERM", &["dlq", "replay", "--reason", "rejected"][..]),
+    ] {
+        let replay = args[1] == "replay";
+        let total = order.len() as u32;
+        let child = imattr(&c)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Once the pass holds messages; a replay, once it settled a batch
+        // (moved some, rotated the others).
+        eventually_async(|| async {
+            if replay {
+                sb.depth(&c.amqp.queue).await.unwrap() > 0
+            } else {
+                sb.depth(&dlq).await.unwrap() < total
+            }
+        })
+        .await;
+        signal(sig, &child);
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the pass stops")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{sig} {args:?}: {err}");
+        assert!(err.contains("nothing was lost"), "{err}");
+        let seen: usize = err
+            .split("interrupted after ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(seen < order.len(), "{sig} {args:?}: stopped mid-pass");
+        no_reader(&c).await;
+
+        let moved = if replay {
+            body_ns(&drain(&c, &c.amqp.queue).await)
+        } else {
+            Vec::new()
+        };
+        let left = ns(&peek_all(&c, 2000).await);
+        let (read, unread) = order.split_at(seen);
+        let want_moved: Vec<String> = read
+            .iter()
+            .filter(|s| replay && rejected(s))
+            .cloned()
+            .collect();
+        let kept: Vec<String> = read
+            .iter()
+            .filter(|s| !(replay && rejected(s)))
+            .cloned()
+            .collect();
+        // Within its first batch nothing is rotated: the kept ones stay in
+        // place. After, they were rotated behind the unread ones.
+        let want_left: Vec<String> = if seen < 1000 {
+            kept.iter().chain(unread).cloned().collect()
+        } else {
+            unread.iter().chain(&kept).cloned().collect()
+        };
+        assert_eq!(moved, want_moved, "{sig} {args:?}: moved, after {seen}");
+        assert_eq!(
+            left, want_left,
+            "{sig} {args:?}: left in order, none lost or duplicated, after {seen}"
+        );
+        order = left;
+    }
+    sb.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reader_at_a_time_and_purge_refuses_while_a_pass_runs() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let n = 10_000usize;
+    fill(&c, n).await;
+    let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let dlq = c.amqp.dead_letter_queue.clone();
+    let mut child = imattr(&c)
+        .args(["dlq", "stats"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually_async(|| async { imattr::dlq::pass::count(&ch, &dlq).await.unwrap().1 == 1 }).await;
+    // Frozen mid-pass, it keeps its consumer and its window.
+    signal("-STOP", &child);
+    assert_eq!(
+        imattr::dlq::pass::count(&ch, &dlq).await.unwrap().1,
+        1,
+        "the pass was stopped while it read"
+    );
+    let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("only one may read it at a time"), "{err}");
+    let (code, out, err) = imattr_output(&c, &["dlq", "purge", "--yes"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("is being read by 1 consumer"), "{err}");
+    signal("-CONT", &child);
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = conn.close(200, "done".into()).await;
+    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(ns(&peek_all(&c, 2000).await), want, "nothing purged");
+    sb.cleanup().await.unwrap();
 }

@@ -581,6 +581,29 @@ async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
     let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
         .await
         .unwrap();
+    // A dead letter from before, in the classic dead-letter queue.
+    let mut p = imattr::publish::Publisher::new(&conn, &sb.config.amqp.dead_letter_exchange)
+        .await
+        .unwrap();
+    let before = imattr::amqp::deadletter::Failure {
+        reason: imattr::amqp::deadletter::Reason::Rejected,
+        code: 90033,
+        error: "from before".into(),
+        account: Some("old".into()),
+        attempts: 1,
+    };
+    let props = imattr::amqp::deadletter::dead_letter_properties(
+        &imattr::publish::update_properties(),
+        &before,
+        &[],
+        &sb.config.amqp.queue,
+        "old",
+        1,
+    );
+    p.publish("old", &update("old", &[("bad", "y")]), props)
+        .await
+        .unwrap();
+    p.finish().await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.queue_delete(
         sb.config.amqp.queue.as_str().into(),
@@ -611,7 +634,22 @@ async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
     sb.wait_drained(DRAIN).await.unwrap();
     assert_eq!(sb.state()["c4"]["k"], "49");
     let dead = sb.dead_letters().await.unwrap();
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2, "the old dead letter kept, the new one added");
+    assert_eq!(dead[0].account.as_deref(), Some("old"));
+    assert_eq!(dead[0].error.as_deref(), Some("from before"));
+    assert_eq!(dead[1].account.as_deref(), Some("c0"));
+    let types = rabbitmqctl(&["-q", "list_queues", "--no-table-headers", "name", "type"]);
+    let type_of = |q: &str| {
+        types
+            .lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next()? == q).then(|| f.next().map(str::to_string))?
+            })
+            .unwrap_or_else(|| panic!("{q} not in {types}"))
+    };
+    assert_eq!(type_of(&sb.config.amqp.dead_letter_queue), "classic");
+    assert_eq!(type_of(&sb.config.amqp.queue), "quorum");
     sb.cleanup().await.unwrap();
 }
 

@@ -9,7 +9,7 @@ use crate::config::Config;
 
 pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
     use crate::dlq::{Dlq, ReplayOptions, Table};
-    if let DlqCommand::Purge { yes: false } = c {
+    if let DlqCommand::Purge { yes: false, .. } = c {
         // clap requires --yes; this stays as a second lock.
         return Err(crate::cli::UsageError(format!(
             "refusing to delete every message of {} without --yes",
@@ -27,10 +27,15 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
             DlqCommand::List {
                 limit,
                 json,
+                wide,
                 filter,
             } => {
                 let mut out = std::io::BufWriter::new(crate::cli::stdout());
-                let mut table = Table::default();
+                let mut table = if wide {
+                    Table::wide()
+                } else {
+                    Table::default()
+                };
                 q.list(&filter.into(), limit, &mut |v| {
                     if json {
                         serde_json::to_writer(&mut out, &v)?;
@@ -55,7 +60,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                     report.print(&mut out, queue)?;
                 }
             }
-            DlqCommand::Export { out } => {
+            DlqCommand::Export { out, filter } => {
                 let mut w: Box<dyn Write> = match &out {
                     Some(p) => Box::new(std::io::BufWriter::with_capacity(
                         1 << 16,
@@ -64,7 +69,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                     )),
                     None => Box::new(std::io::BufWriter::new(crate::cli::stdout())),
                 };
-                let n = q.export(&mut w).await?;
+                let n = q.export(&filter.into(), &mut w).await?;
                 if out.is_some() {
                     eprintln!("exported {n}");
                 }
@@ -89,8 +94,13 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                     writeln!(out, "replayed {n}")?;
                 }
             }
-            DlqCommand::Purge { .. } => {
-                let n = q.purge().await?;
+            DlqCommand::Purge { filter, .. } => {
+                let filter: crate::dlq::Filter = filter.into();
+                let n = if filter.is_empty() {
+                    u64::from(q.purge().await?)
+                } else {
+                    q.purge_matching(&filter).await?
+                };
                 writeln!(crate::cli::stdout(), "purged {n}")?;
             }
         }

@@ -215,13 +215,16 @@ impl Dlq {
         Ok(out)
     }
 
-    /// Writes every dead letter to `w` as NDJSON, removing nothing; returns how many.
-    pub async fn export(&self, w: &mut dyn Write) -> anyhow::Result<u64> {
+    /// Writes the dead letters matching `filter` to `w` as NDJSON, removing
+    /// nothing; returns how many.
+    pub async fn export(&self, filter: &Filter, w: &mut dyn Write) -> anyhow::Result<u64> {
         let mut n = 0u64;
         self.pass(self.pass_config, &mut |meta, props, body| {
-            serde_json::to_writer(&mut *w, &DeadLetterView::new(meta, props, body))?;
-            w.write_all(b"\n").context("writing the export")?;
-            n += 1;
+            if filter.matches(meta) {
+                serde_json::to_writer(&mut *w, &DeadLetterView::new(meta, props, body))?;
+                w.write_all(b"\n").context("writing the export")?;
+                n += 1;
+            }
             Ok(Visit::keep())
         })
         .await?;
@@ -263,6 +266,22 @@ impl Dlq {
         })
         .await?;
         Ok(matched)
+    }
+
+    /// Deletes the dead letters matching `filter` among those present at the
+    /// start, leaving the others in order; returns how many. Each is removed
+    /// by acknowledging it: nothing is requeued, expired or dead-lettered.
+    pub(crate) async fn purge_matching(&self, filter: &Filter) -> anyhow::Result<u64> {
+        let report = self
+            .pass(self.pass_config, &mut |meta, _, _| {
+                Ok(if filter.matches(meta) {
+                    Visit::removed()
+                } else {
+                    Visit::keep()
+                })
+            })
+            .await?;
+        Ok(report.removed)
     }
 
     /// Deletes every dead letter; returns how many.

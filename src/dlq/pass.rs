@@ -57,6 +57,8 @@ pub(crate) enum Step {
     Keep,
     /// Publish this to the updates exchange (confirmed), then remove it.
     Move(Box<Outgoing>),
+    /// Remove it (`purge` with filters): acknowledged with its batch.
+    Remove,
 }
 
 /// A visitor's answer: the step, and whether it needs no further message.
@@ -85,6 +87,14 @@ impl Visit {
         }
     }
 
+    /// Remove it; go on.
+    pub(crate) fn removed() -> Visit {
+        Visit {
+            step: Step::Remove,
+            enough: false,
+        }
+    }
+
     /// The same, and nothing more is wanted.
     pub(crate) fn enough(mut self, enough: bool) -> Visit {
         self.enough = enough;
@@ -101,6 +111,8 @@ pub(crate) struct PassReport {
     pub(crate) seen: u64,
     /// Messages moved to the updates exchange.
     pub(crate) moved: u64,
+    /// Messages removed.
+    pub(crate) removed: u64,
     /// Whether messages were rotated (copied to the tail); if not, every kept
     /// message went back to its place untouched.
     pub(crate) rotated: bool,
@@ -185,6 +197,8 @@ struct Batch {
     last_tag: Option<u64>,
     /// Messages to move, with their delivery tags, not yet published.
     to_move: Vec<(u64, Box<Outgoing>)>,
+    /// Delivery tags of messages to remove.
+    to_remove: Vec<u64>,
     moves: Vec<(u64, PublisherConfirm)>,
 }
 
@@ -329,6 +343,10 @@ impl Pass<'_> {
                     self.batch.to_move.push((d.delivery_tag, o));
                     report.moved += 1;
                 }
+                Step::Remove => {
+                    self.batch.to_remove.push(d.delivery_tag);
+                    report.removed += 1;
+                }
             }
             self.batch.last_tag = Some(d.delivery_tag);
             self.batch.len += 1;
@@ -456,7 +474,8 @@ impl Pass<'_> {
 
     /// Ends the pass. If nothing was rotated yet, the open batch's copies are
     /// dropped unpublished and its kept messages go back to their places
-    /// untouched when the channel closes; only the moved ones are removed.
+    /// untouched when the channel closes; only the moved and the removed
+    /// ones are acknowledged.
     async fn end(&mut self, report: &mut PassReport) -> anyhow::Result<()> {
         if self.committed_keeps > 0 {
             self.commit().await?;
@@ -469,6 +488,12 @@ impl Pass<'_> {
                 c.await.context("waiting for a publisher confirm")?,
                 self.target.exchange,
             )?;
+            self.ch
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+                .context("acknowledging")?;
+        }
+        for tag in std::mem::take(&mut self.batch.to_remove) {
             self.ch
                 .basic_ack(tag, BasicAckOptions { multiple: false })
                 .await

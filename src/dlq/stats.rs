@@ -1,15 +1,40 @@
 //! `dlq stats`: counts gathered in one pass with memory bounded whatever the
 //! queue holds (no I/O here).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 
 use serde::Serialize;
 
-use super::view::{local_time, Meta};
+use super::view::{utc_time, Meta};
 
 /// Distinct accounts counted exactly; past that the top list is approximate.
 pub(crate) const ACCOUNT_COUNTERS: usize = 10_000;
+
+/// Distinct keys counted per breakdown (reason, error code, source queue):
+/// their values come from headers a publisher can set, so their number is
+/// bounded like the accounts'.
+pub(crate) const KEY_COUNTERS: usize = 1_000;
+
+/// Keys a breakdown shows; the dead letters of the others are summed under
+/// [`OTHER`].
+pub(crate) const KEYS_SHOWN: usize = 50;
+
+/// The breakdown key that sums the keys not shown.
+pub(crate) const OTHER: &str = "(other)";
+
+/// Longest key counted, in characters: a longer one is cut (ending in `…`),
+/// so that memory is bounded in bytes, not only in keys.
+pub(crate) const MAX_KEY_CHARS: usize = 256;
+
+/// `key`, cut to [`MAX_KEY_CHARS`].
+fn bounded_key(key: &str) -> Cow<'_, str> {
+    match key.char_indices().nth(MAX_KEY_CHARS - 1) {
+        Some((i, _)) if key[i..].chars().nth(1).is_some() => Cow::Owned(format!("{}…", &key[..i])),
+        _ => Cow::Borrowed(key),
+    }
+}
 
 /// The most frequent keys of a stream in bounded memory (Misra–Gries): at
 /// most `capacity` counters. While no counter was ever dropped the counts are
@@ -34,13 +59,14 @@ impl TopK {
         }
     }
 
-    /// Counts one occurrence of `key`.
+    /// Counts one occurrence of `key` (cut to [`MAX_KEY_CHARS`]).
     pub(crate) fn add(&mut self, key: &str) {
+        let key = bounded_key(key);
         self.total += 1;
-        if let Some(c) = self.counts.get_mut(key) {
+        if let Some(c) = self.counts.get_mut(key.as_ref()) {
             *c += 1;
         } else if self.counts.len() < self.capacity {
-            self.counts.insert(key.to_string(), 1);
+            self.counts.insert(key.into_owned(), 1);
         } else {
             // Full: this key and one of every counter cancel out. Each such
             // step removes `capacity` counts, so it runs at most total/capacity
@@ -66,6 +92,21 @@ impl TopK {
         self.exact
     }
 
+    /// The `n` largest counts as a map, plus [`OTHER`] for what the others
+    /// (and the occurrences a full table dropped) add up to, so that the
+    /// values always sum to the number of keys counted.
+    pub(crate) fn breakdown(&self, n: usize) -> BTreeMap<String, u64> {
+        let mut m: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, c) in self.top(n) {
+            *m.entry(k).or_default() += c;
+        }
+        let shown: u64 = m.values().sum();
+        if self.total > shown {
+            *m.entry(OTHER.to_string()).or_default() += self.total - shown;
+        }
+        m
+    }
+
     /// How far below the true count a reported count may be.
     pub(crate) fn max_error(&self) -> u64 {
         if self.exact {
@@ -81,9 +122,9 @@ impl TopK {
 pub(crate) struct Stats {
     total: u64,
     bytes: u64,
-    by_reason: BTreeMap<String, u64>,
-    by_code: BTreeMap<String, u64>,
-    by_source_queue: BTreeMap<String, u64>,
+    by_reason: TopK,
+    by_code: TopK,
+    by_source_queue: TopK,
     accounts: TopK,
     oldest_ms: Option<i64>,
     newest_ms: Option<i64>,
@@ -103,12 +144,17 @@ pub(crate) struct StatsReport {
     pub(crate) total: u64,
     /// Their bodies' total size, in bytes.
     pub(crate) body_bytes: u64,
-    /// By reason (`none` when a message says nothing).
+    /// By reason (`none` when a message says nothing); at most
+    /// [`KEYS_SHOWN`] keys, the rest summed under [`OTHER`].
     pub(crate) by_reason: BTreeMap<String, u64>,
-    /// By `x-imattr-error-code` (`none` when absent).
+    /// By `x-imattr-error-code` (`none` when absent), bounded the same way.
     pub(crate) by_error_code: BTreeMap<String, u64>,
-    /// By source queue (`none` when absent).
+    /// By source queue (`none` when absent), bounded the same way.
     pub(crate) by_source_queue: BTreeMap<String, u64>,
+    /// Whether the three breakdowns' counts are exact (else there were more
+    /// than [`KEY_COUNTERS`] distinct keys and each count is a lower bound,
+    /// the difference being in [`OTHER`]).
+    pub(crate) breakdowns_exact: bool,
     /// The accounts with the most dead letters, most first.
     pub(crate) top_accounts: Vec<AccountCount>,
     /// Whether `top_accounts` counts are exact (else each is a lower bound
@@ -133,8 +179,8 @@ pub(crate) struct AccountCount {
     pub(crate) count: u64,
 }
 
-fn bump(m: &mut BTreeMap<String, u64>, k: Option<String>) {
-    *m.entry(k.unwrap_or_else(|| "none".into())).or_default() += 1;
+fn bump(t: &mut TopK, k: Option<&str>) {
+    t.add(k.unwrap_or("none"));
 }
 
 impl Stats {
@@ -143,9 +189,9 @@ impl Stats {
         Stats {
             total: 0,
             bytes: 0,
-            by_reason: BTreeMap::new(),
-            by_code: BTreeMap::new(),
-            by_source_queue: BTreeMap::new(),
+            by_reason: TopK::new(KEY_COUNTERS),
+            by_code: TopK::new(KEY_COUNTERS),
+            by_source_queue: TopK::new(KEY_COUNTERS),
             accounts: TopK::new(account_counters),
             oldest_ms: None,
             newest_ms: None,
@@ -157,9 +203,9 @@ impl Stats {
     pub(crate) fn add(&mut self, m: &Meta, body_bytes: usize) {
         self.total += 1;
         self.bytes += body_bytes as u64;
-        bump(&mut self.by_reason, m.reason.clone());
-        bump(&mut self.by_code, m.code.map(|c| c.to_string()));
-        bump(&mut self.by_source_queue, m.source_queue.clone());
+        bump(&mut self.by_reason, m.reason.as_deref());
+        bump(&mut self.by_code, m.code.map(|c| c.to_string()).as_deref());
+        bump(&mut self.by_source_queue, m.source_queue.as_deref());
         for a in m.accounts() {
             self.accounts.add(a);
         }
@@ -177,9 +223,12 @@ impl Stats {
         StatsReport {
             total: self.total,
             body_bytes: self.bytes,
-            by_reason: self.by_reason.clone(),
-            by_error_code: self.by_code.clone(),
-            by_source_queue: self.by_source_queue.clone(),
+            by_reason: self.by_reason.breakdown(KEYS_SHOWN),
+            by_error_code: self.by_code.breakdown(KEYS_SHOWN),
+            by_source_queue: self.by_source_queue.breakdown(KEYS_SHOWN),
+            breakdowns_exact: self.by_reason.exact()
+                && self.by_code.exact()
+                && self.by_source_queue.exact(),
             top_accounts: self
                 .accounts
                 .top(top)
@@ -203,7 +252,7 @@ impl StatsReport {
             "{queue}: {} dead letters, {} body bytes",
             self.total, self.body_bytes
         )?;
-        let when = |t: Option<i64>| t.map(local_time).unwrap_or_else(|| "-".into());
+        let when = |t: Option<i64>| t.map(utc_time).unwrap_or_else(|| "-".into());
         writeln!(
             out,
             "failed between {} and {}",
@@ -213,6 +262,13 @@ impl StatsReport {
         if self.replayed_before > 0 {
             writeln!(out, "replayed before: {}", self.replayed_before)?;
         }
+        if !self.breakdowns_exact {
+            writeln!(
+                out,
+                "too many distinct keys to count exactly: counts below are lower bounds, \
+                 the rest is under {OTHER}"
+            )?;
+        }
         for (title, m) in [
             ("reason", &self.by_reason),
             ("error code", &self.by_error_code),
@@ -220,7 +276,13 @@ impl StatsReport {
         ] {
             writeln!(out, "\nby {title}:")?;
             let mut rows: Vec<_> = m.iter().collect();
-            rows.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+            // Most first, the sum of the others last.
+            rows.sort_by(|a, b| {
+                (a.0 == OTHER)
+                    .cmp(&(b.0 == OTHER))
+                    .then_with(|| b.1.cmp(a.1))
+                    .then_with(|| a.0.cmp(b.0))
+            });
             for (k, n) in rows {
                 writeln!(out, "  {n:>10}  {k}")?;
             }
@@ -286,6 +348,86 @@ mod tests {
         // Lower bounds within the error.
         let truth = 200 * 100;
         assert!(top[0].1 <= truth && top[0].1 + t.max_error() >= truth);
+    }
+
+    #[test]
+    fn breakdowns_are_bounded_whatever_the_headers_hold() {
+        // Broker-made dead letters carry headers a publisher can set: a
+        // distinct reason, code and source queue each (long ones too), and
+        // a few frequent ones among them.
+        let mut s = Stats::new(10);
+        let long = "q".repeat(10_000);
+        let n = 50_000u64;
+        for i in 0..n {
+            let m = if i % 10 == 0 {
+                Meta {
+                    reason: Some("rejected".into()),
+                    code: Some(90033),
+                    source_queue: Some("imattr.updates".into()),
+                    ..Meta::default()
+                }
+            } else {
+                Meta {
+                    reason: Some(format!("broker:r{i}")),
+                    code: Some(i as i64),
+                    source_queue: Some(format!("{i}{long}")),
+                    ..Meta::default()
+                }
+            };
+            s.add(&m, 0);
+            for t in [&s.by_reason, &s.by_code, &s.by_source_queue] {
+                assert!(t.counts.len() <= KEY_COUNTERS);
+            }
+            if i % 1000 == 999 {
+                let long_keys = s.by_source_queue.counts.keys();
+                assert!(
+                    long_keys.map(|k| k.len()).sum::<usize>() <= KEY_COUNTERS * MAX_KEY_CHARS * 4
+                );
+            }
+        }
+        let r = s.report(10);
+        assert!(!r.breakdowns_exact);
+        for (m, heavy) in [
+            (&r.by_reason, "rejected"),
+            (&r.by_error_code, "90033"),
+            (&r.by_source_queue, "imattr.updates"),
+        ] {
+            assert!(m.len() <= KEYS_SHOWN + 1, "{}", m.len());
+            assert_eq!(m.values().sum::<u64>(), n, "every dead letter counted once");
+            // The frequent key is kept, its count a lower bound within the error.
+            let c = m[heavy];
+            assert!(
+                c <= n / 10 && c + n / (KEY_COUNTERS as u64 + 1) >= n / 10,
+                "{c}"
+            );
+            assert!(m[OTHER] > 0);
+        }
+
+        // A few keys: exact, no (other).
+        let mut s = Stats::new(10);
+        for r in ["a", "b", "a"] {
+            s.add(
+                &Meta {
+                    reason: Some(r.into()),
+                    ..Meta::default()
+                },
+                0,
+            );
+        }
+        let r = s.report(10);
+        assert!(r.breakdowns_exact);
+        assert_eq!(
+            r.by_reason,
+            BTreeMap::from([("a".into(), 2), ("b".into(), 1)])
+        );
+        assert_eq!(
+            bounded_key(&"é".repeat(MAX_KEY_CHARS)),
+            "é".repeat(MAX_KEY_CHARS)
+        );
+        assert_eq!(
+            bounded_key(&"é".repeat(MAX_KEY_CHARS + 1)),
+            format!("{}…", "é".repeat(MAX_KEY_CHARS - 1))
+        );
     }
 
     #[test]

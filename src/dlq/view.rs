@@ -36,8 +36,9 @@ pub(crate) struct Meta {
     pub(crate) code: Option<i64>,
     /// `x-imattr-error`, or a sentence saying what RabbitMQ did.
     pub(crate) error: Option<String>,
-    /// `x-imattr-account`; for broker-made dead letters the original routing
-    /// key, which publishers set to the account.
+    /// `x-imattr-account`; without it (broker-made dead letters, a message
+    /// whose account could not be read) the original routing key, which
+    /// publishers set to the account.
     pub(crate) account: Option<String>,
     /// `x-imattr-failed-accounts`: the accounts of a several-account message
     /// that failed (the others were applied).
@@ -141,8 +142,7 @@ impl Meta {
                 .or_else(|| broker_reason.map(|r| format!("{BROKER_REASON_PREFIX}{r}"))),
             code: header_i64(headers, deadletter::H_ERROR_CODE),
             error,
-            account: header_str(headers, deadletter::H_ACCOUNT)
-                .or_else(|| broker_made.then(|| routing_key.clone()).flatten()),
+            account: header_str(headers, deadletter::H_ACCOUNT).or_else(|| routing_key.clone()),
             failed_accounts: header_strings(headers, deadletter::H_FAILED_ACCOUNTS),
             attempts: header_i64(headers, deadletter::H_ATTEMPTS),
             failed_at_ms: header_i64(headers, deadletter::H_FAILED_AT).or(if broker_made {
@@ -176,7 +176,8 @@ pub struct Filter {
     /// Only this reason (`broker:…` for broker-made dead letters).
     pub reason: Option<String>,
     /// Only dead letters about this account (`x-imattr-account`, one of
-    /// `x-imattr-failed-accounts`, or a broker-made letter's routing key).
+    /// `x-imattr-failed-accounts`, or the routing key of a letter without
+    /// `x-imattr-account`).
     pub account: Option<String>,
 }
 
@@ -203,7 +204,7 @@ impl Filter {
 /// One dead-lettered message, as `dlq list --json` and `dlq export` print it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeadLetterView {
-    /// `x-imattr-account` (a broker-made letter: its routing key).
+    /// `x-imattr-account` (without it: its routing key).
     pub account: Option<String>,
     /// `x-imattr-reason`, or `broker:` + `x-first-death-reason`.
     pub reason: Option<String>,
@@ -303,9 +304,27 @@ const SIZING_ROWS: usize = 1000;
 pub(crate) struct Table {
     pending: Vec<[String; 7]>,
     widths: Option<[usize; 7]>,
+    /// Accounts, errors and bodies whole (`list --wide`).
+    wide: bool,
 }
 
 impl Table {
+    /// A table that cuts nothing.
+    pub(crate) fn wide() -> Table {
+        Table {
+            wide: true,
+            ..Table::default()
+        }
+    }
+
+    fn cut(&self, s: &str, max: usize) -> String {
+        if self.wide {
+            s.to_string()
+        } else {
+            cut(s, max)
+        }
+    }
+
     /// Adds a row; prints once the columns are sized.
     pub(crate) fn push(&mut self, out: &mut impl Write, v: &DeadLetterView) -> std::io::Result<()> {
         let accounts = if v.failed_accounts.is_empty() {
@@ -314,15 +333,15 @@ impl Table {
             v.failed_accounts.join(",")
         };
         let row = [
-            cut(&accounts, 40),
+            self.cut(&accounts, 40),
             v.reason.clone().unwrap_or_else(|| "-".into()),
             v.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-            cut(v.error.as_deref().unwrap_or("-"), 60),
+            self.cut(v.error.as_deref().unwrap_or("-"), 60),
             v.attempts
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
-            v.failed_at_ms.map(local_time).unwrap_or_else(|| "-".into()),
-            cut(&v.body.replace('\n', " "), 60),
+            v.failed_at_ms.map(utc_time).unwrap_or_else(|| "-".into()),
+            self.cut(&v.body.replace('\n', " "), 60),
         ];
         match self.widths {
             Some(w) => writeln!(out, "{}", line(&w, &row)),
@@ -382,12 +401,12 @@ fn cut(s: &str, max: usize) -> String {
     }
 }
 
-/// Unix milliseconds as local time.
-pub(crate) fn local_time(ms: i64) -> String {
-    use chrono::TimeZone;
-    match chrono::Local.timestamp_millis_opt(ms) {
-        chrono::LocalResult::Single(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
-        _ => ms.to_string(),
+/// Unix milliseconds as UTC (RFC 3339, to the second, with `Z`), the zone
+/// of the logs, whatever the machine's.
+pub(crate) fn utc_time(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        None => ms.to_string(),
     }
 }
 
@@ -495,6 +514,38 @@ mod tests {
     }
 
     #[test]
+    fn a_letter_without_an_account_header_is_about_its_routing_key() {
+        // An invalid message whose body could not be read (not UTF-8, say):
+        // the worker knows no account, only the routing key.
+        let mut h: FieldTable = imattr_headers()
+            .inner()
+            .iter()
+            .filter(|(k, _)| k.as_str() != deadletter::H_ACCOUNT)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into();
+        h.insert(deadletter::H_REASON.into(), ls("invalid-message"));
+        h.insert(deadletter::H_ROUTING_KEY.into(), ls("acc9"));
+        let m = Meta::read(&h, "dead", "dead");
+        assert_eq!(m.account.as_deref(), Some("acc9"));
+        let f = Filter {
+            account: Some("acc9".into()),
+            ..Filter::default()
+        };
+        assert!(f.matches(&m));
+        // The header wins when there is one.
+        h.insert(deadletter::H_ACCOUNT.into(), ls("u1"));
+        assert!(!f.matches(&Meta::read(&h, "dead", "dead")));
+    }
+
+    #[test]
+    fn times_are_utc_with_a_z() {
+        assert_eq!(utc_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_time(1_795_629_804_079), "2026-11-25T18:03:24Z");
+        assert_eq!(utc_time(i64::MAX), i64::MAX.to_string());
+    }
+
+    #[test]
     fn routing_key_fallbacks() {
         let h = FieldTable::default();
         assert_eq!(
@@ -579,5 +630,19 @@ mod tests {
         let mut empty = Vec::new();
         assert!(!Table::default().finish(&mut empty).unwrap());
         assert!(empty.is_empty());
+
+        // Cut to 60 characters, or whole with --wide.
+        let mut long = v.clone();
+        long.error = Some(format!("{}END", "e".repeat(100)));
+        long.body = format!("{}TAIL", "b".repeat(100));
+        for (mut t, whole) in [(Table::default(), false), (Table::wide(), true)] {
+            let mut out = Vec::new();
+            t.push(&mut out, &long).unwrap();
+            t.finish(&mut out).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.contains("eEND"), whole, "{text}");
+            assert_eq!(text.contains("bTAIL"), whole, "{text}");
+            assert_eq!(text.contains('…'), !whole, "{text}");
+        }
     }
 }
