@@ -106,7 +106,7 @@ pub async fn run(
                 let session = Session::start(
                     &config,
                     &conn,
-                    gate,
+                    gate.clone(),
                     node_cfg,
                     client.clone(),
                     names.clone(),
@@ -126,6 +126,11 @@ pub async fn run(
                     Err(e) => Err(e),
                 };
                 health.set_connected(false);
+                // The session is over and holds nothing: read on, or the
+                // broker's close-ok could wait behind deliveries not taken
+                // (with single-active-consumer the broker keeps delivering
+                // while the session drains) and the close would time out.
+                gate.open_for_good();
                 if conn.status().connected() {
                     // Bounded: a broker that does not answer must not hold up
                     // the exit; at shutdown by what is left of its deadline.

@@ -95,6 +95,11 @@ impl<'a> Session<'a> {
         // wait for one. With single-active-consumer a classic queue counts
         // waiting consumers too; a quorum queue counts only the active one,
         // so there it proves nothing.
+        if !a.single_active_consumer {
+            // Taken before anything is counted or consumed, and held by this
+            // connection until the broker closes it (docs/several-workers.md).
+            topology::take_consume_lock(&consume_ch, &a.queue).await?;
+        }
         let counted = if !a.single_active_consumer || a.queue_type == QueueType::Classic {
             consumers(&consume_ch, &a.queue).await
         } else {
@@ -104,8 +109,9 @@ impl<'a> Session<'a> {
             // Only one consumer at a time: another worker, or our previous
             // connection that the broker has not closed yet (half-open, it
             // holds older messages; consuming newer ones now would apply them
-            // first). The exclusive flag below says the same, but a quorum
-            // queue does not enforce it (RabbitMQ 3.10).
+            // first). The lock decides, on every queue type; the count and
+            // the exclusive flag below also keep off a consumer that is not
+            // an imattr worker (a quorum queue does not enforce the flag).
             if let Some(n) = counted.filter(|&n| n > 0) {
                 return Err(anyhow::Error::new(QueueBusy {
                     queue: a.queue.clone(),

@@ -59,6 +59,30 @@ pub(super) fn lost(
     })
 }
 
+/// Whether the read gate should read on past the byte budget so that the
+/// pending round trip's answer can arrive (`ReadGate::set_lease_yield`).
+///
+/// - `waited`: how long the pending round trip has waited;
+/// - `unread_for`: how long since the socket was last read;
+/// - `dead_letters`: dead-letter copies being published.
+///
+/// Once the round trip has waited half a lease: at once when no dead-letter
+/// copy is pending (only requests, which need the lease, can free the
+/// budget); otherwise only when the socket has not been read for half a
+/// lease either (the dead letters do not free the budget: their connection
+/// is blocked by a resource alarm, failing, or slow). So while a round trip
+/// is pending the socket is never left unread much past a lease, which
+/// validation keeps under the heartbeat timeout: lapin closes a connection
+/// it has read nothing from for two heartbeat intervals.
+pub(super) fn lease_yield(
+    waited: Duration,
+    unread_for: Duration,
+    dead_letters: usize,
+    lease: Duration,
+) -> bool {
+    waited >= lease / 2 && (dead_letters == 0 || unread_for >= lease / 2)
+}
+
 impl Watch {
     fn broker_closed(&self) -> Option<&'static str> {
         if !self.conn.status().connected() {
@@ -122,7 +146,6 @@ impl Watch {
             if pending.is_none() && Instant::now() >= next_trip {
                 pending = Some((Instant::now(), self.round_trip()));
                 unanswered = Duration::ZERO;
-                self.gate.take_held_back();
             }
             let waiting = pending.is_none();
             let trip = async {
@@ -172,15 +195,20 @@ impl Watch {
                     last_look = now;
                     if let Some((sent_at, _)) = &pending {
                         let waited = now - *sent_at;
-                        if !self.gate.take_held_back() {
+                        // Sampled on every look, not learnt from a read
+                        // attempt: a socket held back is not polled again
+                        // until the gate opens, so an edge would be seen once.
+                        if self.gate.allowed() {
                             unanswered += since.min(waited);
                         }
                         // Answers wait behind unread deliveries while the
-                        // budget holds reads back: read on for the lease,
-                        // unless dead letters will free the budget anyway.
-                        self.gate.set_lease_yield(
-                            waited >= self.lease / 2 && self.gate.dead_letters() == 0,
-                        );
+                        // budget holds reads back: read on for the lease.
+                        self.gate.set_lease_yield(lease_yield(
+                            waited,
+                            self.gate.unread_for(),
+                            self.gate.dead_letters(),
+                            self.lease,
+                        ));
                     }
                 }
             }
@@ -211,5 +239,31 @@ mod tests {
             lost(Some("the consume channel is closed"), s(0), lease).as_deref(),
             Some("the consume channel is closed")
         );
+    }
+
+    #[test]
+    fn when_the_gate_reads_on_for_the_lease() {
+        let lease = Duration::from_secs(10);
+        let s = Duration::from_secs;
+        #[rustfmt::skip]
+        let table: &[(u64, u64, usize, bool)] = &[
+            // waited, unread_for, dead letters pending, read on
+            (0, 0, 0, false),
+            (4, 100, 0, false),
+            (5, 0, 0, true),
+            (5, 0, 3, false),
+            (9, 4, 3, false),
+            // Dead letters pending but the budget is not freeing (an
+            // alarm blocks their connection, or it fails): read on anyway.
+            (5, 5, 1, true),
+            (30, 30, 100, true),
+        ];
+        for &(waited, unread, dl, want) in table {
+            assert_eq!(
+                lease_yield(s(waited), s(unread), dl, lease),
+                want,
+                "{waited} {unread} {dl}"
+            );
+        }
     }
 }
