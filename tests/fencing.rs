@@ -254,3 +254,70 @@ async fn without_single_active_consumer_one_worker_consumes_classic() {
 async fn without_single_active_consumer_one_worker_consumes_quorum() {
     without_single_active_consumer_one_worker_consumes(QueueType::Quorum).await;
 }
+
+/// The takeover hold (`amqp.takeover_hold_ms`): worker A has sent f1=1 to a
+/// slow API when its network goes silent (A hears nothing: no close, no
+/// error) and the broker closes its connection. B takes f1=1 over and gets
+/// f1=2; the API is fast again. A's request is still under way: without the
+/// hold, B's f1=2 lands first and A's f1=1 after it. The account must end
+/// at 2, with no older value written over a newer one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over() {
+    // A's request takes 8 s; the hold is 2000 + 10000 + 3000 ms.
+    let sb = sandbox(&["f1"], Faults::default(), |c| {
+        c.amqp.lease_ms = 2000;
+        c.tencent.timeout_ms = 10_000;
+    })
+    .await;
+    let proxy = SilentProxy::start().await;
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut via_proxy = sb.config.clone();
+    via_proxy.amqp.url = proxy.amqp_url();
+    let a = Worker::spawn(&via_proxy, &dir, 0);
+    until(DRAIN, "A is ready", || async {
+        a.get("/readyz").await.0 == 200
+    })
+    .await;
+    let b = Worker::spawn(&sb.config, &dir, 1);
+    until(DRAIN, "B is ready", || async {
+        b.get("/readyz").await.0 == 200
+    })
+    .await;
+    sb.sim.update_faults(|f| f.latency_ms = (8000, 8000));
+    sb.publish(update("a1", &[("f1", "1")])).await.unwrap();
+    sb.confirm().await.unwrap();
+    let sim = &sb.sim;
+    eventually(DRAIN, "A sent f1 = 1", || sim.in_progress() == 1).await;
+    proxy.silence();
+    assert_eq!(close_connections(&a.connection_name(&sb.config)), 1);
+    sb.sim.update_faults(|f| f.latency_ms = (0, 0));
+    until(DRAIN, "B took over", || async {
+        b.role().await.contains("active")
+    })
+    .await;
+    sb.publish(update("a1", &[("f1", "2")])).await.unwrap();
+    sb.confirm().await.unwrap();
+    // Both requests have landed: A's (f1 = 1, after 8 s) and B's (f1 = 2).
+    eventually(DRAIN, "both requests applied", || {
+        sim.in_progress() == 0 && sim.stats().accounts_written >= 2
+    })
+    .await;
+    let logs = format!("--- A:\n{}\n--- B:\n{}", a.logs(), b.logs());
+    assert!(
+        b.logs().contains("holding requests"),
+        "B did not hold\n{logs}"
+    );
+    let stats = sb.sim.stats();
+    assert_eq!(
+        stats.regressions, 0,
+        "a request set f1 back after 2 was applied\n{logs}"
+    );
+    assert_eq!(sb.state()["a1"]["f1"], "2", "{logs}");
+    for mut w in [a, b] {
+        let _ = w.child.start_kill();
+        let _ = w.child.wait().await;
+    }
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
