@@ -321,3 +321,69 @@ async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over() {
     sb.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Without single-active-consumer, on a quorum queue (which does not
+/// enforce exclusive consumers), two workers started at the same moment:
+/// the consume lock (`<queue>.lock`) lets one session start and keeps the
+/// other waiting; never both consume. Ten rounds, each with a backlog that
+/// must end last-value-wins with no value going back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_single_active_consumer_two_workers_started_together_never_both_consume() {
+    use std::sync::Arc;
+    let sb = sandbox(
+        &["n"],
+        Faults {
+            latency_ms: (1, 10),
+            ..Faults::default()
+        },
+        |c| {
+            c.amqp.queue_type = QueueType::Quorum;
+            c.amqp.single_active_consumer = false;
+        },
+    )
+    .await;
+    let mut expected = Expected::new();
+    let sim = &sb.sim;
+    for round in 0..10 {
+        publish_stream(&sb, 100, 10, round * 100, &mut expected).await;
+        sb.confirm().await.unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let health = [
+            Arc::new(imattr::worker::Health::default()),
+            Arc::new(imattr::worker::Health::default()),
+        ];
+        let workers: Vec<_> = health
+            .iter()
+            .map(|h| {
+                tokio::spawn(imattr::worker::run(
+                    sb.config.clone(),
+                    cancel.clone(),
+                    h.clone(),
+                ))
+            })
+            .collect();
+        let mut both = false;
+        let deadline = Instant::now() + DRAIN;
+        while sim.state() != expected {
+            assert!(Instant::now() < deadline, "round {round}: not drained");
+            both |= health.iter().all(|h| h.is_consuming());
+            tokio::task::yield_now().await;
+        }
+        // Before stopping them: once the one consuming stops, the other
+        // may take the lock before it hears of the stop.
+        let sessions: Vec<u64> = health.iter().map(|h| h.sessions()).collect();
+        cancel.cancel();
+        for w in workers {
+            w.await.unwrap().unwrap();
+        }
+        assert!(!both, "round {round}: both workers consumed at once");
+        assert_eq!(
+            sessions.iter().sum::<u64>(),
+            1,
+            "round {round}: sessions started {sessions:?}: one worker consumes, the other waits"
+        );
+    }
+    assert_eq!(sb.sim.stats().regressions, 0, "a value went backwards");
+    assert_eq!(sb.state(), expected);
+    sb.cleanup().await.unwrap();
+}
