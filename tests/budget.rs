@@ -233,3 +233,60 @@ async fn refused_dead_letters_filling_the_budget_do_not_lose_the_session() {
     sb.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A shutdown while the budget is full: deliveries keep arriving while the
+/// session drains (with single-active-consumer the consumer stays
+/// registered; without it, until the cancellation is processed), the read
+/// gate stops reading, and the broker's answers (cancel-ok, close-ok) wait
+/// behind them. The shutdown must hear them instead of waiting its timeout
+/// out: no "did not confirm … in time", no "Shutdown timeout reached".
+async fn a_shutdown_with_the_budget_full_hears_the_broker(single_active_consumer: bool) {
+    let faults = Faults {
+        latency_ms: (100, 200),
+        ..Faults::default()
+    };
+    let sb = sandbox(&["n"], faults, |c| {
+        c.amqp.single_active_consumer = single_active_consumer;
+        c.amqp.max_held_bytes = 4 << 20;
+        c.batch.max_accounts = 5;
+        c.tencent.max_in_flight = 2;
+    })
+    .await;
+    // 300 updates of 100 KiB (whitespace after the JSON): 30 MiB.
+    for i in 0..300 {
+        let mut body = update(&format!("acc{}", i % 50), &[("n", &i.to_string())]);
+        body.resize(100 << 10, b' ');
+        sb.publish(body).await.unwrap();
+    }
+    sb.confirm().await.unwrap();
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = Worker::spawn(&sb.config, &dir, 0);
+    let sim = &sb.sim;
+    eventually(DRAIN, "some applied", || sim.stats().accounts_written >= 20).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid()])
+        .status();
+    let status = w.child.wait().await.unwrap();
+    let logs = w.logs();
+    assert!(status.success(), "{logs}");
+    assert!(logs.contains("Stopped"), "{logs}");
+    for late in ["in time", "Shutdown timeout reached"] {
+        assert!(
+            !logs.contains(late),
+            "sac {single_active_consumer}: {late:?} at shutdown\n{logs}"
+        );
+    }
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_the_budget_full_hears_the_broker_sac() {
+    a_shutdown_with_the_budget_full_hears_the_broker(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_the_budget_full_hears_the_broker_no_sac() {
+    a_shutdown_with_the_budget_full_hears_the_broker(false).await;
+}
