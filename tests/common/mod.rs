@@ -201,6 +201,21 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The broker's pids of the connections whose name contains `name`.
+pub fn connection_pids(name: &str) -> Vec<String> {
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    list.lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
 /// Closes the broker connections whose name contains `name`; returns how many.
 pub fn close_connections(name: &str) -> usize {
     let list = rabbitmqctl(&[

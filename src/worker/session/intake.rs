@@ -66,13 +66,14 @@ async fn consumers(ch: &Channel, queue: &str) -> Option<u32> {
 impl<'a> Session<'a> {
     /// Declares the topology, opens the channels and starts consuming;
     /// starts watching the session (`watch`). `conn` is read through `gate`;
-    /// dead letters go out on a connection of their own to `node`.
+    /// dead letters go out through `dead_letters`, the process's own
+    /// connection for them.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::worker) async fn start(
         config: &'a Config,
         conn: &Arc<Connection>,
         gate: Arc<ReadGate>,
-        node: &AmqpConfig,
+        dead_letters: Arc<DeadLetterPublisher>,
         client: Client,
         names: AttrNames,
         cap: Arc<BatchCap>,
@@ -85,10 +86,6 @@ impl<'a> Session<'a> {
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
             .context("setting the prefetch count")?;
-        let dead_letters = Arc::new(DeadLetterPublisher::new(
-            node,
-            format!("imattr dead letters {} pid {}", a.queue, std::process::id()),
-        ));
         // Counted before registering: once our consumer is registered, an
         // answer on this connection may wait behind deliveries the read
         // gate holds back until the session takes them, so nothing here may

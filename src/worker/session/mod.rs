@@ -128,7 +128,8 @@ pub(super) struct Session<'a> {
     health: Arc<Health>,
     names: AttrNames,
     consume_ch: Channel,
-    /// Dead-letter copies, on a confirm channel reopened when the broker closes it.
+    /// Dead-letter copies, on the process's own connection for them and a
+    /// confirm channel reopened when the broker closes it.
     dead_letters: Arc<DeadLetterPublisher>,
     consumer: lapin::Consumer,
     /// For `basic.cancel` at shutdown (not sent with single-active-consumer).
@@ -228,7 +229,6 @@ impl<'a> Session<'a> {
             }
             _ => joined.await,
         }
-        self.dead_letters.close(Duration::from_secs(1)).await;
         metrics::gauge!("imattr_pending_accounts").set(0.0);
         metrics::gauge!("imattr_in_flight_requests").set(0.0);
         metrics::gauge!("imattr_paused").set(0.0);
