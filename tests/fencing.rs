@@ -261,10 +261,10 @@ async fn without_single_active_consumer_one_worker_consumes_quorum() {
 /// f1=2; the API is fast again. A's request is still under way: without the
 /// hold, B's f1=2 lands first and A's f1=1 after it. The account must end
 /// at 2, with no older value written over a newer one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over() {
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over(queue_type: QueueType) {
     // A's request takes 8 s; the hold is 2000 + 10000 + 3000 ms.
     let sb = sandbox(&["f1"], Faults::default(), |c| {
+        c.amqp.queue_type = queue_type;
         c.amqp.lease_ms = 2000;
         c.tencent.timeout_ms = 10_000;
     })
@@ -306,20 +306,32 @@ async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over() {
     let logs = format!("--- A:\n{}\n--- B:\n{}", a.logs(), b.logs());
     assert!(
         b.logs().contains("holding requests"),
-        "B did not hold\n{logs}"
+        "{queue_type}: B did not hold\n{logs}"
     );
     let stats = sb.sim.stats();
     assert_eq!(
         stats.regressions, 0,
-        "a request set f1 back after 2 was applied\n{logs}"
+        "{queue_type}: a request set f1 back after 2 was applied\n{logs}"
     );
-    assert_eq!(sb.state()["a1"]["f1"], "2", "{logs}");
+    assert_eq!(sb.state()["a1"]["f1"], "2", "{queue_type}\n{logs}");
     for mut w in [a, b] {
         let _ = w.child.start_kill();
         let _ = w.child.wait().await;
     }
     sb.cleanup().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over_classic() {
+    a_takeover_holds_its_requests_until_a_silent_workers_are_over(QueueType::Classic).await;
+}
+
+/// On a quorum queue too: what the broker requeues there is marked
+/// redelivered as well, which is what starts the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over_quorum() {
+    a_takeover_holds_its_requests_until_a_silent_workers_are_over(QueueType::Quorum).await;
 }
 
 /// Without single-active-consumer, on a quorum queue (which does not
