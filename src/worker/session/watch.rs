@@ -66,21 +66,22 @@ pub(super) fn lost(
 /// - `unread_for`: how long since the socket was last read;
 /// - `dead_letters`: dead-letter copies being published.
 ///
-/// Once the round trip has waited half a lease: at once when no dead-letter
+/// `bound` is the lease, or the negotiated heartbeat interval when shorter.
+/// Once the round trip has waited half of it: at once when no dead-letter
 /// copy is pending (only requests, which need the lease, can free the
-/// budget); otherwise only when the socket has not been read for half a
-/// lease either (the dead letters do not free the budget: their connection
-/// is blocked by a resource alarm, failing, or slow). So while a round trip
-/// is pending the socket is never left unread much past a lease, which
-/// validation keeps under the heartbeat timeout: lapin closes a connection
-/// it has read nothing from for two heartbeat intervals.
+/// budget); otherwise only when the socket has not been read for half of it
+/// either (the dead letters do not free the budget: their connection is
+/// blocked by a resource alarm, failing, or slow). So while a round trip is
+/// pending the socket is never left unread much past `bound`, well within
+/// lapin's limit: it closes a connection it has read nothing from for two
+/// heartbeat intervals.
 pub(super) fn lease_yield(
     waited: Duration,
     unread_for: Duration,
     dead_letters: usize,
-    lease: Duration,
+    bound: Duration,
 ) -> bool {
-    waited >= lease / 2 && (dead_letters == 0 || unread_for >= lease / 2)
+    waited >= bound / 2 && (dead_letters == 0 || unread_for >= bound / 2)
 }
 
 impl Watch {
@@ -135,6 +136,12 @@ impl Watch {
         // Time the pending round trip has waited while reads were allowed.
         let mut unanswered = Duration::ZERO;
         let mut last_look = Instant::now();
+        let heartbeat = Duration::from_secs(u64::from(self.conn.configuration().heartbeat()));
+        let unread_bound = if heartbeat.is_zero() {
+            self.lease
+        } else {
+            self.lease.min(heartbeat)
+        };
         loop {
             if let Some(why) = lost(self.broker_closed(), unanswered, self.lease) {
                 self.lose(why);
@@ -207,7 +214,7 @@ impl Watch {
                             waited,
                             self.gate.unread_for(),
                             self.gate.dead_letters(),
-                            self.lease,
+                            unread_bound,
                         ));
                     }
                 }
