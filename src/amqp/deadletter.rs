@@ -285,7 +285,18 @@ impl DeadLetterPublisher {
                 }
             }
         };
-        publish_confirmed(&ch, &self.exchange, routing_key, body, props).await
+        let published = publish_confirmed(&ch, &self.exchange, routing_key, body, props).await;
+        if matches!(published, Err(PublishError::Nacked)) {
+            // A quorum queue that refused a publisher (overflow
+            // reject-publish) may go on refusing that channel once it has
+            // room again: the next copy goes out on a new channel.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                ch.close(200, "dead-letter copy refused".into()),
+            )
+            .await;
+        }
+        published
     }
 
     /// Closes its connection, waiting at most `within` for the broker.

@@ -64,24 +64,25 @@ pub(super) fn lost(
 ///
 /// - `waited`: how long the pending round trip has waited;
 /// - `unread_for`: how long since the socket was last read;
-/// - `dead_letters`: dead-letter copies being published.
+/// - `dead_letters`: dead-letter copies being published;
+/// - `bound`: the lease, or the negotiated heartbeat interval when shorter;
+/// - `heartbeat`: the negotiated heartbeat interval (None: no heartbeats).
 ///
-/// `bound` is the lease, or the negotiated heartbeat interval when shorter.
-/// Once the round trip has waited half of it: at once when no dead-letter
-/// copy is pending (only requests, which need the lease, can free the
-/// budget); otherwise only when the socket has not been read for half of it
-/// either (the dead letters do not free the budget: their connection is
-/// blocked by a resource alarm, failing, or slow). So while a round trip is
-/// pending the socket is never left unread much past `bound`, well within
-/// lapin's limit: it closes a connection it has read nothing from for two
-/// heartbeat intervals.
+/// Once the round trip has waited half of `bound`: at once when no
+/// dead-letter copy is pending (only requests, which need the lease, can
+/// free the budget). Otherwise the dead letters will free it, and reading on
+/// would only take in more than the budget, so the gate waits for them, but
+/// not past one heartbeat interval of unread socket (their connection may
+/// be blocked by a resource alarm, or their queue refuse them): lapin closes
+/// a connection it has read nothing from for two.
 pub(super) fn lease_yield(
     waited: Duration,
     unread_for: Duration,
     dead_letters: usize,
     bound: Duration,
+    heartbeat: Option<Duration>,
 ) -> bool {
-    waited >= bound / 2 && (dead_letters == 0 || unread_for >= bound / 2)
+    waited >= bound / 2 && (dead_letters == 0 || heartbeat.is_some_and(|h| unread_for >= h))
 }
 
 impl Watch {
@@ -137,11 +138,8 @@ impl Watch {
         let mut unanswered = Duration::ZERO;
         let mut last_look = Instant::now();
         let heartbeat = Duration::from_secs(u64::from(self.conn.configuration().heartbeat()));
-        let unread_bound = if heartbeat.is_zero() {
-            self.lease
-        } else {
-            self.lease.min(heartbeat)
-        };
+        let heartbeat = (!heartbeat.is_zero()).then_some(heartbeat);
+        let bound = heartbeat.map_or(self.lease, |h| self.lease.min(h));
         loop {
             if let Some(why) = lost(self.broker_closed(), unanswered, self.lease) {
                 self.lose(why);
@@ -214,7 +212,8 @@ impl Watch {
                             waited,
                             self.gate.unread_for(),
                             self.gate.dead_letters(),
-                            unread_bound,
+                            bound,
+                            heartbeat,
                         ));
                     }
                 }
@@ -251,25 +250,30 @@ mod tests {
     #[test]
     fn when_the_gate_reads_on_for_the_lease() {
         let lease = Duration::from_secs(10);
+        let hb = Some(Duration::from_secs(60));
         let s = Duration::from_secs;
         #[rustfmt::skip]
-        let table: &[(u64, u64, usize, bool)] = &[
-            // waited, unread_for, dead letters pending, read on
-            (0, 0, 0, false),
-            (4, 100, 0, false),
-            (5, 0, 0, true),
-            (5, 0, 3, false),
-            (9, 4, 3, false),
-            // Dead letters pending but the budget is not freeing (an
-            // alarm blocks their connection, or it fails): read on anyway.
-            (5, 5, 1, true),
-            (30, 30, 100, true),
+        let table: &[(u64, u64, usize, Option<Duration>, bool)] = &[
+            // waited, unread_for, dead letters pending, heartbeat, read on
+            (0, 0, 0, hb, false),
+            (4, 100, 0, hb, false),
+            (5, 0, 0, hb, true),
+            (5, 0, 3, hb, false),
+            (9, 59, 3, hb, false),
+            // Dead letters pending but not freeing the budget (an alarm
+            // blocks their connection, their queue refuses them): read on
+            // before lapin gives up on the socket (two heartbeats).
+            (5, 60, 1, hb, true),
+            (100, 100, 100, hb, true),
+            // No heartbeats: lapin never gives up; wait for the dead letters.
+            (100, 100, 1, None, false),
+            (5, 0, 0, None, true),
         ];
-        for &(waited, unread, dl, want) in table {
+        for &(waited, unread, dl, heartbeat, want) in table {
             assert_eq!(
-                lease_yield(s(waited), s(unread), dl, lease),
+                lease_yield(s(waited), s(unread), dl, lease, heartbeat),
                 want,
-                "{waited} {unread} {dl}"
+                "{waited} {unread} {dl} {heartbeat:?}"
             );
         }
     }
