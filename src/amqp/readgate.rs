@@ -147,6 +147,11 @@ impl ReadGate {
         DeadLetterPending { gate: self.clone() }
     }
 
+    /// Bytes read from the socket so far.
+    pub(crate) fn read_total(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
+    }
+
     /// How long since the socket was last read (its data, not an attempt).
     pub(crate) fn unread_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_read_ms.load(Ordering::Acquire));

@@ -41,8 +41,11 @@ pub(super) struct Watch {
 /// - `broker_closed`: the connection or the consume channel is no longer
 ///   open (the broker closed it, or lapin gave up on it);
 /// - `unanswered`: how long the pending round trip has waited while the
-///   socket could be read (time while reads were held back by the byte
-///   budget does not count: no answer could arrive then).
+///   socket could be read and nothing came: time while reads were held back
+///   by the byte budget does not count (no answer could arrive then; see
+///   [`lease_yield`] for why that cannot last), nor time while data was
+///   arriving (the broker is there, and the answer waits behind what it
+///   sent before). A half-open connection is silent.
 pub(super) fn lost(
     broker_closed: Option<&str>,
     unanswered: Duration,
@@ -137,6 +140,7 @@ impl Watch {
         // Time the pending round trip has waited while reads were allowed.
         let mut unanswered = Duration::ZERO;
         let mut last_look = Instant::now();
+        let mut read_at_last_look = self.gate.read_total();
         let heartbeat = Duration::from_secs(u64::from(self.conn.configuration().heartbeat()));
         let heartbeat = (!heartbeat.is_zero()).then_some(heartbeat);
         let bound = heartbeat.map_or(self.lease, |h| self.lease.min(h));
@@ -198,12 +202,15 @@ impl Watch {
                     let now = Instant::now();
                     let since = now - last_look;
                     last_look = now;
+                    let read = self.gate.read_total();
+                    let silent = read == read_at_last_look;
+                    read_at_last_look = read;
                     if let Some((sent_at, _)) = &pending {
                         let waited = now - *sent_at;
                         // Sampled on every look, not learnt from a read
                         // attempt: a socket held back is not polled again
                         // until the gate opens, so an edge would be seen once.
-                        if self.gate.allowed() {
+                        if self.gate.allowed() && silent {
                             unanswered += since.min(waited);
                         }
                         // Answers wait behind unread deliveries while the
