@@ -131,3 +131,162 @@ async fn a_backlog_of_large_bodies_stays_within_the_budget_classic() {
 async fn a_backlog_of_large_bodies_stays_within_the_budget_quorum() {
     a_backlog_of_large_bodies_stays_within_the_budget(QueueType::Quorum).await;
 }
+
+/// Dead letters that cannot be published (the dead-letter queue refuses
+/// them for a while, as under a resource alarm) fill the budget, for many
+/// leases and longer than lapin's heartbeat timeout (heartbeat 3 s: lapin
+/// closes a connection it has read nothing from for 6 s). The session must
+/// hold on: reads held back by the budget do not count against the lease,
+/// and the gate reads on for the lease's answers when dead letters do not
+/// free it. Nothing is lost or taken twice: no reconnect, no redelivery,
+/// every dead letter once, every update applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_dead_letters_filling_the_budget_do_not_lose_the_session() {
+    const BIG: usize = 8;
+    const REJECTED: usize = 10;
+    let faults = Faults {
+        reject_attrs: vec!["bad".into()],
+        ..Faults::default()
+    };
+    let sb = sandbox(&["n", "bad"], faults, |c| {
+        c.amqp.url = imattr::config::AmqpUrl::new(format!(
+            "amqp://guest:guest@{}/%2f?heartbeat=3",
+            broker_addr()
+        ));
+        c.amqp.lease_ms = 2000;
+        c.amqp.max_held_bytes = 4 << 20;
+    })
+    .await;
+    let mut expected = Expected::new();
+    for i in 0..BIG {
+        let mut body = large_body(i);
+        body.truncate(2 << 20);
+        sb.publish(body).await.unwrap();
+        let a = format!("r{i}");
+        sb.publish(update(&a, &[("bad", "x")])).await.unwrap();
+    }
+    for i in BIG..REJECTED {
+        sb.publish(update(&format!("r{i}"), &[("bad", "x")]))
+            .await
+            .unwrap();
+    }
+    for i in 0..20 {
+        let (a, v) = (format!("acc{i}"), i.to_string());
+        expected
+            .entry(a.clone())
+            .or_default()
+            .insert("n".into(), v.clone());
+        sb.publish(update(&a, &[("n", &v)])).await.unwrap();
+    }
+    sb.confirm().await.unwrap();
+    let dlq = sb.config.amqp.dead_letter_queue.clone();
+    let policy = format!("{dlq}.refuse");
+    let pattern = format!("^{}$", dlq.replace('.', "\\."));
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &pattern,
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let refusal = Policy(policy.clone());
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = Worker::spawn(&sb.config, &dir, 0);
+    until(DRAIN, "dead-letter copies refused", || async {
+        w.get("/readyz").await.1.contains("dead-letter")
+    })
+    .await;
+    // Five leases, twice lapin's heartbeat timeout.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !w.logs().contains("Lost the broker session"),
+        "the session was lost while dead letters were refused\n{}",
+        w.logs()
+    );
+    drop(refusal);
+    let queue = sb.config.amqp.queue.clone();
+    let sim = &sb.sim;
+    until(DRAIN, "everything applied or dead-lettered", || async {
+        sim.state() == expected
+            && sb.depth(&queue).await.unwrap_or(1) == 0
+            && sb.depth(&dlq).await.unwrap_or(0) as usize >= BIG + REJECTED
+    })
+    .await;
+    let logs = w.logs();
+    assert_eq!(
+        w.metric("imattr_broker_reconnects_total").await,
+        0.0,
+        "{logs}"
+    );
+    assert_eq!(
+        w.metric("imattr_messages_redelivered_total").await,
+        0.0,
+        "{logs}"
+    );
+    let _ = w.child.start_kill();
+    let _ = w.child.wait().await;
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), BIG + REJECTED, "every dead letter once");
+    assert_eq!(sb.state(), expected);
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A shutdown while the budget is full: deliveries keep arriving while the
+/// session drains (with single-active-consumer the consumer stays
+/// registered; without it, until the cancellation is processed), the read
+/// gate stops reading, and the broker's answers (cancel-ok, close-ok) wait
+/// behind them. The shutdown must hear them instead of waiting its timeout
+/// out: no "did not confirm … in time", no "Shutdown timeout reached".
+async fn a_shutdown_with_the_budget_full_hears_the_broker(single_active_consumer: bool) {
+    let faults = Faults {
+        latency_ms: (100, 200),
+        ..Faults::default()
+    };
+    let sb = sandbox(&["n"], faults, |c| {
+        c.amqp.single_active_consumer = single_active_consumer;
+        c.amqp.max_held_bytes = 4 << 20;
+        c.batch.max_accounts = 5;
+        c.tencent.max_in_flight = 2;
+    })
+    .await;
+    // 300 updates of 100 KiB (whitespace after the JSON): 30 MiB.
+    for i in 0..300 {
+        let mut body = update(&format!("acc{}", i % 50), &[("n", &i.to_string())]);
+        body.resize(100 << 10, b' ');
+        sb.publish(body).await.unwrap();
+    }
+    sb.confirm().await.unwrap();
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut w = Worker::spawn(&sb.config, &dir, 0);
+    let sim = &sb.sim;
+    eventually(DRAIN, "some applied", || sim.stats().accounts_written >= 20).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &w.pid()])
+        .status();
+    let status = w.child.wait().await.unwrap();
+    let logs = w.logs();
+    assert!(status.success(), "{logs}");
+    assert!(logs.contains("Stopped"), "{logs}");
+    for late in ["in time", "Shutdown timeout reached"] {
+        assert!(
+            !logs.contains(late),
+            "sac {single_active_consumer}: {late:?} at shutdown\n{logs}"
+        );
+    }
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_the_budget_full_hears_the_broker_sac() {
+    a_shutdown_with_the_budget_full_hears_the_broker(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_with_the_budget_full_hears_the_broker_no_sac() {
+    a_shutdown_with_the_budget_full_hears_the_broker(false).await;
+}

@@ -254,3 +254,148 @@ async fn without_single_active_consumer_one_worker_consumes_classic() {
 async fn without_single_active_consumer_one_worker_consumes_quorum() {
     without_single_active_consumer_one_worker_consumes(QueueType::Quorum).await;
 }
+
+/// The takeover hold (`amqp.takeover_hold_ms`): worker A has sent f1=1 to a
+/// slow API when its network goes silent (A hears nothing: no close, no
+/// error) and the broker closes its connection. B takes f1=1 over and gets
+/// f1=2; the API is fast again. A's request is still under way: without the
+/// hold, B's f1=2 lands first and A's f1=1 after it. The account must end
+/// at 2, with no older value written over a newer one.
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over(queue_type: QueueType) {
+    // A's request takes 8 s; the hold is 2000 + 10000 + 3000 ms.
+    let sb = sandbox(&["f1"], Faults::default(), |c| {
+        c.amqp.queue_type = queue_type;
+        c.amqp.lease_ms = 2000;
+        c.tencent.timeout_ms = 10_000;
+    })
+    .await;
+    let proxy = SilentProxy::start().await;
+    let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut via_proxy = sb.config.clone();
+    via_proxy.amqp.url = proxy.amqp_url();
+    let a = Worker::spawn(&via_proxy, &dir, 0);
+    until(DRAIN, "A is ready", || async {
+        a.get("/readyz").await.0 == 200
+    })
+    .await;
+    let b = Worker::spawn(&sb.config, &dir, 1);
+    until(DRAIN, "B is ready", || async {
+        b.get("/readyz").await.0 == 200
+    })
+    .await;
+    sb.sim.update_faults(|f| f.latency_ms = (8000, 8000));
+    sb.publish(update("a1", &[("f1", "1")])).await.unwrap();
+    sb.confirm().await.unwrap();
+    let sim = &sb.sim;
+    eventually(DRAIN, "A sent f1 = 1", || sim.in_progress() == 1).await;
+    proxy.silence();
+    assert_eq!(close_connections(&a.connection_name(&sb.config)), 1);
+    sb.sim.update_faults(|f| f.latency_ms = (0, 0));
+    until(DRAIN, "B took over", || async {
+        b.role().await.contains("active")
+    })
+    .await;
+    sb.publish(update("a1", &[("f1", "2")])).await.unwrap();
+    sb.confirm().await.unwrap();
+    // Both requests have landed: A's (f1 = 1, after 8 s) and B's (f1 = 2).
+    eventually(DRAIN, "both requests applied", || {
+        sim.in_progress() == 0 && sim.stats().accounts_written >= 2
+    })
+    .await;
+    let logs = format!("--- A:\n{}\n--- B:\n{}", a.logs(), b.logs());
+    assert!(
+        b.logs().contains("holding requests"),
+        "{queue_type}: B did not hold\n{logs}"
+    );
+    let stats = sb.sim.stats();
+    assert_eq!(
+        stats.regressions, 0,
+        "{queue_type}: a request set f1 back after 2 was applied\n{logs}"
+    );
+    assert_eq!(sb.state()["a1"]["f1"], "2", "{queue_type}\n{logs}");
+    for mut w in [a, b] {
+        let _ = w.child.start_kill();
+        let _ = w.child.wait().await;
+    }
+    sb.cleanup().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over_classic() {
+    a_takeover_holds_its_requests_until_a_silent_workers_are_over(QueueType::Classic).await;
+}
+
+/// On a quorum queue too: what the broker requeues there is marked
+/// redelivered as well, which is what starts the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_holds_its_requests_until_a_silent_workers_are_over_quorum() {
+    a_takeover_holds_its_requests_until_a_silent_workers_are_over(QueueType::Quorum).await;
+}
+
+/// Without single-active-consumer, on a quorum queue (which does not
+/// enforce exclusive consumers), two workers started at the same moment:
+/// the consume lock (`<queue>.lock`) lets one session start and keeps the
+/// other waiting; never both consume. Ten rounds, each with a backlog that
+/// must end last-value-wins with no value going back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_single_active_consumer_two_workers_started_together_never_both_consume() {
+    use std::sync::Arc;
+    let sb = sandbox(
+        &["n"],
+        Faults {
+            latency_ms: (1, 10),
+            ..Faults::default()
+        },
+        |c| {
+            c.amqp.queue_type = QueueType::Quorum;
+            c.amqp.single_active_consumer = false;
+        },
+    )
+    .await;
+    let mut expected = Expected::new();
+    let sim = &sb.sim;
+    for round in 0..10 {
+        publish_stream(&sb, 100, 10, round * 100, &mut expected).await;
+        sb.confirm().await.unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let health = [
+            Arc::new(imattr::worker::Health::default()),
+            Arc::new(imattr::worker::Health::default()),
+        ];
+        let workers: Vec<_> = health
+            .iter()
+            .map(|h| {
+                tokio::spawn(imattr::worker::run(
+                    sb.config.clone(),
+                    cancel.clone(),
+                    h.clone(),
+                ))
+            })
+            .collect();
+        let mut both = false;
+        let deadline = Instant::now() + DRAIN;
+        while sim.state() != expected {
+            assert!(Instant::now() < deadline, "round {round}: not drained");
+            both |= health.iter().all(|h| h.is_consuming());
+            tokio::task::yield_now().await;
+        }
+        // Before stopping them: once the one consuming stops, the other
+        // may take the lock before it hears of the stop.
+        let sessions: Vec<u64> = health.iter().map(|h| h.sessions()).collect();
+        cancel.cancel();
+        for w in workers {
+            w.await.unwrap().unwrap();
+        }
+        assert!(!both, "round {round}: both workers consumed at once");
+        assert_eq!(
+            sessions.iter().sum::<u64>(),
+            1,
+            "round {round}: sessions started {sessions:?}: one worker consumes, the other waits"
+        );
+    }
+    assert_eq!(sb.sim.stats().regressions, 0, "a value went backwards");
+    assert_eq!(sb.state(), expected);
+    sb.cleanup().await.unwrap();
+}

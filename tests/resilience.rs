@@ -493,3 +493,38 @@ async fn not_ready_until_the_api_accepts_a_request() {
         sb.cleanup().await.unwrap();
     }
 }
+
+/// Dead letters go out on one connection per process, not per broker
+/// session: after the consume connection is lost and the worker reconnects,
+/// the next dead letter goes out on the same dead-letter connection (under a
+/// resource alarm a new one per session would pile up blocked connections,
+/// whose copies would go out late and out of order once it clears).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_letter_connection_across_reconnects() {
+    let mut sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    sb.start_worker();
+    sb.publish(b"not json 1").await.unwrap();
+    eventually(DRAIN, "dead-lettered", || sb.acked() == 1).await;
+    let dl_name = format!("imattr dead letters {}", sb.config.amqp.queue);
+    let before = connection_pids(&dl_name);
+    assert_eq!(before.len(), 1, "one dead-letter connection");
+    let run_name = format!("imattr run {}", sb.config.amqp.queue);
+    assert_eq!(close_connections(&run_name), 1);
+    let health = sb.health.clone();
+    eventually(DRAIN, "reconnected", || {
+        health.sessions() == 2 && health.is_consuming()
+    })
+    .await;
+    sb.publish(b"not json 2").await.unwrap();
+    eventually(DRAIN, "dead-lettered", || sb.acked() == 2).await;
+    assert_eq!(
+        connection_pids(&dl_name),
+        before,
+        "the same dead-letter connection after the reconnect"
+    );
+    let dead = sb.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].body, "not json 1");
+    assert_eq!(dead[1].body, "not json 2");
+    finish(sb).await;
+}

@@ -210,9 +210,14 @@ pub(crate) async fn publish_confirmed(
 /// memory or disk alarm blocks every connection that publishes, and on a
 /// connection shared with the consumer the acknowledgements would wait
 /// behind the blocked publish too (docs/operations.md, "Resource alarms").
+///
+/// One per process (`imattr run`), not per broker session: a session that
+/// ends under an alarm cannot close a blocked connection, and a new one per
+/// session would pile up blocked connections whose copies go out late, out
+/// of order with the next session's, once the alarm clears.
 pub(crate) struct DeadLetterPublisher {
-    /// One node's settings (the node the session is connected to).
-    node: crate::config::AmqpConfig,
+    /// One node's settings (the node the consume connection is on).
+    node: std::sync::Mutex<crate::config::AmqpConfig>,
     /// The connection's name, shown by `rabbitmqctl list_connections`.
     name: String,
     exchange: String,
@@ -225,9 +230,27 @@ impl DeadLetterPublisher {
     pub(crate) fn new(node: &crate::config::AmqpConfig, name: String) -> Self {
         DeadLetterPublisher {
             exchange: node.dead_letter_exchange.clone(),
-            node: node.clone(),
+            node: std::sync::Mutex::new(node.clone()),
             name,
             link: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Publishes to `node` from now on (the node the consume connection is
+    /// on); a connection to another node is closed, within `within`.
+    pub(crate) async fn use_node(
+        &self,
+        node: &crate::config::AmqpConfig,
+        within: std::time::Duration,
+    ) {
+        let moved = {
+            let mut current = self.node.lock().unwrap_or_else(|e| e.into_inner());
+            let moved = current.url != node.url;
+            *current = node.clone();
+            moved
+        };
+        if moved {
+            self.close(within).await;
         }
     }
 
@@ -248,9 +271,12 @@ impl DeadLetterPublisher {
                 None => {
                     let conn = match link.take() {
                         Some((conn, _)) if conn.status().connected() => conn,
-                        _ => crate::amqp::topology::connect(&self.node, &self.name)
-                            .await
-                            .map_err(|e| PublishError::Connect(e.to_string()))?,
+                        _ => {
+                            let node = self.node.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                            crate::amqp::topology::connect(&node, &self.name)
+                                .await
+                                .map_err(|e| PublishError::Connect(e.to_string()))?
+                        }
                     };
                     let ch = conn.create_channel().await?;
                     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -259,7 +285,18 @@ impl DeadLetterPublisher {
                 }
             }
         };
-        publish_confirmed(&ch, &self.exchange, routing_key, body, props).await
+        let published = publish_confirmed(&ch, &self.exchange, routing_key, body, props).await;
+        if matches!(published, Err(PublishError::Nacked)) {
+            // A quorum queue that refused a publisher (overflow
+            // reject-publish) may go on refusing that channel once it has
+            // room again: the next copy goes out on a new channel.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                ch.close(200, "dead-letter copy refused".into()),
+            )
+            .await;
+        }
+        published
     }
 
     /// Closes its connection, waiting at most `within` for the broker.
@@ -297,8 +334,9 @@ pub(crate) async fn publish_until_confirmed(
         // The confirm may never come (a memory alarm blocks publishers): a
         // stop must not wait for it.
         let published = tokio::select! {
-            r = publisher.publish(routing_key, body, props.clone()) => r,
+            biased;
             _ = stop.cancelled() => return false,
+            r = publisher.publish(routing_key, body, props.clone()) => r,
         };
         match published {
             Ok(()) => {

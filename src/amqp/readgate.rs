@@ -39,9 +39,10 @@ use futures_util::Stream;
 /// the API (valid updates) cannot be freed while the lease has lapsed, and
 /// the lease cannot be renewed while its answer waits behind unread
 /// deliveries. Rather than stall for good, the socket is read on until the
-/// answer comes; the watcher asks for that only when no dead-letter copy is
-/// pending (those free their bytes without the lease, unless a resource
-/// alarm blocks them, and then reading on would only pile up more).
+/// answer comes; the watcher decides when (`session::watch::lease_yield`):
+/// dead-letter copies free their bytes without the lease, so while they
+/// do, it waits for them, but never for long (a resource alarm may block
+/// them, and lapin closes a connection it cannot read for two heartbeats).
 pub(crate) fn reads_allowed(held: u64, unclaimed: u64, budget: u64, lease_yield: bool) -> bool {
     lease_yield || held.saturating_add(unclaimed) < budget
 }
@@ -60,8 +61,12 @@ pub(crate) struct ReadGate {
     lease_yield: AtomicBool,
     /// Dead-letter copies being published (their bytes free without the lease).
     dead_letters: AtomicUsize,
-    /// Set each time a read is held back; cleared by `take_held_back`.
-    held_back: AtomicBool,
+    /// When the socket was last read, in milliseconds since `born`.
+    last_read_ms: AtomicU64,
+    /// Set when the session has ended: the socket is read from then on, so
+    /// that the close handshake (and whatever precedes it) can be read.
+    ended: AtomicBool,
+    born: Instant,
     waker: AtomicWaker,
 }
 
@@ -75,13 +80,18 @@ impl ReadGate {
             claimed: AtomicU64::new(0),
             lease_yield: AtomicBool::new(false),
             dead_letters: AtomicUsize::new(0),
-            held_back: AtomicBool::new(false),
+            last_read_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
+            born: Instant::now(),
             waker: AtomicWaker::new(),
         })
     }
 
     /// Whether the socket may be read now.
     pub(crate) fn allowed(&self) -> bool {
+        if self.ended.load(Ordering::Acquire) {
+            return true;
+        }
         let read = self.read.load(Ordering::Acquire);
         let claimed = self.claimed.load(Ordering::Acquire);
         reads_allowed(
@@ -137,9 +147,22 @@ impl ReadGate {
         DeadLetterPending { gate: self.clone() }
     }
 
-    /// Whether a read was held back since the last call.
-    pub(crate) fn take_held_back(&self) -> bool {
-        self.held_back.swap(false, Ordering::AcqRel)
+    /// Bytes read from the socket so far.
+    pub(crate) fn read_total(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
+    }
+
+    /// How long since the socket was last read (its data, not an attempt).
+    pub(crate) fn unread_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_read_ms.load(Ordering::Acquire));
+        self.born.elapsed().saturating_sub(last)
+    }
+
+    /// The session is over: read on for good, whatever is still counted, so
+    /// that the connection's close handshake is heard instead of waited out.
+    pub(crate) fn open_for_good(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn release(&self, n: u64) {
@@ -200,13 +223,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for GatedStream<S> {
             // Checked again after registering: a release in between would
             // otherwise wake nobody.
             if !self.gate.allowed() {
-                self.gate.held_back.store(true, Ordering::Release);
                 return Poll::Pending;
             }
         }
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.gate.read.fetch_add(*n as u64, Ordering::AcqRel);
+            let now = self.gate.born.elapsed().as_millis() as u64;
+            self.gate.last_read_ms.fetch_max(now, Ordering::AcqRel);
         }
         polled
     }
@@ -344,5 +368,15 @@ mod tests {
         assert_eq!(gate.dead_letters(), 1);
         drop(_d);
         assert_eq!(gate.dead_letters(), 0);
+    }
+
+    #[test]
+    fn an_ended_session_reads_on_for_good() {
+        let gate = ReadGate::new(10);
+        gate.read.fetch_add(12, Ordering::AcqRel);
+        let _held = gate.hold(vec![0; 20]);
+        assert!(!gate.allowed());
+        gate.open_for_good();
+        assert!(gate.allowed(), "the close handshake must be read");
     }
 }

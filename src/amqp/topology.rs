@@ -256,16 +256,67 @@ pub struct QueueBusy {
 }
 
 impl QueueBusy {
-    /// The refusal of an exclusive `basic.consume` of `queue`, if that is what `err` is.
+    /// The refusal of the consume lock or of an exclusive `basic.consume`
+    /// of `queue`, if that is what `err` is (see [`is_busy_refusal`]).
     pub(crate) fn from_error(queue: &str, err: &lapin::Error) -> Option<QueueBusy> {
         match err.kind() {
-            lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403 => Some(QueueBusy {
-                queue: queue.to_string(),
-                text: e.get_message().as_str().to_string(),
-            }),
+            lapin::ErrorKind::ProtocolError(e)
+                if is_busy_refusal(e.get_id(), e.get_message().as_str()) =>
+            {
+                Some(QueueBusy {
+                    queue: queue.to_string(),
+                    text: e.get_message().as_str().to_string(),
+                })
+            }
             _ => None,
         }
     }
+}
+
+/// Whether the broker's refusal (`code`, reply `text`) means that another
+/// connection consumes the queue: 405 RESOURCE_LOCKED on the consume lock
+/// (an exclusive queue another connection declared), or 403 ACCESS_REFUSED
+/// "… in exclusive use" on `basic.consume`. Any other 403 (the user may not
+/// read the queue, say) is a real error, retried with backoff and logged.
+pub(crate) fn is_busy_refusal(code: u16, text: &str) -> bool {
+    match code {
+        405 => true,
+        403 => text.contains("in exclusive use"),
+        _ => false,
+    }
+}
+
+/// The name of the consume lock of `queue` (`<queue>.lock`).
+pub(crate) fn consume_lock_name(queue: &str) -> String {
+    format!("{queue}.lock")
+}
+
+/// Takes the consume lock of `queue` for the connection of `channel`: an
+/// exclusive queue named `<queue>.lock`, which the broker gives to one
+/// connection at a time and deletes when that connection is gone. Without
+/// single-active-consumer this is what keeps a second consumer off the queue
+/// on every queue type: a quorum queue does not enforce exclusive consumers,
+/// and two workers counting consumers at the same moment both count none
+/// (docs/several-workers.md). Held by another connection: [`QueueBusy`]
+/// (the broker also closes `channel`).
+pub(crate) async fn take_consume_lock(channel: &Channel, queue: &str) -> anyhow::Result<()> {
+    let lock = consume_lock_name(queue);
+    channel
+        .queue_declare(
+            lock.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| match QueueBusy::from_error(queue, &e) {
+            Some(busy) => anyhow::Error::new(busy),
+            None => anyhow::Error::new(e).context(format!("declaring the consume lock {lock}")),
+        })
 }
 
 impl QueueMismatch {
@@ -322,6 +373,21 @@ fn broker_value(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_exclusive_use_means_busy() {
+        let cases = [
+            (405, "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'q.lock' in vhost '/'", true),
+            (403, "ACCESS_REFUSED - queue 'q' in vhost '/' in exclusive use", true),
+            (403, "ACCESS_REFUSED - access to queue 'q' in vhost '/' refused for user 'u'", false),
+            (404, "NOT_FOUND - no queue 'q' in vhost '/'", false),
+            (406, "PRECONDITION_FAILED - in exclusive use", false),
+        ];
+        for (code, text, busy) in cases {
+            assert_eq!(is_busy_refusal(code, text), busy, "{code} {text}");
+        }
+        assert_eq!(consume_lock_name("imattr.updates"), "imattr.updates.lock");
+    }
 
     #[test]
     fn refused_declarations_name_the_argument() {

@@ -336,6 +336,11 @@ impl SimHandle {
         self.shared.lock().stats.clone()
     }
 
+    /// Requests being answered now (arrived, not yet answered).
+    pub fn in_progress(&self) -> usize {
+        self.shared.lock().concurrent
+    }
+
     /// Changes the faults.
     pub fn set_faults(&self, f: Faults) {
         self.shared.lock().faults = f;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::amqp::connect::connect_gated;
+use crate::amqp::deadletter::DeadLetterPublisher;
 use crate::amqp::nodes::Nodes;
 use crate::amqp::readgate::ReadGate;
 use crate::amqp::topology::{QueueBusy, QueueMismatch};
@@ -42,14 +43,35 @@ pub async fn run(
     health: Arc<Health>,
 ) -> anyhow::Result<()> {
     config.validate_api()?;
-    let client = Client::from_config(&config)?;
+    // One connection for dead letters per process, whatever the sessions.
+    let dead_letters = Arc::new(DeadLetterPublisher::new(
+        &config.amqp,
+        format!(
+            "imattr dead letters {} pid {}",
+            config.amqp.queue,
+            std::process::id()
+        ),
+    ));
+    let result = run_sessions(&config, &cancel, &health, &dead_letters).await;
+    dead_letters.close(Duration::from_secs(1)).await;
+    result
+}
+
+/// Connects and runs one session after another until `cancel`.
+async fn run_sessions(
+    config: &Config,
+    cancel: &CancellationToken,
+    health: &Arc<Health>,
+    dead_letters: &Arc<DeadLetterPublisher>,
+) -> anyhow::Result<()> {
+    let client = Client::from_config(config)?;
     let names = if config.attributes.allowed.is_empty() {
-        match AttrNames::from_api(&client, &health, &cancel).await {
+        match AttrNames::from_api(&client, health, cancel).await {
             Some(names) => names,
             None => return Ok(()),
         }
     } else {
-        AttrNames::fixed(&config.attributes.allowed, &client, &health, &cancel)
+        AttrNames::fixed(&config.attributes.allowed, &client, health, cancel)
     };
     let cap = Arc::new(BatchCap::new(config.batch.max_accounts));
     // The pid tells several workers' connections apart (`rabbitmqctl
@@ -103,11 +125,14 @@ pub async fn run(
                 }
                 reconnect.reset();
                 health.set_connected(true);
+                dead_letters
+                    .use_node(node_cfg, Duration::from_secs(1))
+                    .await;
                 let session = Session::start(
-                    &config,
+                    config,
                     &conn,
-                    gate,
-                    node_cfg,
+                    gate.clone(),
+                    dead_letters.clone(),
                     client.clone(),
                     names.clone(),
                     cap.clone(),
@@ -126,6 +151,11 @@ pub async fn run(
                     Err(e) => Err(e),
                 };
                 health.set_connected(false);
+                // The session is over and holds nothing: read on, or the
+                // broker's close-ok could wait behind deliveries not taken
+                // (with single-active-consumer the broker keeps delivering
+                // while the session drains) and the close would time out.
+                gate.open_for_good();
                 if conn.status().connected() {
                     // Bounded: a broker that does not answer must not hold up
                     // the exit; at shutdown by what is left of its deadline.
@@ -164,7 +194,7 @@ pub async fn run(
                 } else {
                     debug!(error = %e, "Still cannot consume");
                 }
-                if !sleep_unless_cancelled(Duration::from_secs(1), &cancel).await {
+                if !sleep_unless_cancelled(Duration::from_secs(1), cancel).await {
                     return Ok(());
                 }
                 continue;
@@ -179,7 +209,7 @@ pub async fn run(
             None => {}
         }
         let wait = reconnect.next_backoff().unwrap_or(Duration::from_secs(30));
-        if !sleep_unless_cancelled(wait, &cancel).await {
+        if !sleep_unless_cancelled(wait, cancel).await {
             return Ok(());
         }
     }

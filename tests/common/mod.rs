@@ -215,6 +215,21 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The broker's pids of the connections whose name contains `name`.
+pub fn connection_pids(name: &str) -> Vec<String> {
+    let list = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "client_properties",
+    ]);
+    list.lines()
+        .filter(|l| l.contains(name))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
 /// Closes the broker connections whose name contains `name`; returns how many.
 pub fn close_connections(name: &str) -> usize {
     let list = rabbitmqctl(&[
@@ -328,4 +343,101 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The broker the tests use, as `host:port` (from `IMATTR_TEST_AMQP_URL`
+/// when set, else 127.0.0.1:5672).
+pub fn broker_addr() -> String {
+    let url = std::env::var("IMATTR_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
+    let host = after_at.split('/').next().unwrap_or("127.0.0.1:5672");
+    if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5672")
+    }
+}
+
+/// A TCP proxy to the broker that can go silent: from then on it forwards
+/// nothing either way and closes nothing, on the connections it has and on
+/// new ones, as a network partition leaves a connection (half-open: neither
+/// end hears that the other is gone).
+pub struct SilentProxy {
+    pub addr: std::net::SocketAddr,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentProxy {
+    pub async fn start() -> SilentProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = Arc::new(AtomicBool::new(false));
+        let upstream = broker_addr();
+        let quiet = silent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let quiet = quiet.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if quiet.load(Ordering::Acquire) {
+                        // Accepted and never answered.
+                        let _keep = client;
+                        return std::future::pending::<()>().await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = tokio::spawn(forward(cr, sw, quiet.clone()));
+                    let down = tokio::spawn(forward(sr, cw, quiet.clone()));
+                    let _ = tokio::join!(up, down);
+                });
+            }
+        });
+
+        /// Copies until `quiet`; then keeps both ends open and silent.
+        async fn forward(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            quiet: Arc<AtomicBool>,
+        ) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if quiet.load(Ordering::Acquire) {
+                    break;
+                }
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            if quiet.load(Ordering::Acquire) {
+                // Nothing read from now on is forwarded, and nothing is
+                // closed: hold both halves for as long as the test runs.
+                let _keep = (from, to);
+                std::future::pending::<()>().await;
+            }
+        }
+
+        SilentProxy { addr, silent }
+    }
+
+    /// An AMQP URL (guest) through this proxy.
+    pub fn amqp_url(&self) -> imattr::config::AmqpUrl {
+        imattr::config::AmqpUrl::new(format!("amqp://guest:guest@{}/%2f", self.addr))
+    }
+
+    /// Stops forwarding, both ways, for good.
+    pub fn silence(&self) {
+        self.silent
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }

@@ -66,13 +66,14 @@ async fn consumers(ch: &Channel, queue: &str) -> Option<u32> {
 impl<'a> Session<'a> {
     /// Declares the topology, opens the channels and starts consuming;
     /// starts watching the session (`watch`). `conn` is read through `gate`;
-    /// dead letters go out on a connection of their own to `node`.
+    /// dead letters go out through `dead_letters`, the process's own
+    /// connection for them.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::worker) async fn start(
         config: &'a Config,
         conn: &Arc<Connection>,
         gate: Arc<ReadGate>,
-        node: &AmqpConfig,
+        dead_letters: Arc<DeadLetterPublisher>,
         client: Client,
         names: AttrNames,
         cap: Arc<BatchCap>,
@@ -85,16 +86,17 @@ impl<'a> Session<'a> {
             .basic_qos(a.prefetch, BasicQosOptions::default())
             .await
             .context("setting the prefetch count")?;
-        let dead_letters = Arc::new(DeadLetterPublisher::new(
-            node,
-            format!("imattr dead letters {} pid {}", a.queue, std::process::id()),
-        ));
         // Counted before registering: once our consumer is registered, an
         // answer on this connection may wait behind deliveries the read
         // gate holds back until the session takes them, so nothing here may
         // wait for one. With single-active-consumer a classic queue counts
         // waiting consumers too; a quorum queue counts only the active one,
         // so there it proves nothing.
+        if !a.single_active_consumer {
+            // Taken before anything is counted or consumed, and held by this
+            // connection until the broker closes it (docs/several-workers.md).
+            topology::take_consume_lock(&consume_ch, &a.queue).await?;
+        }
         let counted = if !a.single_active_consumer || a.queue_type == QueueType::Classic {
             consumers(&consume_ch, &a.queue).await
         } else {
@@ -104,8 +106,9 @@ impl<'a> Session<'a> {
             // Only one consumer at a time: another worker, or our previous
             // connection that the broker has not closed yet (half-open, it
             // holds older messages; consuming newer ones now would apply them
-            // first). The exclusive flag below says the same, but a quorum
-            // queue does not enforce it (RabbitMQ 3.10).
+            // first). The lock decides, on every queue type; the count and
+            // the exclusive flag below also keep off a consumer that is not
+            // an imattr worker (a quorum queue does not enforce the flag).
             if let Some(n) = counted.filter(|&n| n > 0) {
                 return Err(anyhow::Error::new(QueueBusy {
                     queue: a.queue.clone(),

@@ -128,7 +128,8 @@ pub(super) struct Session<'a> {
     health: Arc<Health>,
     names: AttrNames,
     consume_ch: Channel,
-    /// Dead-letter copies, on a confirm channel reopened when the broker closes it.
+    /// Dead-letter copies, on the process's own connection for them and a
+    /// confirm channel reopened when the broker closes it.
     dead_letters: Arc<DeadLetterPublisher>,
     consumer: lapin::Consumer,
     /// For `basic.cancel` at shutdown (not sent with single-active-consumer).
@@ -228,10 +229,11 @@ impl<'a> Session<'a> {
             }
             _ => joined.await,
         }
-        self.dead_letters.close(Duration::from_secs(1)).await;
         metrics::gauge!("imattr_pending_accounts").set(0.0);
         metrics::gauge!("imattr_in_flight_requests").set(0.0);
         metrics::gauge!("imattr_paused").set(0.0);
+        // What the session held goes with it (dropped on return).
+        metrics::gauge!("imattr_held_bytes").set(0.0);
         self.health.session_ended();
         end
     }
@@ -288,13 +290,17 @@ impl<'a> Session<'a> {
                     draining = Some(deadline);
                     self.health.stopped_consuming();
                     if !self.config.amqp.single_active_consumer {
-                        // Bounded: a broker that does not answer must not hold up the flush.
-                        let cancel_consumer = self
-                            .consume_ch
-                            .basic_cancel(self.consumer_tag.as_str().into(), BasicCancelOptions::default());
-                        if tokio::time::timeout_at(deadline, cancel_consumer).await.is_err() {
-                            warn!("The broker did not confirm the consumer's cancellation in time");
-                        }
+                        // Off the loop, and bounded: the cancel-ok may wait
+                        // behind deliveries the read gate holds back, which
+                        // only this loop's flush can free.
+                        let (ch, tag) = (self.consume_ch.clone(), self.consumer_tag.clone());
+                        tokio::spawn(async move {
+                            let cancel_consumer =
+                                ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                            if tokio::time::timeout_at(deadline, cancel_consumer).await.is_err() {
+                                warn!("The broker did not confirm the consumer's cancellation in time");
+                            }
+                        });
                     }
                     // With single-active-consumer the consumer stays registered
                     // until the connection closes: cancelling it would make a

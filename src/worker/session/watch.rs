@@ -41,8 +41,11 @@ pub(super) struct Watch {
 /// - `broker_closed`: the connection or the consume channel is no longer
 ///   open (the broker closed it, or lapin gave up on it);
 /// - `unanswered`: how long the pending round trip has waited while the
-///   socket could be read (time while reads were held back by the byte
-///   budget does not count: no answer could arrive then).
+///   socket could be read and nothing came: time while reads were held back
+///   by the byte budget does not count (no answer could arrive then; see
+///   [`lease_yield`] for why that cannot last), nor time while data was
+///   arriving (the broker is there, and the answer waits behind what it
+///   sent before). A half-open connection is silent.
 pub(super) fn lost(
     broker_closed: Option<&str>,
     unanswered: Duration,
@@ -57,6 +60,32 @@ pub(super) fn lost(
             unanswered.as_millis()
         )
     })
+}
+
+/// Whether the read gate should read on past the byte budget so that the
+/// pending round trip's answer can arrive (`ReadGate::set_lease_yield`).
+///
+/// - `waited`: how long the pending round trip has waited;
+/// - `unread_for`: how long since the socket was last read;
+/// - `dead_letters`: dead-letter copies being published;
+/// - `bound`: the lease, or the negotiated heartbeat interval when shorter;
+/// - `heartbeat`: the negotiated heartbeat interval (None: no heartbeats).
+///
+/// Once the round trip has waited half of `bound`: at once when no
+/// dead-letter copy is pending (only requests, which need the lease, can
+/// free the budget). Otherwise the dead letters will free it, and reading on
+/// would only take in more than the budget, so the gate waits for them, but
+/// not past one heartbeat interval of unread socket (their connection may
+/// be blocked by a resource alarm, or their queue refuse them): lapin closes
+/// a connection it has read nothing from for two.
+pub(super) fn lease_yield(
+    waited: Duration,
+    unread_for: Duration,
+    dead_letters: usize,
+    bound: Duration,
+    heartbeat: Option<Duration>,
+) -> bool {
+    waited >= bound / 2 && (dead_letters == 0 || heartbeat.is_some_and(|h| unread_for >= h))
 }
 
 impl Watch {
@@ -111,6 +140,10 @@ impl Watch {
         // Time the pending round trip has waited while reads were allowed.
         let mut unanswered = Duration::ZERO;
         let mut last_look = Instant::now();
+        let mut read_at_last_look = self.gate.read_total();
+        let heartbeat = Duration::from_secs(u64::from(self.conn.configuration().heartbeat()));
+        let heartbeat = (!heartbeat.is_zero()).then_some(heartbeat);
+        let bound = heartbeat.map_or(self.lease, |h| self.lease.min(h));
         loop {
             if let Some(why) = lost(self.broker_closed(), unanswered, self.lease) {
                 self.lose(why);
@@ -122,7 +155,6 @@ impl Watch {
             if pending.is_none() && Instant::now() >= next_trip {
                 pending = Some((Instant::now(), self.round_trip()));
                 unanswered = Duration::ZERO;
-                self.gate.take_held_back();
             }
             let waiting = pending.is_none();
             let trip = async {
@@ -170,17 +202,26 @@ impl Watch {
                     let now = Instant::now();
                     let since = now - last_look;
                     last_look = now;
+                    let read = self.gate.read_total();
+                    let silent = read == read_at_last_look;
+                    read_at_last_look = read;
                     if let Some((sent_at, _)) = &pending {
                         let waited = now - *sent_at;
-                        if !self.gate.take_held_back() {
+                        // Sampled on every look, not learnt from a read
+                        // attempt: a socket held back is not polled again
+                        // until the gate opens, so an edge would be seen once.
+                        if self.gate.allowed() && silent {
                             unanswered += since.min(waited);
                         }
                         // Answers wait behind unread deliveries while the
-                        // budget holds reads back: read on for the lease,
-                        // unless dead letters will free the budget anyway.
-                        self.gate.set_lease_yield(
-                            waited >= self.lease / 2 && self.gate.dead_letters() == 0,
-                        );
+                        // budget holds reads back: read on for the lease.
+                        self.gate.set_lease_yield(lease_yield(
+                            waited,
+                            self.gate.unread_for(),
+                            self.gate.dead_letters(),
+                            bound,
+                            heartbeat,
+                        ));
                     }
                 }
             }
@@ -211,5 +252,36 @@ mod tests {
             lost(Some("the consume channel is closed"), s(0), lease).as_deref(),
             Some("the consume channel is closed")
         );
+    }
+
+    #[test]
+    fn when_the_gate_reads_on_for_the_lease() {
+        let lease = Duration::from_secs(10);
+        let hb = Some(Duration::from_secs(60));
+        let s = Duration::from_secs;
+        #[rustfmt::skip]
+        let table: &[(u64, u64, usize, Option<Duration>, bool)] = &[
+            // waited, unread_for, dead letters pending, heartbeat, read on
+            (0, 0, 0, hb, false),
+            (4, 100, 0, hb, false),
+            (5, 0, 0, hb, true),
+            (5, 0, 3, hb, false),
+            (9, 59, 3, hb, false),
+            // Dead letters pending but not freeing the budget (an alarm
+            // blocks their connection, their queue refuses them): read on
+            // before lapin gives up on the socket (two heartbeats).
+            (5, 60, 1, hb, true),
+            (100, 100, 100, hb, true),
+            // No heartbeats: lapin never gives up; wait for the dead letters.
+            (100, 100, 1, None, false),
+            (5, 0, 0, None, true),
+        ];
+        for &(waited, unread, dl, heartbeat, want) in table {
+            assert_eq!(
+                lease_yield(s(waited), s(unread), dl, lease, heartbeat),
+                want,
+                "{waited} {unread} {dl} {heartbeat:?}"
+            );
+        }
     }
 }
