@@ -76,7 +76,6 @@ pub fn malformed() -> Vec<(Vec<u8>, &'static str)> {
         (br#"{"To_Account":"a","Attrs":null}"#, "Attrs is null"),
         (br#"{"To_Account":"a","Attrs":"sex=m"}"#, "Attrs is a string"),
         (br#"{"To_Account":"a","Attrs":5}"#, "Attrs is a number"),
-        (br#"{"To_Account":"a","Attrs":{"sex":null}}"#, "Attrs.sex is null"),
         (br#"{"To_Account":"a","Attrs":{"sex":1.5}}"#, "Attrs.sex is a number"),
         (br#"{"To_Account":"a","Attrs":{"sex":false}}"#, "Attrs.sex is a boolean"),
         (br#"{"To_Account":"a","Attrs":{"sex":["m"]}}"#, "Attrs.sex is an array"),
