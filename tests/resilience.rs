@@ -136,10 +136,11 @@ async fn api_slower_than_the_timeout_for_a_while() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thirty_percent_91000_and_five_percent_http_500() {
+async fn thirty_percent_91000_and_fifteen_percent_http_500() {
+    // 15%, not 5%: about 80 requests with 5% gave no HTTP 500 at all in 2% of runs.
     let faults = Faults {
         fail_rate: 0.3,
-        http_error_rate: 0.05,
+        http_error_rate: 0.15,
         rate_limit: 0,
         ..Faults::default()
     };
