@@ -340,16 +340,29 @@ pub(super) async fn execute_batch(
 ) -> Vec<PartOutcome> {
     let mut outcomes = Outcomes::default();
     let mut ticket = ticket;
-    // Only an entry with both values and removals is copied (sets alone:
-    // no copy at all).
-    let (sets, removes_only): (Vec<Entry>, Vec<Entry>) =
-        entries.into_iter().partition(|e| Kind::Set.touches(e));
-    let removes: Vec<Entry> = sets
-        .iter()
-        .filter(|e| Kind::Remove.touches(e))
-        .cloned()
-        .chain(removes_only)
-        .collect();
+    // One merge per entry to sort it (its request body merges once more);
+    // only an entry with both values and removals is copied.
+    let mut sets: Vec<Entry> = Vec::with_capacity(entries.len());
+    let mut removes: Vec<Entry> = Vec::new();
+    let mut removes_only: Vec<Entry> = Vec::new();
+    for e in entries {
+        let (has_set, has_remove) = {
+            let merged = e.merged();
+            (
+                merged.iter().any(|(_, v)| v.is_some()),
+                merged.iter().any(|(_, v)| v.is_none()),
+            )
+        };
+        match (has_set, has_remove) {
+            (true, true) => {
+                removes.push(e.clone());
+                sets.push(e);
+            }
+            (true, false) => sets.push(e),
+            (false, _) => removes_only.push(e),
+        }
+    }
+    removes.extend(removes_only);
     let unit = |kind: Kind, entries: Vec<Entry>| Unit {
         kind,
         entries,
