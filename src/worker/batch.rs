@@ -340,16 +340,29 @@ pub(super) async fn execute_batch(
 ) -> Vec<PartOutcome> {
     let mut outcomes = Outcomes::default();
     let mut ticket = ticket;
-    // Only an entry with both values and removals is copied (sets alone:
-    // no copy at all).
-    let (sets, removes_only): (Vec<Entry>, Vec<Entry>) =
-        entries.into_iter().partition(|e| Kind::Set.touches(e));
-    let removes: Vec<Entry> = sets
-        .iter()
-        .filter(|e| Kind::Remove.touches(e))
-        .cloned()
-        .chain(removes_only)
-        .collect();
+    // One merge per entry to sort it (its request body merges once more);
+    // only an entry with both values and removals is copied.
+    let mut sets: Vec<Entry> = Vec::with_capacity(entries.len());
+    let mut removes: Vec<Entry> = Vec::new();
+    let mut removes_only: Vec<Entry> = Vec::new();
+    for e in entries {
+        let (has_set, has_remove) = {
+            let merged = e.merged();
+            (
+                merged.iter().any(|(_, v)| v.is_some()),
+                merged.iter().any(|(_, v)| v.is_none()),
+            )
+        };
+        match (has_set, has_remove) {
+            (true, true) => {
+                removes.push(e.clone());
+                sets.push(e);
+            }
+            (true, false) => sets.push(e),
+            (false, _) => removes_only.push(e),
+        }
+    }
+    removes.extend(removes_only);
     let unit = |kind: Kind, entries: Vec<Entry>| Unit {
         kind,
         entries,
@@ -376,9 +389,11 @@ pub(super) async fn execute_batch(
         if u.entries.is_empty() {
             continue;
         }
-        if u.alone {
+        if u.alone || u.kind == Kind::Remove {
             // A message resent alone may set what a merged request with an
-            // ambiguous answer also wrote: that one must be past applying.
+            // ambiguous answer also wrote, and an account's im_remove_attr
+            // may follow its im_set_attr whose first attempt had one: that
+            // request must be past applying (one account, one request).
             if let Some(sent_at) = last_ambiguous {
                 if !settled_after(sent_at, ctx.fence.token()).await {
                     stopped = Some(u);
@@ -414,9 +429,22 @@ pub(super) async fn execute_batch(
                 // sets then its removals: whatever of the account was
                 // applied already, the last operation applied per
                 // attribute is then the last one of a message not refused.
+                // Refused in the removal phase, the account's merged
+                // im_set_attr was applied: its values are the newest, so
+                // only the attributes whose last operation is a removal are
+                // replayed (older values resent would land over newer ones).
+                let replay_removed_only = u.kind == Kind::Remove;
                 for e in u.entries {
                     done_with.insert(e.account.clone());
-                    for p in e.parts.into_iter().rev() {
+                    let removed: HashSet<String> = if replay_removed_only {
+                        e.removes().into_iter().map(str::to_string).collect()
+                    } else {
+                        HashSet::new()
+                    };
+                    for mut p in e.parts.into_iter().rev() {
+                        if replay_removed_only {
+                            p.attrs.retain(|(name, _)| removed.contains(name));
+                        }
                         let one = Entry::from_parts(e.account.clone(), vec![p]);
                         for kind in [Kind::Remove, Kind::Set] {
                             if kind.touches(&one) {
@@ -1349,6 +1377,86 @@ mod tests {
         assert_eq!(results(&out), vec![(1, None)]);
         assert_eq!(value(&sim, "b", "sex").as_deref(), Some("m"));
         assert_eq!(sim.stats().total(api::REMOVE_ATTR), 0);
+    }
+
+    /// An im_set_attr request answered HTTP 500, then applied on retry: the
+    /// first attempt may still be applied by the backend, so the account's
+    /// im_remove_attr request is not sent before the backend timeout.
+    #[tokio::test]
+    async fn a_removal_after_an_ambiguous_set_waits_for_the_backend() {
+        let sim = sim(Faults {
+            http_error_rate: 1.0,
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let ctx = Arc::new(ctx);
+        // Before the first attempt leaves: a lower bound of its sending time.
+        let start = Instant::now();
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let e = entry("a", &[(1, "sex", "m"), (2, "city", "-")]);
+                execute_batch(vec![e], &ctx, None).await
+            })
+        };
+        while sim.stats().total(api::SET_ATTR) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sim.update_faults(|f| f.http_error_rate = 0.0);
+        let removal_seen = loop {
+            if sim.stats().total(api::REMOVE_ATTR) > 0 {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        assert!(
+            removal_seen - start >= BACKEND_TIMEOUT,
+            "im_remove_attr sent while the HTTP 500 im_set_attr may still apply"
+        );
+        let out = task.await.expect("batch task");
+        assert_eq!(results(&out), vec![(1, None), (2, None)]);
+        assert_eq!(value(&sim, "a", "sex").as_deref(), Some("m"));
+        assert_eq!(sim.stats().remove_attr_ok, 1);
+    }
+
+    /// The merged values applied, the merged removal refused: each message
+    /// is resent alone with only its removals, never an older value over
+    /// the newer one already applied; the refused message is dead-lettered.
+    #[tokio::test]
+    async fn a_refused_merged_removal_resends_no_older_value() {
+        let sim = sim(Faults {
+            reject_attrs: vec!["bad".into()],
+            ..Default::default()
+        })
+        .await;
+        let (ctx, _rx) = ctx(&sim, fast_retry());
+        let part = |tag, attrs: &[(&str, Option<&str>)]| Part {
+            tag,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect(),
+        };
+        let x = Entry::from_parts(
+            "x".into(),
+            vec![
+                part(1, &[("sex", Some("1")), ("city", None)]),
+                part(2, &[("sex", Some("2")), ("city", Some("9")), ("bad", None)]),
+            ],
+        );
+        let out = execute_batch(vec![x], &ctx, None).await;
+        assert_eq!(
+            results(&out),
+            vec![(1, None), (2, Some((Reason::Rejected, 90033)))]
+        );
+        let st = sim.stats();
+        assert_eq!(st.regressions, 0, "sex=1 set again after sex=2");
+        assert_eq!(st.set_attr_ok, 1, "only the merged values were set");
+        assert_eq!(value(&sim, "x", "sex").as_deref(), Some("2"));
+        assert_eq!(value(&sim, "x", "city").as_deref(), Some("9"));
+        assert_eq!(value(&sim, "x", "bad"), None);
+        assert_eq!(st.overlapping_account_requests, 0);
     }
 
     /// A removal refused while paused on misconfiguration waits, probing,
