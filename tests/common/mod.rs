@@ -232,20 +232,11 @@ pub fn connection_pids(name: &str) -> Vec<String> {
 
 /// Closes the broker connections whose name contains `name`; returns how many.
 pub fn close_connections(name: &str) -> usize {
-    let list = rabbitmqctl(&[
-        "list_connections",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "client_properties",
-    ]);
-    let mut n = 0;
-    for line in list.lines().filter(|l| l.contains(name)) {
-        let pid = line.split_whitespace().next().unwrap();
+    let pids = connection_pids(name);
+    for pid in &pids {
         rabbitmqctl(&["close_connection", pid, "closed by a test"]);
-        n += 1;
     }
-    n
+    pids.len()
 }
 
 /// One `imattr run` child process with its own admin endpoint and log file.
