@@ -198,16 +198,27 @@ fn check_body(api: &str, body: &[u8]) -> Check<Request> {
     }
 }
 
+/// `UserAttrs`, the list both write APIs take.
+fn user_attrs_list(json: &serde_json::Value) -> Check<&Vec<serde_json::Value>> {
+    json.get("UserAttrs")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| Answer::fail(90001, "UserAttrs must be an array"))
+}
+
+/// An entry's `To_Account`, checked the same way by both write APIs.
+fn to_account(entry: &serde_json::Value) -> Check<&str> {
+    entry
+        .get("To_Account")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Answer::fail(90001, "To_Account must be a string"))
+}
+
 /// `{"UserAttrs":[{"To_Account":"a","Attrs":["sex","city"]}]}`.
 fn parse_removals(json: &serde_json::Value) -> Check<Vec<Removal>> {
-    let Some(list) = json.get("UserAttrs").and_then(|v| v.as_array()) else {
-        return Err(Answer::fail(90001, "UserAttrs must be an array"));
-    };
+    let list = user_attrs_list(json)?;
     let mut out = Vec::with_capacity(list.len());
     for e in list {
-        let Some(to) = e.get("To_Account").and_then(|v| v.as_str()) else {
-            return Err(Answer::fail(90001, "To_Account must be a string"));
-        };
+        let to = to_account(e)?;
         let Some(attrs) = e.get("Attrs").and_then(|v| v.as_array()) else {
             return Err(Answer::fail(90001, "Attrs must be an array of names"));
         };
@@ -227,14 +238,10 @@ fn parse_removals(json: &serde_json::Value) -> Check<Vec<Removal>> {
 }
 
 fn parse_user_attrs(json: &serde_json::Value) -> Check<Vec<UserAttrs>> {
-    let Some(list) = json.get("UserAttrs").and_then(|v| v.as_array()) else {
-        return Err(Answer::fail(90001, "UserAttrs must be an array"));
-    };
+    let list = user_attrs_list(json)?;
     let mut out = Vec::with_capacity(list.len());
     for e in list {
-        let Some(to) = e.get("To_Account").and_then(|v| v.as_str()) else {
-            return Err(Answer::fail(90001, "To_Account must be a string"));
-        };
+        let to = to_account(e)?;
         let Some(attrs) = e.get("Attrs").and_then(|v| v.as_object()) else {
             return Err(Answer::fail(90001, "Attrs must be an object"));
         };
