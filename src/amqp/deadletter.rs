@@ -138,7 +138,7 @@ pub fn dead_letter_properties(
         );
     }
     let mut p = BasicProperties::default()
-        .with_headers(headers)
+        .with_headers(crate::amqp::headerblob::for_stream(&headers))
         .with_delivery_mode(2);
     if let Some(v) = original.content_type() {
         p = p.with_content_type(v.clone());
@@ -532,7 +532,10 @@ mod tests {
         };
         let failed = vec!["b".to_string(), "d".to_string()];
         let p = dead_letter_properties(&BasicProperties::default(), &f, &failed, "q", "", 1);
-        let h = p.headers().as_ref().unwrap();
+        // The array travels in the stream-safe blob and comes back as an array.
+        let stored = p.headers().as_ref().unwrap();
+        assert!(stored.inner().get(H_FAILED_ACCOUNTS).is_none());
+        let h = &crate::amqp::headerblob::restore(stored);
         assert_eq!(
             table_to_json(h)[H_FAILED_ACCOUNTS],
             serde_json::json!(["b", "d"])

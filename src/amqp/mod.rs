@@ -3,6 +3,7 @@
 pub(crate) mod connect;
 pub(crate) mod consume;
 pub mod deadletter;
+pub mod headerblob;
 pub(crate) mod nodes;
 pub(crate) mod readgate;
 pub mod topology;
