@@ -5,4 +5,5 @@ pub(crate) mod consume;
 pub mod deadletter;
 pub(crate) mod nodes;
 pub(crate) mod readgate;
+pub mod stream;
 pub mod topology;
