@@ -122,11 +122,10 @@ impl StreamReader {
             .into_iter()
             .next()
             .ok_or_else(|| anyhow!("amqp.url holds no URL"))?;
-        let uri: AMQPUri = node
-            .url
-            .expose()
-            .parse()
-            .map_err(|_: String| anyhow!("amqp.url is not a valid AMQP URL (got {})", node.url))?;
+        let uri: AMQPUri =
+            node.url.expose().parse().map_err(|_: String| {
+                anyhow!("amqp.url is not a valid AMQP URL (got {})", node.url)
+            })?;
         if uri.scheme == AMQPScheme::AMQPS {
             bail!(
                 "reading a stream needs a plain (non-TLS) stream listener: amqp.url is amqps://, \
@@ -166,13 +165,11 @@ impl StreamReader {
         };
         let user = uri.authority.userinfo.username.clone();
         let password = uri.authority.userinfo.password.clone();
-        let heartbeat = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            reader.handshake(name, &user, &password),
-        )
-        .await
-        .map_err(|_| anyhow!("{peer} did not finish the stream protocol handshake in time"))
-        .with_context(not_answering)??;
+        let heartbeat =
+            tokio::time::timeout(CONNECT_TIMEOUT, reader.handshake(name, &user, &password))
+                .await
+                .map_err(|_| anyhow!("{peer} did not finish the stream protocol handshake in time"))
+                .with_context(not_answering)??;
         reader.start_heartbeats(heartbeat);
         Ok(reader)
     }
@@ -228,8 +225,11 @@ impl StreamReader {
 
         let id = self.correlation();
         let vhost = self.vhost.clone();
-        self.send(rabbitmq_stream_protocol::commands::open::OpenCommand::new(id, vhost.clone()))
-            .await?;
+        self.send(rabbitmq_stream_protocol::commands::open::OpenCommand::new(
+            id,
+            vhost.clone(),
+        ))
+        .await?;
         let answer = self.response(id).await?;
         match answer.get::<OpenResponse>() {
             Some(r) if r.is_ok() => Ok(tune.heartbeat),
@@ -283,9 +283,7 @@ impl StreamReader {
         stream: &str,
         wait: Duration,
     ) -> anyhow::Result<Option<u64>> {
-        let sub = self
-            .subscribe(stream, OffsetSpecification::Last, 1)
-            .await?;
+        let sub = self.subscribe(stream, OffsetSpecification::Last, 1).await?;
         let found = match tokio::time::timeout(wait, self.next_chunk(sub)).await {
             Err(_) => Ok(None),
             Ok(Err(e)) => Err(e),
@@ -459,7 +457,10 @@ impl StreamReader {
                 Some(limit) => tokio::time::timeout(limit, read_frame(&mut self.reader))
                     .await
                     .map_err(|_| {
-                        anyhow!("{} sent nothing for {limit:?}, not even heartbeats", self.peer)
+                        anyhow!(
+                            "{} sent nothing for {limit:?}, not even heartbeats",
+                            self.peer
+                        )
                     })?,
                 None => read_frame(&mut self.reader).await,
             }

@@ -345,7 +345,9 @@ fn header_value(v: &Value) -> Option<AMQPValue> {
         Value::Float(x) => AMQPValue::Float(x),
         Value::Double(x) => AMQPValue::Double(x),
         Value::Char(c) => AMQPValue::LongString(LongString::from(
-            char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER).to_string(),
+            char::from_u32(c)
+                .unwrap_or(char::REPLACEMENT_CHARACTER)
+                .to_string(),
         )),
         Value::TimestampMs(ms) => AMQPValue::Timestamp((ms.max(0) / 1000) as u64),
         Value::Uuid(_) => AMQPValue::LongString(LongString::from(id_text(v)?.to_string())),
