@@ -186,7 +186,7 @@ async fn consume(name: &str, n: u64, prefetch: u16) -> anyhow::Result<()> {
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
         seen += 1;
-        if seen % ack_every == 0 || seen == n {
+        if seen.is_multiple_of(ack_every) || seen == n {
             delivery
                 .acker
                 .ack(BasicAckOptions { multiple: true })

@@ -121,7 +121,7 @@ fn sent(i: u32) -> (BasicProperties, Vec<u8>) {
     );
     h.insert("n".into(), AMQPValue::LongLongInt(-7 * i64::from(i)));
     h.insert("i".into(), AMQPValue::LongInt(i as i32));
-    h.insert("b".into(), AMQPValue::Boolean(i % 2 == 0));
+    h.insert("b".into(), AMQPValue::Boolean(i.is_multiple_of(2)));
     if i == 0 {
         h.insert(
             "arr".into(),
@@ -287,7 +287,7 @@ async fn twenty_thousand_messages_over_many_chunks() {
         Duration::from_secs(120),
         r.read(&s.name, 0, last, |m| {
             assert_eq!(m.offset, next, "offsets are consecutive");
-            if m.offset % 997 == 0 {
+            if m.offset.is_multiple_of(997) {
                 assert_message(&m, m.offset as u32);
             }
             next += 1;
