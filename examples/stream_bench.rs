@@ -146,16 +146,22 @@ async fn native(name: &str) -> anyhow::Result<()> {
     let last = reader.last_offset(name).await?.context("empty stream")?;
     let start = Instant::now();
     let mut bytes = 0u64;
+    // Chunks, approximately: a change of chunk timestamp starts a new one.
+    let (mut chunks, mut chunk_ts) = (0u64, i64::MIN);
     let seen = reader
         .read(name, 0, last, |m| {
             bytes += m.body.len() as u64;
+            if m.chunk_timestamp_ms != chunk_ts {
+                chunks += 1;
+                chunk_ts = m.chunk_timestamp_ms;
+            }
             ControlFlow::Continue(())
         })
         .await?;
     let secs = start.elapsed().as_secs_f64();
     reader.close().await;
     println!(
-        "native: {seen} entries ({} MiB of bodies) in {secs:.2} s: {:.0} msgs/s, peak RSS {:.1} MiB",
+        "native: {seen} entries ({} MiB of bodies, about {chunks} chunks) in {secs:.2} s: {:.0} msgs/s, peak RSS {:.1} MiB",
         bytes >> 20,
         seen as f64 / secs,
         peak_rss_mib()
