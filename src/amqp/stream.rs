@@ -37,10 +37,13 @@ use crate::config::{AmqpConfig, AuthMechanism};
 
 mod amqp10;
 
-/// Chunks the broker may send ahead of the one being read: one credit is
-/// given back per chunk received, so memory holds a few chunks whatever the
-/// stream's size.
-const CREDIT_CHUNKS: u16 = 3;
+/// Chunks the broker may send ahead of the one being read; one credit is
+/// given back per chunk received. Reading is bound by the broker's cost per
+/// chunk (dead letters are written in small chunks): 3 read 1,000,000 entries
+/// in 56,731 chunks at 20,600 msgs/s here, 48 at 33,200. Our memory stays a
+/// frame at a time whatever the credit: what is not read yet waits in the
+/// socket (5.4 MiB peak RSS either way).
+const CREDIT_CHUNKS: u16 = 48;
 
 /// How long [`StreamReader::last_offset`] waits for the last chunk before
 /// deciding the stream is empty: the broker sends it right after the
