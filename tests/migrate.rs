@@ -301,3 +301,59 @@ async fn the_worker_dead_letters_during_a_migration_and_nothing_is_lost() {
     }
     sb.cleanup().await.unwrap();
 }
+
+/// RabbitMQ 3.10.8 drops them: a message the updates queue expires or that a
+/// consumer rejects never reaches a stream bound to the dead-letter exchange
+/// (docs/dead-letters.md, "Dead letters made by RabbitMQ"). Run with
+/// `--ignored` on a newer broker.
+#[tokio::test]
+#[ignore = "RabbitMQ 3.10 drops broker-made dead letters routed to a stream"]
+async fn broker_made_dead_letters_reach_the_stream_with_their_first_death_reason() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    // No worker: one message expires in the updates queue, one is rejected.
+    let conn = topology::connect(&c.amqp, "test expiry").await.unwrap();
+    let mut p = Publisher::new(&conn, &c.amqp.exchange).await.unwrap();
+    p.publish(
+        "a",
+        &body(1),
+        update_properties().with_expiration("1".into()),
+    )
+    .await
+    .unwrap();
+    p.finish().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.publish("a", &body(2), update_properties()).await.unwrap();
+    p.finish().await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let got = ch
+        .basic_get(c.amqp.queue.as_str().into(), Default::default())
+        .await
+        .unwrap()
+        .expect("the second message");
+    ch.basic_reject(
+        got.delivery.delivery_tag,
+        lapin::options::BasicRejectOptions { requeue: false },
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+
+    let mut entries = Vec::new();
+    for _ in 0..5 {
+        entries = read_stream(&c).await;
+        if entries.len() >= 2 {
+            break;
+        }
+    }
+    let reasons: Vec<_> = entries
+        .iter()
+        .map(|(h, b)| (b.clone(), h.inner().get("x-first-death-reason").cloned()))
+        .collect();
+    let ls = |s: &str| Some(AMQPValue::LongString(s.into()));
+    assert_eq!(
+        reasons,
+        [(body(1), ls("expired")), (body(2), ls("rejected"))]
+    );
+    sb.cleanup().await.unwrap();
+}

@@ -653,7 +653,8 @@ mod tests {
 
     #[test]
     fn the_old_queue_type_is_read_from_the_refusal() {
-        let quorum = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'd' in vhost '/': received the value 'stream' of type 'longstr' but current is the value 'quorum' of type 'longstr'";
+        // The wordings of RabbitMQ 3.10.
+        let quorum = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'd' in vhost '/': received 'stream' but current is 'quorum'";
         assert_eq!(LegacyType::from_refusal(quorum), LegacyType::Quorum);
         let classic = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'd' in vhost '/': received the value 'stream' of type 'longstr' but current is none";
         assert_eq!(LegacyType::from_refusal(classic), LegacyType::Classic);
