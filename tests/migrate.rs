@@ -272,17 +272,21 @@ async fn the_worker_dead_letters_during_a_migration_and_nothing_is_lost() {
     fill(&c, n).await;
     sb.start_worker();
 
-    // Invalid messages, each dead-lettered by the worker, while the migration runs.
-    let m = 400;
+    // Invalid messages, each dead-lettered by the worker, all through the
+    // migration and after it.
     let migration = tokio::spawn({
         let c = c.clone();
         async move { migrate(&c.amqp, &CancellationToken::new(), false).await }
     });
-    for i in 0..m {
-        sb.publish(format!("{{\"invalid\":{i}}}")).await.unwrap();
-        if i % 20 == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut m = 0;
+    let mut after = 0;
+    while after < 50 {
+        sb.publish(format!("{{\"invalid\":{m}}}")).await.unwrap();
+        m += 1;
+        if migration.is_finished() {
+            after += 1;
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let moved = migration.await.unwrap().unwrap();
     assert!(moved.from_old >= n as u64);
