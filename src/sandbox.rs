@@ -335,13 +335,14 @@ async fn rabbitmqctl_counts(queue: &str) -> Option<(u64, u64)> {
 }
 
 async fn delete_topology(channel: &Channel, a: &crate::config::AmqpConfig) -> anyhow::Result<()> {
-    // The dead-letter stream, its ledger and a migration's holding queue
-    // (deleting a queue that is not there succeeds).
+    // The dead-letter stream, its ledger and inbox and a migration's holding
+    // queue (deleting a queue that is not there succeeds).
     let dlq = &a.dead_letter_queue;
     let queues = [
         a.queue.clone(),
         dlq.clone(),
         format!("{dlq}.ledger"),
+        crate::amqp::inbox::inbox_name(dlq),
         crate::dlq::migrate::holding_queue_name(dlq),
     ];
     for q in &queues {

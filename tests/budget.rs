@@ -13,27 +13,30 @@ const LARGE: usize = 40;
 const LARGE_BYTES: usize = 8 << 20;
 const NORMAL: usize = 100;
 
-/// Makes the broker refuse dead-letter copies (unbinds the dead-letter
-/// stream from its exchange: a copy comes back unroutable) or take them
-/// again. A stream takes no max-length policy that would refuse them.
+/// Makes the broker refuse dead-letter copies (deletes the dead-letter
+/// stream, still empty here: a copy published to it by name comes back
+/// unroutable) or take them again (declares it). A stream takes no
+/// max-length policy that would refuse them.
 async fn refuse_dead_letters(sb: &Sandbox, refuse: bool) {
     let a = &sb.config.amqp;
     let conn = imattr::amqp::topology::connect(a, "test refusal")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let (q, x) = (
-        a.dead_letter_queue.as_str().into(),
-        a.dead_letter_exchange.as_str().into(),
-    );
+    let q = a.dead_letter_queue.as_str();
     if refuse {
-        ch.queue_unbind(q, x, "".into(), Default::default())
-            .await
-            .unwrap();
+        ch.queue_delete(q.into(), Default::default()).await.unwrap();
     } else {
-        ch.queue_bind(q, x, "".into(), Default::default(), Default::default())
-            .await
-            .unwrap();
+        ch.queue_declare(
+            q.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            imattr::amqp::topology::dead_letter_queue_arguments(a),
+        )
+        .await
+        .unwrap();
     }
     let _ = conn.close(200, "done".into()).await;
 }

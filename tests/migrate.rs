@@ -29,9 +29,13 @@ async fn make_legacy(c: &Config, queue_type: &str, extra: &[(&str, AMQPValue)]) 
     let conn = topology::connect(&c.amqp, "test legacy").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = c.amqp.dead_letter_queue.as_str();
-    ch.queue_delete(q.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    // An earlier release had neither the stream nor its inbox.
+    let inbox = imattr::amqp::inbox::inbox_name(q);
+    for old in [q, inbox.as_str()] {
+        ch.queue_delete(old.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
     let mut args = FieldTable::default();
     if queue_type != "classic" {
         args.insert(
@@ -195,8 +199,15 @@ async fn a_classic_dead_letter_queue_becomes_the_stream_with_every_header() {
         assert_eq!(headers, legacy_props(&c, i).headers().as_ref().unwrap());
     }
 
-    // New dead letters now go to the stream, and a second run has nothing to do.
+    // What reaches the dead-letter exchange now lands in the inbox, which a
+    // sweep moves into the stream; a second run has nothing to do.
     fill(&c, 1).await;
+    let conn = topology::connect(&c.amqp, "test sweep").await.unwrap();
+    let swept = imattr::amqp::inbox::sweep(&conn, &c.amqp, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    let _ = conn.close(200, "done".into()).await;
     let again = migrate(&c.amqp, &CancellationToken::new(), false)
         .await
         .unwrap();
@@ -306,13 +317,12 @@ async fn the_worker_dead_letters_during_a_migration_and_nothing_is_lost() {
     sb.cleanup().await.unwrap();
 }
 
-/// RabbitMQ 3.10.8 drops them: a message the updates queue expires or that a
-/// consumer rejects never reaches a stream bound to the dead-letter exchange
-/// (docs/dead-letters.md, "Dead letters made by RabbitMQ"). Run with
-/// `--ignored` on a newer broker.
+/// RabbitMQ 3.10.8 drops a message its own dead-lettering routes to a
+/// stream, so the dead-letter exchange feeds the inbox and the sweeper moves
+/// what lands there into the stream, `x-death` kept in the header blob
+/// (docs/dead-letters.md, "Dead letters made by RabbitMQ").
 #[tokio::test]
-#[ignore = "RabbitMQ 3.10 drops broker-made dead letters routed to a stream"]
-async fn broker_made_dead_letters_reach_the_stream_with_their_first_death_reason() {
+async fn broker_made_dead_letters_reach_the_stream_through_the_inbox() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
     // No worker: one message expires in the updates queue, one is rejected.
@@ -341,6 +351,20 @@ async fn broker_made_dead_letters_reach_the_stream_with_their_first_death_reason
     )
     .await
     .unwrap();
+    let mut moved = 0;
+    for _ in 0..50 {
+        moved += imattr::amqp::inbox::sweep(&conn, &c.amqp, &Default::default())
+            .await
+            .unwrap();
+        if moved >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        moved, 2,
+        "both broker-made dead letters swept from the inbox"
+    );
     let _ = conn.close(200, "done".into()).await;
 
     let mut entries = Vec::new();
@@ -359,5 +383,11 @@ async fn broker_made_dead_letters_reach_the_stream_with_their_first_death_reason
         reasons,
         [(body(1), ls("expired")), (body(2), ls("rejected"))]
     );
+    for (h, _) in &entries {
+        assert!(
+            matches!(h.inner().get("x-death"), Some(AMQPValue::FieldArray(_))),
+            "x-death comes back from the header blob"
+        );
+    }
     sb.cleanup().await.unwrap();
 }

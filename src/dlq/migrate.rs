@@ -11,8 +11,13 @@
 //! 3. delete the old queue (only if empty);
 //! 4. declare the stream `<dlq>` (not yet bound);
 //! 5. move the holding queue into the stream;
-//! 6. bind the stream, unbind the holding queue, move what arrived
+//! 6. bind the inbox (the exchange feeds the inbox, never the stream: see
+//!    `crate::amqp::inbox`), unbind the holding queue, move what arrived
 //!    meanwhile, delete the holding queue (only if empty).
+//!
+//! The worker publishes its own dead letters to `<dlq>` by name: into the old
+//! queue until step 3 (moved with the rest), refused as unroutable between
+//! steps 3 and 4 (it keeps the original and retries), into the stream after.
 //!
 //! Every move publishes a copy (default exchange, `mandatory`, publisher
 //! confirms) and acknowledges the original only once the copy is confirmed;
@@ -201,8 +206,8 @@ async fn migrate_on(
         ..Migrated::default()
     };
     if steps.is_empty() {
-        // A stream declared just now (no queue at all before) needs its binding.
-        bind(&ch, dlq, exchange).await?;
+        // A stream declared just now (no queue at all before) needs its inbox.
+        bind_inbox(&ch, cfg).await?;
     }
     for step in steps {
         tracing::info!(queue = dlq, step = ?step, "Migrating the dead-letter queue");
@@ -248,7 +253,7 @@ async fn migrate_on(
                 m.into_stream += mover.consume(conn, cancel, progress).await?;
             }
             Step::Switch => {
-                bind(&ch, dlq, exchange).await?;
+                bind_inbox(&ch, cfg).await?;
                 unbind(&ch, &holding, exchange).await?;
             }
             Step::DeleteHolding => {
@@ -259,6 +264,22 @@ async fn migrate_on(
     let _ = ch.close(200, "done".into()).await;
     let _ = lock.close(200, "done".into()).await;
     Ok(m)
+}
+
+/// Declares the inbox and binds it to the dead-letter exchange.
+async fn bind_inbox(ch: &Channel, cfg: &AmqpConfig) -> anyhow::Result<()> {
+    let inbox = crate::amqp::inbox::inbox_name(&cfg.dead_letter_queue);
+    ch.queue_declare(
+        inbox.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        topology::inbox_arguments(cfg),
+    )
+    .await
+    .with_context(|| format!("declaring the inbox {inbox}"))?;
+    bind(ch, &inbox, &cfg.dead_letter_exchange).await
 }
 
 async fn declare_holding(ch: &Channel, holding: &str) -> anyhow::Result<()> {
