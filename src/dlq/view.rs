@@ -563,6 +563,7 @@ mod tests {
                 routing_key: Some("u1".into()),
                 broker_made: false,
                 replays: 0,
+                replayed_at_ms: None,
             }
         );
     }
@@ -620,10 +621,10 @@ mod tests {
             account: Some("acc9".into()),
             ..Filter::default()
         };
-        assert!(f.matches(&m));
+        assert!(f.matches(0, &m, b""));
         // The header wins when there is one.
         h.insert(deadletter::H_ACCOUNT.into(), ls("u1"));
-        assert!(!f.matches(&Meta::read(&h, "dead", "dead")));
+        assert!(!f.matches(0, &Meta::read(&h, "dead", "dead"), b""));
     }
 
     #[test]
@@ -653,6 +654,7 @@ mod tests {
             code,
             reason: reason.map(String::from),
             account: account.map(String::from),
+            ..Filter::default()
         };
         let table = [
             (f(None, None, None), true),
@@ -666,7 +668,7 @@ mod tests {
             (f(Some(90033), Some("rejected"), Some("u2")), false),
         ];
         for (filter, want) in &table {
-            assert_eq!(filter.matches(&m), *want, "{filter:?}");
+            assert_eq!(filter.matches(0, &m, b""), *want, "{filter:?}");
         }
         assert!(f(None, None, None).is_empty());
         assert!(!f(None, None, Some("a")).is_empty());
@@ -677,14 +679,52 @@ mod tests {
             AMQPValue::FieldArray(FieldArray::from(vec![ls("a"), ls("b")])),
         );
         let m = Meta::read(&h, "", "d");
-        assert!(f(None, None, Some("b")).matches(&m));
-        assert!(!f(None, None, Some("u1")).matches(&m));
+        assert!(f(None, None, Some("b")).matches(0, &m, b""));
+        assert!(!f(None, None, Some("u1")).matches(0, &m, b""));
         assert_eq!(m.accounts().collect::<Vec<_>>(), ["a", "b"]);
 
         let b = Meta::read(&broker_headers("expired", "q", "acc", 1), "", "d");
-        assert!(f(None, Some("broker:expired"), Some("acc")).matches(&b));
-        assert!(!f(Some(0), None, None).matches(&b));
-        assert!(!f(None, Some("rejected"), None).matches(&b));
+        assert!(f(None, Some("broker:expired"), Some("acc")).matches(0, &b, b""));
+        assert!(!f(Some(0), None, None).matches(0, &b, b""));
+        assert!(!f(None, Some("rejected"), None).matches(0, &b, b""));
+    }
+
+    #[test]
+    fn grep_times_and_ids() {
+        let m = Meta {
+            error: Some("quota exceeded".into()),
+            failed_at_ms: Some(2000),
+            ..Meta::default()
+        };
+        let g = |s: &str| Filter {
+            grep: Some(s.into()),
+            ..Filter::default()
+        };
+        assert!(g("quota").matches(0, &m, b"{}"));
+        assert!(g("needle").matches(0, &m, b"{\"a\":\"needle\"}"));
+        assert!(g("\u{fffd}").matches(0, &m, "\u{fffd}".as_bytes()));
+        assert!(!g("Quota").matches(0, &m, b""), "case-sensitive");
+        assert!(!g("needle").matches(0, &Meta::default(), b"\xff\x00"));
+        let t = |since: Option<i64>, until: Option<i64>| Filter {
+            since_ms: since,
+            until_ms: until,
+            ..Filter::default()
+        };
+        assert!(t(Some(2000), Some(2000)).matches(0, &m, b""), "inclusive");
+        assert!(!t(Some(2001), None).matches(0, &m, b""));
+        assert!(!t(None, Some(1999)).matches(0, &m, b""));
+        assert!(
+            !t(Some(0), None).matches(0, &Meta::default(), b""),
+            "no time: no match"
+        );
+        let ids = Filter {
+            ids: Some(vec![7, 3]),
+            ..Filter::default()
+        };
+        assert!(ids.matches(3, &m, b"") && !ids.matches(4, &m, b""));
+        assert_eq!(ids.id_range(), Some((3, 7)));
+        assert!(!ids.is_empty());
+        assert_eq!(Filter::default().id_range(), None);
     }
 
     #[test]
@@ -703,7 +743,7 @@ mod tests {
         }
         assert!(t.finish(&mut out).unwrap());
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("ACCOUNT"), "{text}");
+        assert!(text.starts_with("ID  ACCOUNT"), "{text}");
         assert_eq!(text.lines().count(), SIZING_ROWS + 6);
         assert!(text.lines().nth(1).unwrap().contains("90033"));
         let widths: Vec<usize> = text
