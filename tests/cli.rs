@@ -223,7 +223,7 @@ async fn dlq_list_shows_dead_letters_and_leaves_them() {
     let cfg = sb.config.clone();
     let (code, table, err) = imattr_output(&cfg, &["dlq", "list"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(table.starts_with("ACCOUNT"), "{table}");
+    assert!(table.starts_with("ID  ACCOUNT"), "{table}");
     assert_eq!(table.lines().count(), 5, "{table}");
     assert!(
         table.contains("rejected") && table.contains("90033") && table.contains("invalid-message"),
@@ -527,12 +527,12 @@ async fn dlq_replay_after_the_fix_applies_only_the_matching_ones() {
     let (code, out, err) =
         imattr_output(&cfg, &["dlq", "replay", "--code", "90033", "--limit", "2"]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 2");
+    assert_eq!(out.trim(), "moved 2, left 1, failed 0");
     sb.wait_drained(DRAIN).await.unwrap();
     assert_eq!(sb.dead_letters().await.unwrap().len(), 2, "--limit held");
     let (code, out, err) = imattr_output(&cfg, &["dlq", "replay", "--reason", "rejected"]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 1");
+    assert_eq!(out.trim(), "moved 1, left 0, failed 0");
     sb.wait_drained(DRAIN).await.unwrap();
     let state = sb.state();
     for i in 0..3 {
@@ -589,7 +589,7 @@ async fn replay_keeps_body_properties_routing_key_and_counts_replays() {
     for round in 1..=2 {
         let (code, out, err) = imattr_output(&cfg, &["dlq", "replay"]).await;
         assert_eq!(code, 0, "{err}");
-        assert_eq!(out.trim(), "replayed 1");
+        assert_eq!(out.trim(), "moved 1, left 0, failed 0");
         sb.wait_drained(DRAIN).await.unwrap();
         let dead = sb.dead_letters().await.unwrap();
         assert_eq!(dead.len(), 1);

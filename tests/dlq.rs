@@ -736,3 +736,47 @@ async fn a_legacy_dead_letter_queue_is_refused_with_exit_2() {
     let _ = conn.close(200, "done".into()).await;
     cleanup(sb).await;
 }
+
+/// Informal figures (no assertion on time): `IMATTR_DLQ_MEASURE=N cargo test
+/// --release --test dlq measure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure() {
+    let n: usize = std::env::var("IMATTR_DLQ_MEASURE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let t = std::time::Instant::now();
+    fill(&c, n).await;
+    println!("fill {n}: {:?}", t.elapsed());
+    let q = open(&c).await;
+    let t = std::time::Instant::now();
+    let p = q.page(&Filter::default(), None, 50).await.unwrap();
+    println!("list first page: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let later = Some(p.items[0].id + n as u64 * 9 / 10);
+    q.page(&Filter::default(), later, 50).await.unwrap();
+    println!("list later page (--after at 90%): {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let s = q.stats(&Filter::default()).await.unwrap();
+    println!("stats {}: {:?}", s.total, t.elapsed());
+    let t = std::time::Instant::now();
+    let mut sink = std::io::sink();
+    let e = q.export(&Filter::default(), &mut sink).await.unwrap();
+    let el = t.elapsed();
+    println!(
+        "export {e}: {el:?} ({:.0} msgs/s)",
+        e as f64 / el.as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    let o = ReplayOptions {
+        limit: Some(10_000.min(n)),
+        ..replay_all(Default::default())
+    };
+    let r = q.replay(&o, &|_| {}).await.unwrap();
+    println!("replay {}: {:?}", r.moved, t.elapsed());
+    q.close().await;
+    cleanup(sb).await;
+}

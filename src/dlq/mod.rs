@@ -214,6 +214,22 @@ impl Dlq {
         let channel = conn.create_channel().await.context("opening a channel")?;
         topology::declare_for_tools(&conn, &channel, &config.amqp).await?;
         let ledger = ledger::ledger_name(dlq);
+        // Reading an empty stream's end costs a bounded wait (nothing tells
+        // "empty" from "not yet delivered"), so a new ledger gets a first,
+        // empty entry and every later read of it ends at once.
+        let probe = conn.create_channel().await.context("opening a channel")?;
+        let existed = probe
+            .queue_declare(
+                ledger.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = probe.close(200, "probed".into()).await;
         channel
             .queue_declare(
                 ledger.as_str().into(),
@@ -227,11 +243,21 @@ impl Dlq {
             .with_context(|| format!("declaring the ledger stream {ledger}"))?;
         let _ = channel.close(200, "declared".into()).await;
         let reader = Reader::connect(&config.amqp, "imattr dlq reader").await?;
-        Ok(Dlq {
+        let q = Dlq {
             conn,
             config: config.clone(),
             reader: tokio::sync::Mutex::new(reader),
-        })
+        };
+        if !existed {
+            let first = ledger::Entry {
+                action: Action::Deleted,
+                at_ms: now_ms(),
+                by: "imattr (ledger created)".into(),
+                ranges: Vec::new(),
+            };
+            q.append(&q.conn, &[first]).await?;
+        }
+        Ok(q)
     }
 
     /// Closes the connections cleanly.
@@ -442,10 +468,16 @@ impl Dlq {
         if offsets.is_empty() {
             return Ok(());
         }
+        self.append(conn, &ledger::entries(action, now_ms(), by, offsets))
+            .await
+    }
+
+    /// Appends ledger entries, each confirmed.
+    async fn append(&self, conn: &Connection, entries: &[ledger::Entry]) -> anyhow::Result<()> {
         let ledger = ledger::ledger_name(self.dlq());
         let ch = topology::confirm_channel(conn).await?;
-        for e in ledger::entries(action, now_ms(), by, offsets) {
-            let body = serde_json::to_vec(&e).context("encoding a ledger entry")?;
+        for e in entries {
+            let body = serde_json::to_vec(e).context("encoding a ledger entry")?;
             let confirm = ch
                 .basic_publish(
                     "".into(),
