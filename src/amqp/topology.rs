@@ -5,6 +5,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 
+use crate::amqp::inbox;
 use crate::config::AmqpConfig;
 
 // Connecting lives in `connect`; these stay reachable here for callers.
@@ -119,35 +120,65 @@ async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyho
             dead_letter_queue_arguments(cfg),
         )
         .await;
-    if let Err(e) = declared {
-        let refusal = match e.kind() {
-            lapin::ErrorKind::ProtocolError(p) => {
-                tolerated_refusal(p.get_id(), p.get_message().as_str())
-            }
-            _ => None,
-        };
-        return match refusal {
-            Some(why) => {
-                tracing::warn!(queue = %cfg.dead_letter_queue, reason = %e, "{why}");
-                Ok(())
-            }
-            None => {
-                Err(anyhow::Error::new(e)
-                    .context(format!("declaring queue {}", cfg.dead_letter_queue)))
-            }
-        };
-    }
+    // A stream: the exchange feeds the inbox. A queue from an earlier
+    // release: the exchange feeds it, as it always did.
+    let bound = match declared {
+        Ok(_) => {
+            ch.queue_declare(
+                inbox::inbox_name(&cfg.dead_letter_queue).as_str().into(),
+                durable_queue,
+                inbox_arguments(cfg),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "declaring queue {}",
+                    inbox::inbox_name(&cfg.dead_letter_queue)
+                )
+            })?;
+            inbox::inbox_name(&cfg.dead_letter_queue)
+        }
+        Err(e) => {
+            let refusal = match e.kind() {
+                lapin::ErrorKind::ProtocolError(p) => {
+                    tolerated_refusal(p.get_id(), p.get_message().as_str())
+                }
+                _ => None,
+            };
+            return match refusal {
+                Some(why) => {
+                    tracing::warn!(queue = %cfg.dead_letter_queue, reason = %e, "{why}");
+                    Ok(())
+                }
+                None => Err(anyhow::Error::new(e)
+                    .context(format!("declaring queue {}", cfg.dead_letter_queue))),
+            };
+        }
+    };
     ch.queue_bind(
-        cfg.dead_letter_queue.as_str().into(),
+        bound.as_str().into(),
         cfg.dead_letter_exchange.as_str().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await
-    .with_context(|| format!("binding queue {}", cfg.dead_letter_queue))?;
+    .with_context(|| format!("binding queue {bound}"))?;
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// The inbox's arguments: quorum like the updates queue (replicated in a
+/// cluster), classic otherwise; never a delivery limit of imattr's own.
+pub fn inbox_arguments(cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    if cfg.queue_type != crate::config::QueueType::Classic {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
+        );
+    }
+    args
 }
 
 /// The dead-letter queue's arguments: a stream, whatever the updates queue
