@@ -23,12 +23,13 @@ use lapin::BasicProperties;
 
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// Publishes dead letters straight into the sandbox's dead-letter exchange,
-/// as the worker would.
+/// Publishes dead letters straight into the sandbox's dead-letter stream
+/// (by name, through the default exchange), as the worker does.
 struct DeadLetters {
     conn: lapin::Connection,
     publisher: Publisher,
     source_queue: String,
+    dlq: String,
 }
 
 impl DeadLetters {
@@ -36,13 +37,12 @@ impl DeadLetters {
         let conn = topology::connect(&c.amqp, "test dead letters")
             .await
             .unwrap();
-        let publisher = Publisher::new(&conn, &c.amqp.dead_letter_exchange)
-            .await
-            .unwrap();
+        let publisher = Publisher::new(&conn, "").await.unwrap();
         DeadLetters {
             conn,
             publisher,
             source_queue: c.amqp.queue.clone(),
+            dlq: c.amqp.dead_letter_queue.clone(),
         }
     }
 
@@ -80,13 +80,17 @@ impl DeadLetters {
     async fn one(&mut self, reason: Reason, account: &str, n: &str) {
         let props = self.props(reason, account, &[]);
         self.publisher
-            .publish(account, &update(account, &[("n", n)]), props)
+            .publish(&self.dlq, &update(account, &[("n", n)]), props)
             .await
             .unwrap();
     }
 
-    async fn raw(&mut self, props: BasicProperties, rk: &str, body: &[u8]) {
-        self.publisher.publish(rk, body, props).await.unwrap();
+    /// `_rk`, the original routing key, travels in the headers.
+    async fn raw(&mut self, props: BasicProperties, _rk: &str, body: &[u8]) {
+        self.publisher
+            .publish(&self.dlq, body, props)
+            .await
+            .unwrap();
     }
 
     async fn confirm(mut self) {
@@ -255,10 +259,12 @@ async fn cleanup(sb: imattr::sandbox::Sandbox) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let ledger = format!("{}.ledger", sb.config.amqp.dead_letter_queue);
-    let _ = ch
-        .queue_delete(ledger.as_str().into(), QueueDeleteOptions::default())
-        .await;
+    for suffix in ["ledger", "inbox"] {
+        let q = format!("{}.{suffix}", sb.config.amqp.dead_letter_queue);
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
     let _ = conn.close(200, "done".into()).await;
     sb.cleanup().await.unwrap();
 }
@@ -664,10 +670,10 @@ async fn a_dead_letter_that_comes_back_shows_its_replays() {
         attempts: 1,
     };
     let props = dead_letter_properties(&d.properties, &f, &[], &c.amqp.queue, "a", 2);
-    let mut p = Publisher::new(&conn, &c.amqp.dead_letter_exchange)
+    let mut p = Publisher::new(&conn, "").await.unwrap();
+    p.publish(&c.amqp.dead_letter_queue, &d.data, props)
         .await
         .unwrap();
-    p.publish("a", &d.data, props).await.unwrap();
     p.finish().await.unwrap();
     d.acker.ack(BasicAckOptions::default()).await.unwrap();
     let _ = conn.close(200, "done".into()).await;
