@@ -678,3 +678,50 @@ impl Dlq {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The web console holds one `Dlq` across requests and awaits its
+    /// methods in handlers that must be `Send`.
+    #[allow(dead_code)]
+    fn the_api_can_be_shared_across_tasks(q: &Dlq, f: &Filter, o: &ReplayOptions) {
+        fn send<T: Send>(_: &T) {}
+        fn shared<T: Send + Sync>() {}
+        shared::<Dlq>();
+        send(&q.page(f, None, 10));
+        send(&q.show(1));
+        send(&q.stats(f));
+        send(&q.delete(f, "x"));
+        send(&q.replay(o, &|_| {}));
+        let mut w = Vec::new();
+        send(&q.export(f, &mut w));
+    }
+
+    #[test]
+    fn a_snapshot_bounds_the_read() {
+        let s = Snapshot {
+            resolved: Resolved::default(),
+            last: Some(100),
+        };
+        let all = Filter::default();
+        assert_eq!(s.bounds(&all, 0), Some((0, 100)));
+        assert_eq!(s.bounds(&all, 101), None, "a cursor past the end");
+        let ids = Filter {
+            ids: Some(vec![7, 150, 3]),
+            ..Filter::default()
+        };
+        assert_eq!(
+            s.bounds(&ids, 0),
+            Some((3, 100)),
+            "never past the start's end"
+        );
+        assert_eq!(s.bounds(&ids, 8), Some((8, 100)));
+        let empty = Snapshot {
+            resolved: Resolved::default(),
+            last: None,
+        };
+        assert_eq!(empty.bounds(&all, 0), None);
+    }
+}
