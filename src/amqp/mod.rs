@@ -7,4 +7,5 @@ pub mod headerblob;
 pub mod inbox;
 pub(crate) mod nodes;
 pub(crate) mod readgate;
+pub mod stream;
 pub mod topology;
