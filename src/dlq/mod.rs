@@ -52,10 +52,10 @@ use crate::config::Config;
 use ledger::{Action, Resolved};
 use view::Meta;
 
-/// The stream reader the store uses. The AMQP 0-9-1 one works wherever the
-/// broker does; the native stream protocol one reads whole chunks.
-type Reader = reader::AmqpReader;
-use reader::StreamMessage;
+/// The stream reader the store uses: the native stream protocol, which reads
+/// whole chunks. [`reader::AmqpReader`] (AMQP 0-9-1) has the same methods.
+type Reader = crate::amqp::stream::StreamReader;
+use crate::amqp::stream::StreamMessage;
 
 /// Dead letters replayed per batch: published with confirms, then recorded
 /// in the ledger; also the most a crash between the two can duplicate.
