@@ -13,31 +13,37 @@ const LARGE: usize = 40;
 const LARGE_BYTES: usize = 8 << 20;
 const NORMAL: usize = 100;
 
-/// Makes the broker refuse dead-letter copies (deletes the dead-letter
-/// stream, still empty here: a copy published to it by name comes back
-/// unroutable) or take them again (declares it). A stream takes no
-/// max-length policy that would refuse them.
+/// Makes the broker refuse dead-letter copies or take them again. A stream
+/// takes no max-length policy, so refusing puts a classic queue of the same
+/// name in its place, with `x-max-length` 0 and `reject-publish`: the worker
+/// (which keeps a queue it finds there, and publishes to it by name) gets a
+/// nack for every copy. Taking them again puts the stream back.
 async fn refuse_dead_letters(sb: &Sandbox, refuse: bool) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
     let a = &sb.config.amqp;
     let conn = imattr::amqp::topology::connect(a, "test refusal")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = a.dead_letter_queue.as_str();
-    if refuse {
-        ch.queue_delete(q.into(), Default::default()).await.unwrap();
+    ch.queue_delete(q.into(), Default::default()).await.unwrap();
+    let args = if refuse {
+        let mut args = FieldTable::default();
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        args
     } else {
-        ch.queue_declare(
-            q.into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            imattr::amqp::topology::dead_letter_queue_arguments(a),
-        )
-        .await
-        .unwrap();
-    }
+        imattr::amqp::topology::dead_letter_queue_arguments(a)
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(q.into(), durable, args).await.unwrap();
     let _ = conn.close(200, "done".into()).await;
 }
 

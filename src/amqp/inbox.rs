@@ -32,8 +32,8 @@ pub fn inbox_name(dlq: &str) -> String {
     format!("{dlq}.inbox")
 }
 
-/// Moves every message now in the inbox into the dead-letter stream (those
-/// arriving meanwhile too); returns how many. No inbox (a dead-letter queue
+/// Moves the messages now in the inbox into the dead-letter stream, oldest
+/// first; returns how many. No inbox (a dead-letter queue
 /// from an earlier release, not yet migrated): 0.
 pub async fn sweep(
     conn: &Connection,
@@ -41,30 +41,23 @@ pub async fn sweep(
     cancel: &CancellationToken,
 ) -> anyhow::Result<u64> {
     let inbox = inbox_name(&cfg.dead_letter_queue);
-    let probe = conn.create_channel().await.context("opening a channel")?;
-    let exists = probe
-        .queue_declare(
-            inbox.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match exists {
-        Ok(_) => {
-            let _ = probe.close(200, "checked".into()).await;
-        }
-        // 404 closes the channel: nothing to sweep.
-        Err(_) => return Ok(0),
+    // No inbox: a dead-letter queue from an earlier release. No stream (not
+    // declared yet, or being migrated): nothing to move into, and a copy that
+    // fails would hand the message back, which a quorum inbox counts.
+    let Some(waiting) = message_count(conn, &inbox).await? else {
+        return Ok(0);
+    };
+    if waiting == 0 || message_count(conn, &cfg.dead_letter_queue).await?.is_none() {
+        return Ok(0);
     }
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .context("confirm mode")?;
     let mut moved = 0u64;
-    while !cancel.is_cancelled() {
+    // What was there at the start: a command's sweep ends even while the
+    // broker keeps dead-lettering; the worker's next tick takes the rest.
+    while !cancel.is_cancelled() && moved < u64::from(waiting) {
         let got = ch
             .basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: false })
             .await
@@ -88,11 +81,38 @@ pub async fn sweep(
     Ok(moved)
 }
 
+/// The message count of `queue` from a passive declare; None when it does
+/// not exist (404). Any other refusal is an error.
+async fn message_count(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+    let probe = conn.create_channel().await.context("opening a channel")?;
+    let declared = probe
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            let _ = probe.close(200, "checked".into()).await;
+            Ok(Some(q.message_count()))
+        }
+        Err(e) => match e.kind() {
+            // The refusal closed the channel.
+            lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => Ok(None),
+            _ => Err(anyhow::Error::new(e).context(format!("looking at queue {queue}"))),
+        },
+    }
+}
+
 /// The properties of the stored copy: the content ones and the headers
 /// (stream-safe), persistent; never `expiration` (the copy is the only one
 /// left after the ack), `user_id` (refused from another user), `priority` or
 /// `reply_to`, as for imattr's own dead letters.
-fn stored_properties(p: &BasicProperties) -> BasicProperties {
+pub(crate) fn stored_properties(p: &BasicProperties) -> BasicProperties {
     let headers = headerblob::for_stream(&p.headers().clone().unwrap_or_default());
     let mut out = BasicProperties::default()
         .with_headers(headers)

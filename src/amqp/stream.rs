@@ -435,6 +435,13 @@ impl StreamReader {
             if frame.key() == KEY_DELIVER && frame.0.get(8) == Some(&sub) {
                 return Ok(frame);
             }
+            // The broker tells a subscriber that its stream was deleted or
+            // lost its leader, then sends nothing more on that subscription.
+            if frame.key() == KEY_METADATA_UPDATE {
+                bail!(
+                    "the stream changed while it was read (deleted, or its leader moved); run the command again"
+                );
+            }
         }
     }
 
@@ -559,7 +566,14 @@ impl<'a> Chunk<'a> {
         let first_offset = be64(24);
         let data_len = be32(36) as usize;
         if chunk_type != 0 {
-            bail!("a chunk of type {chunk_type}, not user data");
+            // Offset-tracking chunks hold no messages: their offsets are
+            // passed over, not read as dead letters.
+            return Ok(Chunk {
+                timestamp_ms,
+                first_offset,
+                num_entries,
+                data: &[],
+            });
         }
         let data = b
             .get(start + 48..start + 48 + data_len)

@@ -38,7 +38,6 @@ use lapin::types::{FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::headerblob;
 use crate::amqp::topology::{self, StoreKind};
 use crate::config::AmqpConfig;
 
@@ -224,7 +223,6 @@ async fn migrate_on(
                 let mover = Move {
                     from: dlq,
                     to: &holding,
-                    into_stream: false,
                 };
                 m.from_old += match t {
                     LegacyType::Classic => mover.consume(conn, cancel, progress).await?,
@@ -248,7 +246,6 @@ async fn migrate_on(
                 let mover = Move {
                     from: &holding,
                     to: dlq,
-                    into_stream: true,
                 };
                 m.into_stream += mover.consume(conn, cancel, progress).await?;
             }
@@ -416,17 +413,14 @@ async fn delete_if_empty(
 struct Move<'a> {
     from: &'a str,
     to: &'a str,
-    /// Publishing into the stream: headers a stream drops go into the blob.
-    into_stream: bool,
 }
 
 impl Move<'_> {
+    /// Both hops: stream-safe headers, persistent, and never `expiration`
+    /// (the copy would vanish) or another user's `user_id` (the broker would
+    /// close the channel and hand the original back, counting a delivery).
     fn props(&self, p: &BasicProperties) -> BasicProperties {
-        let p = p.clone();
-        match (self.into_stream, p.headers().clone()) {
-            (true, Some(h)) => p.with_headers(headerblob::for_stream(&h)),
-            _ => p,
-        }
+        crate::amqp::inbox::stored_properties(p)
     }
 
     fn bar(&self, progress: bool, total: u64) -> indicatif::ProgressBar {

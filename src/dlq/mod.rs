@@ -27,6 +27,9 @@
 //! own, so two of them never resolve the same entries twice.
 
 pub(crate) mod ledger;
+
+/// How long a command waits for the ledger's last entry before refusing.
+const LEDGER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 pub mod migrate;
 pub(crate) mod pace;
 pub mod pass;
@@ -278,7 +281,20 @@ impl Dlq {
     async fn snapshot(&self, r: &mut Reader) -> anyhow::Result<Snapshot> {
         let ledger = ledger::ledger_name(self.dlq());
         let mut resolved = Resolved::default();
-        if let Some(last) = r.last_offset(&ledger).await? {
+        // `open` gives every ledger a first entry, so "empty" only means the
+        // broker was slow to answer: reading on would bring back everything
+        // replayed or deleted. Wait longer, then refuse.
+        let ledger_last = match r.last_offset(&ledger).await? {
+            Some(last) => Some(last),
+            None => r.last_offset_within(&ledger, LEDGER_WAIT).await?,
+        };
+        let Some(ledger_last) = ledger_last else {
+            anyhow::bail!(
+                "the ledger {ledger} answered nothing within {LEDGER_WAIT:?}; the broker may be busy: run the command again"
+            );
+        };
+        {
+            let last = ledger_last;
             r.read(&ledger, 0, last, |m| {
                 match serde_json::from_slice::<ledger::Entry>(&m.body) {
                     Ok(e) => resolved.add(&e),
