@@ -6,8 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{BasicPublishOptions, QueueBindOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 
 /// Publishes one body to the updates exchange with `props`, confirmed, on a
@@ -143,18 +142,12 @@ async fn unroutable_dead_letter_is_not_ready_and_loses_nothing() {
     let health = sb.health.clone();
     eventually(DRAIN, "ready", || health.readiness().is_ok()).await;
     let (conn, ch) = channel(&sb).await;
-    let (dlq, dlx) = (
-        sb.config.amqp.dead_letter_queue.clone(),
-        sb.config.amqp.dead_letter_exchange.clone(),
-    );
-    ch.queue_unbind(
-        dlq.as_str().into(),
-        dlx.as_str().into(),
-        "".into(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    // The worker publishes dead letters to the store by name: without the
+    // store they come back unroutable.
+    let dlq = sb.config.amqp.dead_letter_queue.clone();
+    ch.queue_delete(dlq.as_str().into(), Default::default())
+        .await
+        .unwrap();
     sb.publish(b"not json").await.unwrap();
     let mut expected = Expected::new();
     publish_stream(&sb, 20, 5, 0, &mut expected).await;
@@ -169,13 +162,14 @@ async fn unroutable_dead_letter_is_not_ready_and_loses_nothing() {
     let sim = &sb.sim;
     eventually(DRAIN, "valid updates applied", || sim.state() == expected).await;
     assert!(health.unsettled() >= 1);
-    assert_eq!(sb.depth(&dlq).await.unwrap(), 0);
-    ch.queue_bind(
+    assert!(!sb.queue_exists(&dlq).await.unwrap(), "nothing stored");
+    ch.queue_declare(
         dlq.as_str().into(),
-        dlx.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        imattr::amqp::topology::dead_letter_queue_arguments(&sb.config.amqp),
     )
     .await
     .unwrap();

@@ -122,21 +122,27 @@ async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyho
         .await;
     // A stream: the exchange feeds the inbox. A queue from an earlier
     // release: the exchange feeds it, as it always did.
-    let bound = match declared {
+    let (ch, bound) = match declared {
         Ok(_) => {
-            ch.queue_declare(
-                inbox::inbox_name(&cfg.dead_letter_queue).as_str().into(),
-                durable_queue,
-                inbox_arguments(cfg),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "declaring queue {}",
-                    inbox::inbox_name(&cfg.dead_letter_queue)
-                )
-            })?;
-            inbox::inbox_name(&cfg.dead_letter_queue)
+            let inbox = inbox::inbox_name(&cfg.dead_letter_queue);
+            let declared = ch
+                .queue_declare(inbox.as_str().into(), durable_queue, inbox_arguments(cfg))
+                .await;
+            match declared {
+                Ok(_) => (ch, inbox),
+                // Declared with the other queue type before `amqp.queue_type`
+                // changed: it works as it is (the refusal closed the channel).
+                Err(e) if is_type_mismatch(&e) => {
+                    tracing::warn!(queue = %inbox, reason = %e, "The dead-letter inbox exists with another queue type; keeping it");
+                    (
+                        conn.create_channel().await.context("opening a channel")?,
+                        inbox,
+                    )
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!("declaring queue {inbox}")))
+                }
+            }
         }
         Err(e) => {
             let refusal = match e.kind() {
@@ -166,6 +172,12 @@ async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyho
     .with_context(|| format!("binding queue {bound}"))?;
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// Whether a declaration was refused for another `x-queue-type`.
+fn is_type_mismatch(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if p.get_id() == 406 && p.get_message().as_str().contains("inequivalent arg 'x-queue-type'"))
 }
 
 /// The inbox's arguments: quorum like the updates queue (replicated in a

@@ -31,8 +31,9 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
@@ -380,7 +381,9 @@ async fn delete_if_empty(
     };
     let ch = conn.create_channel().await.context("opening a channel")?;
     let quorum = kind == Some(LegacyType::Quorum);
-    if quorum {
+    // Both kinds: a classic queue's "if empty" counts only ready messages,
+    // not those another consumer holds.
+    {
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -546,6 +549,32 @@ impl Move<'_> {
                     .context("acknowledging moved messages")?;
                 moved += batch.len() as u64;
                 bar.inc(batch.len() as u64);
+            }
+            // What was delivered beyond `count` (the worker adds meanwhile)
+            // must not be unacknowledged when the channel closes: its
+            // requeue could land after the emptiness check and be deleted
+            // with the queue. After cancel-ok nothing more is delivered, and
+            // what came before it is already in the consumer's buffer.
+            if !cancel.is_cancelled() {
+                ch.basic_cancel("imattr-migrate".into(), BasicCancelOptions::default())
+                    .await
+                    .with_context(|| format!("stopping the read of {}", self.from))?;
+                let mut extra = Vec::new();
+                let mut last_tag = 0;
+                while let Ok(Some(d)) =
+                    tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+                {
+                    let d = d.with_context(|| format!("reading {}", self.from))?;
+                    last_tag = d.delivery_tag;
+                    extra.push((d.data, d.properties));
+                }
+                if !extra.is_empty() {
+                    self.publish_confirmed(&ch, &extra).await?;
+                    ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+                        .await
+                        .context("acknowledging moved messages")?;
+                    moved += extra.len() as u64;
+                }
             }
             bar.finish_and_clear();
             let _ = ch.close(200, "done".into()).await;
