@@ -452,16 +452,6 @@ impl ConsoleConfig {
                 self.listen
             ),
         )?;
-        ensure(
-            self.token.is_empty() || self.token_file.is_empty(),
-            "console.token_file",
-            "set console.token or console.token_file, not both",
-        )?;
-        ensure(
-            self.password_hash.is_empty() || self.password_hash_file.is_empty(),
-            "console.password_hash_file",
-            "set console.password_hash or console.password_hash_file, not both",
-        )?;
         let has_hash = !self.password_hash.is_empty() || !self.password_hash_file.is_empty();
         ensure(
             self.user.is_empty() == !has_hash,

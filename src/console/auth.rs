@@ -37,10 +37,12 @@ impl std::fmt::Display for Who {
     }
 }
 
-/// The configured authentication, files read.
+/// The configured authentication, files read. Each credential configured
+/// lets in (a token in the configuration and one in a file both do).
 pub struct Access {
-    token: Option<Secret>,
-    basic: Option<(String, String)>,
+    tokens: Vec<Secret>,
+    /// The basic user and the hashes of its password.
+    basic: Option<(String, Vec<String>)>,
     /// SHA-256 of `user:password` pairs argon2 accepted already: argon2 is
     /// slow on purpose, and a browser sends the credentials with every request.
     verified: Mutex<HashSet<[u8; 32]>>,
@@ -49,7 +51,7 @@ pub struct Access {
 impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Access")
-            .field("token", &self.token.is_some())
+            .field("tokens", &self.tokens.len())
             .field("user", &self.basic.as_ref().map(|(u, _)| u))
             .finish()
     }
@@ -63,35 +65,34 @@ impl Access {
     /// 2) a listener on `listen` that is not a loopback address when none is
     /// configured.
     pub fn from_config(c: &ConsoleConfig, listen: SocketAddr) -> Result<Access, ConfigError> {
-        let token = if !c.token_file.is_empty() {
-            Some(Secret::new(first_line(
+        let mut tokens = Vec::new();
+        if !c.token.is_empty() {
+            tokens.push(c.token.clone());
+        }
+        if !c.token_file.is_empty() {
+            tokens.push(Secret::new(first_line(
                 &c.token_file,
                 "console.token_file",
-            )?))
-        } else if !c.token.is_empty() {
-            Some(c.token.clone())
-        } else {
-            None
-        };
+            )?));
+        }
         let basic = if c.user.is_empty() {
             None
         } else {
-            let hash = if !c.password_hash_file.is_empty() {
-                first_line(&c.password_hash_file, "console.password_hash_file")?
-            } else {
-                c.password_hash.expose().to_string()
-            };
-            check_hash(&hash).map_err(|e| {
-                let field = if c.password_hash_file.is_empty() {
-                    "console.password_hash"
-                } else {
-                    "console.password_hash_file"
-                };
-                ConfigError::invalid(field, e)
-            })?;
-            Some((c.user.clone(), hash))
+            let mut hashes = Vec::new();
+            if !c.password_hash.is_empty() {
+                let hash = c.password_hash.expose().to_string();
+                check_hash(&hash).map_err(|e| ConfigError::invalid("console.password_hash", e))?;
+                hashes.push(hash);
+            }
+            if !c.password_hash_file.is_empty() {
+                let hash = first_line(&c.password_hash_file, "console.password_hash_file")?;
+                check_hash(&hash)
+                    .map_err(|e| ConfigError::invalid("console.password_hash_file", e))?;
+                hashes.push(hash);
+            }
+            Some((c.user.clone(), hashes))
         };
-        if token.is_none() && basic.is_none() && !listen.ip().is_loopback() {
+        if tokens.is_empty() && basic.is_none() && !listen.ip().is_loopback() {
             return Err(ConfigError::invalid(
                 "console",
                 format!(
@@ -102,7 +103,7 @@ impl Access {
             ));
         }
         Ok(Access {
-            token,
+            tokens,
             basic,
             verified: Mutex::new(HashSet::new()),
         })
@@ -110,7 +111,7 @@ impl Access {
 
     /// Whether any credentials are asked for.
     pub fn required(&self) -> bool {
-        self.token.is_some() || self.basic.is_some()
+        !self.tokens.is_empty() || self.basic.is_some()
     }
 
     /// Who sent a request with these headers; `None`: not allowed in.
@@ -121,9 +122,13 @@ impl Access {
         let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
         let (scheme, rest) = value.split_once(' ')?;
         let rest = rest.trim();
+        let is_token = |s: &str| {
+            self.tokens
+                .iter()
+                .any(|t| ct_eq(s.as_bytes(), t.expose().as_bytes()))
+        };
         if scheme.eq_ignore_ascii_case("bearer") {
-            let token = self.token.as_ref()?;
-            return ct_eq(rest.as_bytes(), token.expose().as_bytes()).then_some(Who::Token);
+            return is_token(rest).then_some(Who::Token);
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
@@ -133,12 +138,10 @@ impl Access {
             .ok()?;
         let decoded = String::from_utf8(decoded).ok()?;
         let (user, password) = decoded.split_once(':')?;
-        if let Some(token) = &self.token {
-            if ct_eq(password.as_bytes(), token.expose().as_bytes()) {
-                return Some(Who::Token);
-            }
+        if is_token(password) {
+            return Some(Who::Token);
         }
-        let (want_user, hash) = self.basic.as_ref()?;
+        let (want_user, hashes) = self.basic.as_ref()?;
         if user != want_user {
             return None;
         }
@@ -146,7 +149,7 @@ impl Access {
         if lock(&self.verified).contains(&key) {
             return Some(Who::User(user.to_string()));
         }
-        if !verify(password, hash) {
+        if !hashes.iter().any(|h| verify(password, h)) {
             return None;
         }
         let mut verified = lock(&self.verified);

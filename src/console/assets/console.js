@@ -77,7 +77,10 @@
       if (l.name === undefined) l.name = labels[l.index] || l.key;
     });
     var W = 600, H = 150, PAD = 6;
-    var t1 = o.now_ms, t0 = t1 - o.window_ms;
+    // The last 15 minutes once there are; until then what there is (at least a minute).
+    var t1 = o.now_ms;
+    var first = o.series.t_ms.length ? o.series.t_ms[0] : t1;
+    var t0 = Math.max(t1 - o.window_ms, Math.min(first, t1 - 60000));
     var max = 0;
     lines.forEach(function (l) {
       l.values.forEach(function (v) {
