@@ -454,7 +454,7 @@ impl ConsoleConfig {
         )?;
         let has_hash = !self.password_hash.is_empty() || !self.password_hash_file.is_empty();
         ensure(
-            self.user.is_empty() == !has_hash,
+            self.user.is_empty() != has_hash,
             "console.user",
             "HTTP basic authentication needs both console.user and console.password_hash (or console.password_hash_file)",
         )?;
