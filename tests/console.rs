@@ -287,7 +287,17 @@ async fn read_only_shows_and_takes_no_action() {
 async fn a_non_loopback_listener_needs_authentication() {
     let mut config = base_config();
     let listen = format!("0.0.0.0:{}", free_port());
-    let (code, _, err) = imattr_output(&config, &["console", "--listen", &listen]).await;
+    let refused = |config: Config, args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tokio::time::timeout(Duration::from_secs(60), imattr_output(&config, &args))
+            .await
+            .expect("it started instead of refusing")
+    };
+    let (code, _, err) = refused(
+        config.clone(),
+        vec!["console".into(), "--listen".into(), listen.clone()],
+    )
+    .await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a loopback address"), "{err}");
 
@@ -296,7 +306,7 @@ async fn a_non_loopback_listener_needs_authentication() {
         c.admin.listen = listen.clone();
     })
     .await;
-    let (code, _, err) = imattr_output(&sb.config, &["run"]).await;
+    let (code, _, err) = refused(sb.config.clone(), vec!["run".into()]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("not a loopback address"), "{err}");
 
