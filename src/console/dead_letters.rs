@@ -460,7 +460,11 @@ pub(crate) async fn table(
         }
     };
     let read_ms = started.elapsed().as_millis();
-    tracing::debug!(rows = p.items.len(), read_ms, "Console dead-letter page read");
+    tracing::debug!(
+        rows = p.items.len(),
+        read_ms,
+        "Console dead-letter page read"
+    );
     let asof = now_ms();
     let actions = !ctx.read_only;
     let body = html! {
@@ -542,10 +546,7 @@ fn body_preview(v: &DeadLetterView) -> String {
 }
 
 /// `GET /console/api/dead-letters/stats`: the counts for the filter.
-pub(crate) async fn stats_json(
-    State(c): State<Console>,
-    Query(q): Query<FilterQuery>,
-) -> Response {
+pub(crate) async fn stats_json(State(c): State<Console>, Query(q): Query<FilterQuery>) -> Response {
     let filter = match q.filter() {
         Ok(f) => f,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
@@ -747,9 +748,20 @@ pub(crate) fn hex_dump(bytes: &[u8]) -> String {
         let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
         let ascii: String = line
             .iter()
-            .map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' })
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
-        out.push_str(&format!("{:08x}  {:<47}  {}\n", i * 16, hex.join(" "), ascii));
+        out.push_str(&format!(
+            "{:08x}  {:<47}  {}\n",
+            i * 16,
+            hex.join(" "),
+            ascii
+        ));
     }
     out
 }
@@ -852,8 +864,7 @@ async fn count(c: &Console, t: &Target) -> anyhow::Result<u64> {
         return Ok(ids.len() as u64);
     }
     let f = t.filter.clone();
-    Ok(c
-        .inner
+    Ok(c.inner
         .dead_letters
         .store
         .with(|d| async move { d.stats(&f).await })
@@ -1023,7 +1034,9 @@ pub(crate) async fn replay(
                 cancelled = r.cancelled,
                 "Console replayed dead letters"
             ),
-            Err(e) => tracing::warn!(who = %job.by, action = "replay", scope, error = format!("{e:#}"), "Console replay failed"),
+            Err(e) => {
+                tracing::warn!(who = %job.by, action = "replay", scope, error = format!("{e:#}"), "Console replay failed")
+            }
         }
         *lock(&job.end) = Some(result.map_err(|e| format!("{e:#}")));
     });

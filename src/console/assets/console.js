@@ -238,6 +238,20 @@
     initSelection();
     initConfirm();
     document.querySelectorAll("[data-job]").forEach(refreshJob);
+    // The count of everything matching comes after the rows: counting reads the whole store.
+    document.querySelectorAll("[data-stats]").forEach(function (el) {
+      fetch(el.getAttribute("data-stats"), { credentials: "same-origin" })
+        .then(function (r) {
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          return r.json();
+        })
+        .then(function (s) {
+          el.textContent = String(s.total);
+          var all = document.querySelectorAll("#replay-matching, #delete-matching");
+          all.forEach(function (b) { b.textContent = b.textContent.replace(/ all.*$/, " all " + s.total); });
+        })
+        .catch(function () { el.textContent = "(cannot count)"; });
+    });
     document.querySelectorAll("form").forEach(function (f) {
       var input = f.querySelector('input[name="csrf"]');
       if (input && !input.value) input.value = csrf();
