@@ -13,9 +13,10 @@
 #   - nothing lost: the API's final state is the last value published per account;
 #   - no account in two requests at once, no value going backwards (simulator stats);
 #   - nothing dead-lettered, nothing left in the queue;
-#   - the dead-letter queue is quorum too, and the worker declares its
-#     topology on a surviving node although the stopped one hosted both queues
-#     (DLQ=classic: a classic dead-letter queue on the stopped node instead).
+#   - the dead-letter queue is a stream (replicated like the quorum updates
+#     queue), and the worker declares its topology on a surviving node although
+#     the stopped one hosted both queues (DLQ=classic: a classic dead-letter
+#     queue from an earlier release on the stopped node instead, kept as it is).
 # It stops only the nodes it started (never the broker on 5672), also on
 # failure. Needs root (the nodes run as user rabbitmq).
 # Installs jq if missing. Usage: scripts/cluster-test.sh (KEEP=1 keeps its temporary directory with
@@ -195,7 +196,7 @@ if [ "${DLQ:-}" = classic ]; then
 fi
 IMATTR_AMQP__URL="$PUBLISH_URLS" "$BIN" declare >/dev/null  # declares the topology on node 1
 dlq_type=$(ctl 1 list_queues -q --no-table-headers name type | awk -v q="$IMATTR_AMQP__DEAD_LETTER_QUEUE" '$1 == q { print $2 }')
-want_type=quorum; [ "${DLQ:-}" = classic ] && want_type=classic
+want_type=stream; [ "${DLQ:-}" = classic ] && want_type=classic
 [ "$dlq_type" = "$want_type" ] || fail "the dead-letter queue is ${dlq_type:-missing}, not $want_type"
 "$BIN" run >"$WORK/worker.log" 2>&1 &
 WORKER=$!
@@ -341,7 +342,7 @@ regressions=$(jq '.regressions // 0' <<<"$stats")
 # classic queue on the stopped node.
 dead=$(( $(metric imattr_messages_dead_lettered_total "$ADMIN_PORT") + $(metric imattr_messages_dead_lettered_total "$ADMIN_PORT2") ))
 [ "$dead" = 0 ] || fail "$dead messages dead-lettered"
-if [ "$dlq_type" = quorum ]; then
+if [ "$dlq_type" = stream ]; then
   dead=$(depth "$IMATTR_AMQP__DEAD_LETTER_QUEUE")
   [ "$dead" = 0 ] || fail "$dead messages in $IMATTR_AMQP__DEAD_LETTER_QUEUE"
 fi

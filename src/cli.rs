@@ -245,6 +245,10 @@ pub enum DlqCommand {
         #[command(flatten)]
         filter: DlqFilter,
     },
+    /// Turn a classic or quorum dead-letter queue from an earlier release into
+    /// the stream, losing nothing (run it again after any interruption).
+    #[command(after_help = "Example:\n  imattr dlq migrate")]
+    Migrate,
     /// Delete every dead-lettered message, or the matching ones.
     #[command(
         after_help = "Examples:\n  imattr dlq purge --yes\n  imattr dlq purge --yes --reason invalid-message --account xiaojun014"

@@ -154,9 +154,26 @@ impl Sandbox {
         self.publisher.lock().await.finish().await
     }
 
-    /// Ready (not delivered) messages in a queue.
+    /// Ready (not delivered) messages in a queue; for the dead-letter
+    /// stream, the dead letters it holds. A stream's count in a passive
+    /// declare lags by seconds, so the stream is read instead.
     pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
-        Ok(crate::dlq::pass::count(&self.channel, queue).await?.0)
+        if queue == self.config.amqp.dead_letter_queue {
+            return Ok(u32::try_from(self.dead_letters().await?.len()).unwrap_or(u32::MAX));
+        }
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("inspecting queue {queue}"))?;
+        Ok(q.message_count())
     }
 
     /// Waits until the updates queue is empty and the worker holds nothing
@@ -318,7 +335,17 @@ async fn rabbitmqctl_counts(queue: &str) -> Option<(u64, u64)> {
 }
 
 async fn delete_topology(channel: &Channel, a: &crate::config::AmqpConfig) -> anyhow::Result<()> {
-    for q in [&a.queue, &a.dead_letter_queue] {
+    // The dead-letter stream, its ledger and inbox and a migration's holding
+    // queue (deleting a queue that is not there succeeds).
+    let dlq = &a.dead_letter_queue;
+    let queues = [
+        a.queue.clone(),
+        dlq.clone(),
+        format!("{dlq}.ledger"),
+        crate::amqp::inbox::inbox_name(dlq),
+        crate::dlq::migrate::holding_queue_name(dlq),
+    ];
+    for q in &queues {
         channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await

@@ -13,16 +13,32 @@ const LARGE: usize = 40;
 const LARGE_BYTES: usize = 8 << 20;
 const NORMAL: usize = 100;
 
-/// A policy of our own on the shared broker, cleared when dropped (a
-/// failing test included).
-struct Policy(String);
-
-impl Drop for Policy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["clear_policy", &self.0])
-            .output();
+/// Makes the broker refuse dead-letter copies (deletes the dead-letter
+/// stream, still empty here: a copy published to it by name comes back
+/// unroutable) or take them again (declares it). A stream takes no
+/// max-length policy that would refuse them.
+async fn refuse_dead_letters(sb: &Sandbox, refuse: bool) {
+    let a = &sb.config.amqp;
+    let conn = imattr::amqp::topology::connect(a, "test refusal")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = a.dead_letter_queue.as_str();
+    if refuse {
+        ch.queue_delete(q.into(), Default::default()).await.unwrap();
+    } else {
+        ch.queue_declare(
+            q.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            imattr::amqp::topology::dead_letter_queue_arguments(a),
+        )
+        .await
+        .unwrap();
     }
+    let _ = conn.close(200, "done".into()).await;
 }
 
 /// An 8 MiB body (over the 1 MiB rule) that says which one it is.
@@ -63,17 +79,7 @@ async fn a_backlog_of_large_bodies_stays_within_the_budget(queue_type: QueueType
     }
     sb.confirm().await.unwrap();
     let dlq = sb.config.amqp.dead_letter_queue.clone();
-    let policy = format!("{dlq}.refuse");
-    let pattern = format!("^{}$", dlq.replace('.', "\\."));
-    rabbitmqctl(&[
-        "set_policy",
-        &policy,
-        &pattern,
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-        "--apply-to",
-        "queues",
-    ]);
-    let refusal = Policy(policy.clone());
+    refuse_dead_letters(&sb, true).await;
     let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
     std::fs::create_dir_all(&dir).unwrap();
     let mut w = Worker::spawn(&sb.config, &dir, 0);
@@ -89,7 +95,7 @@ async fn a_backlog_of_large_bodies_stays_within_the_budget(queue_type: QueueType
     eprintln!(
         "{queue_type}: peak RSS {peak:.0} MiB, {held:.0} MiB held, with {LARGE} bodies of 8 MiB and {NORMAL} updates in the queue and dead letters refused"
     );
-    drop(refusal);
+    refuse_dead_letters(&sb, false).await;
     let queue = sb.config.amqp.queue.clone();
     let sim = &sb.sim;
     until(
@@ -180,17 +186,7 @@ async fn refused_dead_letters_filling_the_budget_do_not_lose_the_session() {
     }
     sb.confirm().await.unwrap();
     let dlq = sb.config.amqp.dead_letter_queue.clone();
-    let policy = format!("{dlq}.refuse");
-    let pattern = format!("^{}$", dlq.replace('.', "\\."));
-    rabbitmqctl(&[
-        "set_policy",
-        &policy,
-        &pattern,
-        r#"{"max-length":0,"overflow":"reject-publish"}"#,
-        "--apply-to",
-        "queues",
-    ]);
-    let refusal = Policy(policy.clone());
+    refuse_dead_letters(&sb, true).await;
     let dir = std::env::temp_dir().join(&sb.config.amqp.queue);
     std::fs::create_dir_all(&dir).unwrap();
     let mut w = Worker::spawn(&sb.config, &dir, 0);
@@ -205,7 +201,7 @@ async fn refused_dead_letters_filling_the_budget_do_not_lose_the_session() {
         "the session was lost while dead letters were refused\n{}",
         w.logs()
     );
-    drop(refusal);
+    refuse_dead_letters(&sb, false).await;
     let queue = sb.config.amqp.queue.clone();
     let sim = &sb.sim;
     until(DRAIN, "everything applied or dead-lettered", || async {

@@ -62,6 +62,7 @@ fn man_page_documents_every_command_exit_status_environment_and_files() {
         "imattr dlq replay",
         "imattr dlq export",
         "imattr dlq purge",
+        "imattr dlq migrate",
         "imattr get",
         "imattr sig",
         "imattr config",

@@ -540,47 +540,69 @@ async fn quorum_queues_work_too() {
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason.as_deref(), Some("rejected"));
-    // The dead-letter queue is quorum too (a classic one would be lost with
-    // its node): declaring it classic is refused.
-    let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut classic = lapin::types::FieldTable::default();
-    classic.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("classic".into()),
+    // The dead-letter queue is a stream, whatever the updates queue is
+    // (replicated like a quorum queue, and no delivery limit).
+    assert_eq!(
+        queue_type(&sb.config.amqp.dead_letter_queue),
+        "stream",
+        "the dead-letter queue is a stream"
     );
-    let durable = lapin::options::QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let refused = ch
-        .queue_declare(
-            sb.config.amqp.dead_letter_queue.as_str().into(),
-            durable,
-            classic,
-        )
-        .await;
-    assert!(refused.is_err(), "the dead-letter queue is not quorum");
-    let _ = conn.close(200, "done".into()).await;
     sb.cleanup().await.unwrap();
 }
 
-/// A classic dead-letter queue from before `amqp.queue_type = quorum` is
-/// kept: the worker declares the rest, runs, and dead-letters into it.
+/// A queue's type as `rabbitmqctl list_queues` shows it.
+fn queue_type(q: &str) -> String {
+    let types = rabbitmqctl(&["-q", "list_queues", "--no-table-headers", "name", "type"]);
+    types
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next()? == q).then(|| f.next().map(str::to_string))?
+        })
+        .unwrap_or_else(|| panic!("{q} not in {types}"))
+}
+
+/// A classic dead-letter queue from an earlier release is kept: the worker
+/// declares the rest, runs and dead-letters into it; `dlq migrate` then
+/// turns it into the stream with the old dead letters first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
+async fn a_classic_dead_letter_queue_is_kept_until_migrated() {
     let faults = Faults {
         reject_attrs: vec!["bad".into()],
         ..Faults::default()
     };
-    // Declared classic, both queues; the updates queue is then moved to
-    // quorum (deleted, redeclared by the worker), the dead-letter queue is not.
     let mut sb = sandbox(&["k", "bad"], faults, |_| {}).await;
+    let dlq = sb.config.amqp.dead_letter_queue.clone();
     let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
         .await
         .unwrap();
+    // The dead-letter queue as an earlier release declared it: classic.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(
+        dlq.as_str().into(),
+        lapin::options::QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        dlq.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        dlq.as_str().into(),
+        sb.config.amqp.dead_letter_exchange.as_str().into(),
+        "".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     // A dead letter from before, in the classic dead-letter queue.
     let mut p = imattr::publish::Publisher::new(&conn, &sb.config.amqp.dead_letter_exchange)
         .await
@@ -604,27 +626,8 @@ async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
         .await
         .unwrap();
     p.finish().await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(
-        sb.config.amqp.queue.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
     let _ = conn.close(200, "done".into()).await;
-    sb.config.amqp.queue_type = imattr::config::QueueType::Quorum;
     sb.start_worker();
-    // The worker's topology declaration binds the new queue; publish after it.
-    for _ in 0..600 {
-        if sb.health.is_consuming() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        sb.health.is_consuming(),
-        "the worker did not start consuming"
-    );
     for i in 0..50 {
         sb.publish(update(&format!("c{}", i % 5), &[("k", &i.to_string())]))
             .await
@@ -633,23 +636,18 @@ async fn a_classic_dead_letter_queue_is_kept_when_going_quorum() {
     sb.publish(update("c0", &[("bad", "x")])).await.unwrap();
     sb.wait_drained(DRAIN).await.unwrap();
     assert_eq!(sb.state()["c4"]["k"], "49");
+    assert_eq!(queue_type(&dlq), "classic", "kept as it was");
+    sb.stop_worker().await.unwrap();
+
+    let (code, out, err) = imattr_output(&sb.config, &["dlq", "migrate"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("moved 2"), "{out}");
+    assert_eq!(queue_type(&dlq), "stream");
     let dead = sb.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 2, "the old dead letter kept, the new one added");
     assert_eq!(dead[0].account.as_deref(), Some("old"));
     assert_eq!(dead[0].error.as_deref(), Some("from before"));
     assert_eq!(dead[1].account.as_deref(), Some("c0"));
-    let types = rabbitmqctl(&["-q", "list_queues", "--no-table-headers", "name", "type"]);
-    let type_of = |q: &str| {
-        types
-            .lines()
-            .find_map(|l| {
-                let mut f = l.split_whitespace();
-                (f.next()? == q).then(|| f.next().map(str::to_string))?
-            })
-            .unwrap_or_else(|| panic!("{q} not in {types}"))
-    };
-    assert_eq!(type_of(&sb.config.amqp.dead_letter_queue), "classic");
-    assert_eq!(type_of(&sb.config.amqp.queue), "quorum");
     sb.cleanup().await.unwrap();
 }
 

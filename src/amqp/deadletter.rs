@@ -41,7 +41,10 @@ pub(crate) enum PublishError {
     #[error("the broker refused (nacked) the message")]
     Nacked,
     /// No queue is bound to the exchange: the broker returned the message.
-    #[error("exchange {exchange} routes the message to no queue ({code} {text})")]
+    #[error(
+        "{} routes the message to no queue ({code} {text})",
+        exchange_name(exchange)
+    )]
     Unroutable {
         /// The exchange published to.
         exchange: String,
@@ -50,6 +53,15 @@ pub(crate) enum PublishError {
         /// The broker's reply text.
         text: String,
     },
+}
+
+/// How an error names an exchange: the default one has no name.
+fn exchange_name(exchange: &str) -> String {
+    if exchange.is_empty() {
+        "the default exchange".into()
+    } else {
+        format!("exchange {exchange}")
+    }
 }
 
 /// Why a message was dead-lettered.
@@ -138,7 +150,7 @@ pub fn dead_letter_properties(
         );
     }
     let mut p = BasicProperties::default()
-        .with_headers(headers)
+        .with_headers(crate::amqp::headerblob::for_stream(&headers))
         .with_delivery_mode(2);
     if let Some(v) = original.content_type() {
         p = p.with_content_type(v.clone());
@@ -220,16 +232,20 @@ pub(crate) struct DeadLetterPublisher {
     node: std::sync::Mutex<crate::config::AmqpConfig>,
     /// The connection's name, shown by `rabbitmqctl list_connections`.
     name: String,
-    exchange: String,
+    /// The dead-letter queue, published to by name through the default
+    /// exchange: a stream keeps what a publisher sends it, but RabbitMQ 3.10
+    /// drops what a dead-letter exchange routes to a stream, so the exchange
+    /// feeds the inbox instead ([`crate::amqp::inbox`]).
+    queue: String,
     link: tokio::sync::Mutex<Option<(Connection, Channel)>>,
 }
 
 impl DeadLetterPublisher {
-    /// A publisher to `node`'s `dead_letter_exchange`, on a connection named
+    /// A publisher to `node`'s `dead_letter_queue`, on a connection named
     /// `name` opened on first use.
     pub(crate) fn new(node: &crate::config::AmqpConfig, name: String) -> Self {
         DeadLetterPublisher {
-            exchange: node.dead_letter_exchange.clone(),
+            queue: node.dead_letter_queue.clone(),
             node: std::sync::Mutex::new(node.clone()),
             name,
             link: tokio::sync::Mutex::new(None),
@@ -254,10 +270,11 @@ impl DeadLetterPublisher {
         }
     }
 
-    /// Publishes one copy and waits until a queue holds it.
+    /// Publishes one copy and waits until the dead-letter queue holds it
+    /// (`_routing_key`, the original's, travels in its headers).
     pub(crate) async fn publish(
         &self,
-        routing_key: &str,
+        _routing_key: &str,
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
@@ -285,7 +302,7 @@ impl DeadLetterPublisher {
                 }
             }
         };
-        let published = publish_confirmed(&ch, &self.exchange, routing_key, body, props).await;
+        let published = publish_confirmed(&ch, "", &self.queue, body, props).await;
         if matches!(published, Err(PublishError::Nacked)) {
             // A quorum queue that refused a publisher (overflow
             // reject-publish) may go on refusing that channel once it has
@@ -532,7 +549,10 @@ mod tests {
         };
         let failed = vec!["b".to_string(), "d".to_string()];
         let p = dead_letter_properties(&BasicProperties::default(), &f, &failed, "q", "", 1);
-        let h = p.headers().as_ref().unwrap();
+        // The array travels in the stream-safe blob and comes back as an array.
+        let stored = p.headers().as_ref().unwrap();
+        assert!(stored.inner().get(H_FAILED_ACCOUNTS).is_none());
+        let h = &crate::amqp::headerblob::restore(stored);
         assert_eq!(
             table_to_json(h)[H_FAILED_ACCOUNTS],
             serde_json::json!(["b", "d"])

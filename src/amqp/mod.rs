@@ -3,6 +3,9 @@
 pub(crate) mod connect;
 pub(crate) mod consume;
 pub mod deadletter;
+pub mod headerblob;
+pub mod inbox;
 pub(crate) mod nodes;
 pub(crate) mod readgate;
+pub mod stream;
 pub mod topology;

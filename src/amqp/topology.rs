@@ -5,7 +5,8 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::config::{AmqpConfig, QueueType};
+use crate::amqp::inbox;
+use crate::config::AmqpConfig;
 
 // Connecting lives in `connect`; these stay reachable here for callers.
 pub use super::connect::{connect, ConnectError};
@@ -119,48 +120,132 @@ async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyho
             dead_letter_queue_arguments(cfg),
         )
         .await;
-    if let Err(e) = declared {
-        let refusal = match e.kind() {
-            lapin::ErrorKind::ProtocolError(p) => {
-                tolerated_refusal(p.get_id(), p.get_message().as_str())
-            }
-            _ => None,
-        };
-        return match refusal {
-            Some(why) => {
-                tracing::warn!(queue = %cfg.dead_letter_queue, reason = %e, "{why}");
-                Ok(())
-            }
-            None => {
-                Err(anyhow::Error::new(e)
-                    .context(format!("declaring queue {}", cfg.dead_letter_queue)))
-            }
-        };
-    }
+    // A stream: the exchange feeds the inbox. A queue from an earlier
+    // release: the exchange feeds it, as it always did.
+    let bound = match declared {
+        Ok(_) => {
+            ch.queue_declare(
+                inbox::inbox_name(&cfg.dead_letter_queue).as_str().into(),
+                durable_queue,
+                inbox_arguments(cfg),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "declaring queue {}",
+                    inbox::inbox_name(&cfg.dead_letter_queue)
+                )
+            })?;
+            inbox::inbox_name(&cfg.dead_letter_queue)
+        }
+        Err(e) => {
+            let refusal = match e.kind() {
+                lapin::ErrorKind::ProtocolError(p) => {
+                    tolerated_refusal(p.get_id(), p.get_message().as_str())
+                }
+                _ => None,
+            };
+            return match refusal {
+                Some(why) => {
+                    tracing::warn!(queue = %cfg.dead_letter_queue, reason = %e, "{why}");
+                    Ok(())
+                }
+                None => Err(anyhow::Error::new(e)
+                    .context(format!("declaring queue {}", cfg.dead_letter_queue))),
+            };
+        }
+    };
     ch.queue_bind(
-        cfg.dead_letter_queue.as_str().into(),
+        bound.as_str().into(),
         cfg.dead_letter_exchange.as_str().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
     .await
-    .with_context(|| format!("binding queue {}", cfg.dead_letter_queue))?;
+    .with_context(|| format!("binding queue {bound}"))?;
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
 }
 
-/// The dead-letter queue's arguments: quorum like the updates queue, so that
-/// it survives a node's loss too; a classic one has none (as before).
-pub fn dead_letter_queue_arguments(cfg: &AmqpConfig) -> FieldTable {
+/// The inbox's arguments: quorum like the updates queue (replicated in a
+/// cluster), classic otherwise; never a delivery limit of imattr's own.
+pub fn inbox_arguments(cfg: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();
-    if cfg.queue_type != QueueType::Classic {
+    if cfg.queue_type != crate::config::QueueType::Classic {
         args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(LongString::from(cfg.queue_type.as_str())),
         );
     }
     args
+}
+
+/// The dead-letter queue's arguments: a stream, whatever the updates queue
+/// is. A stream is replicated like a quorum queue, is read by offset without
+/// taking anything off it, and has no delivery limit, so reading dead letters
+/// can never make the broker drop them (docs/dead-letters.md, "The store").
+pub fn dead_letter_queue_arguments(_cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("stream")),
+    );
+    args
+}
+
+/// What the dead-letter queue is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A stream: what the `dlq` commands read.
+    Stream,
+    /// A classic or quorum queue from an earlier release: the worker still
+    /// dead-letters into it, and `imattr dlq migrate` turns it into a stream.
+    Legacy {
+        /// The broker's refusal, which names the queue's current type.
+        detail: String,
+    },
+}
+
+/// Declares the dead-letter queue as a stream on a channel of its own and
+/// says what it is: an existing classic or quorum queue is [`StoreKind::Legacy`].
+pub async fn dead_letter_store_kind(
+    conn: &Connection,
+    cfg: &AmqpConfig,
+) -> anyhow::Result<StoreKind> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let declared = ch
+        .queue_declare(
+            cfg.dead_letter_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            dead_letter_queue_arguments(cfg),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(StoreKind::Stream)
+        }
+        Err(e) => {
+            match e.kind() {
+                lapin::ErrorKind::ProtocolError(p)
+                    if p.get_id() == 406
+                        && p.get_message()
+                            .as_str()
+                            .contains("inequivalent arg 'x-queue-type'") =>
+                {
+                    Ok(StoreKind::Legacy {
+                        detail: p.get_message().as_str().to_string(),
+                    })
+                }
+                _ => Err(anyhow::Error::new(e)
+                    .context(format!("declaring queue {}", cfg.dead_letter_queue))),
+            }
+        }
+    }
 }
 
 /// Which refusals of the dead-letter queue's declaration leave it as it is
@@ -171,7 +256,7 @@ pub fn dead_letter_queue_arguments(cfg: &AmqpConfig) -> FieldTable {
 pub fn tolerated_refusal(code: u16, text: &str) -> Option<&'static str> {
     match code {
         406 if text.contains("inequivalent arg 'x-queue-type'") => Some(
-            "The dead-letter queue exists with another queue type; keeping it (a classic queue is unavailable while its node is down)",
+            "The dead-letter queue exists as a classic or quorum queue from an earlier release; keeping it. The dlq commands need a stream: run `imattr dlq migrate` (docs/dead-letters.md)",
         ),
         404 if text.contains("is down or inaccessible") => Some(
             "The dead-letter queue's node is down; going on without declaring it (dead-lettering may fail until the node is back)",
@@ -373,6 +458,7 @@ fn broker_value(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::QueueType;
 
     #[test]
     fn only_exclusive_use_means_busy() {
@@ -456,16 +542,19 @@ mod tests {
     }
 
     #[test]
-    fn the_dead_letter_queue_is_quorum_with_the_updates_queue() {
-        let mut cfg = AmqpConfig::default();
-        assert!(dead_letter_queue_arguments(&cfg).inner().is_empty());
-        cfg.queue_type = QueueType::Quorum;
-        assert_eq!(
-            dead_letter_queue_arguments(&cfg)
-                .inner()
-                .get("x-queue-type"),
-            Some(&AMQPValue::LongString(LongString::from("quorum")))
-        );
+    fn the_dead_letter_queue_is_a_stream_whatever_the_updates_queue_is() {
+        for t in [QueueType::Classic, QueueType::Quorum] {
+            let cfg = AmqpConfig {
+                queue_type: t,
+                ..AmqpConfig::default()
+            };
+            assert_eq!(
+                dead_letter_queue_arguments(&cfg)
+                    .inner()
+                    .get("x-queue-type"),
+                Some(&AMQPValue::LongString(LongString::from("stream")))
+            );
+        }
     }
 
     #[test]

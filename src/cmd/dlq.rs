@@ -9,6 +9,10 @@ use crate::config::Config;
 
 pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
     use crate::dlq::{Dlq, ReplayOptions, Table};
+    if let DlqCommand::Migrate = c {
+        // Before `Dlq::open`: the old queue is what it migrates.
+        return crate::dlq::migrate::run_command(config).await;
+    }
     if let DlqCommand::Purge { yes: false, .. } = c {
         // clap requires --yes; this stays as a second lock.
         return Err(crate::cli::UsageError(format!(
@@ -103,6 +107,7 @@ pub(crate) async fn run(c: DlqCommand, config: &Config) -> anyhow::Result<()> {
                 };
                 writeln!(crate::cli::stdout(), "purged {n}")?;
             }
+            DlqCommand::Migrate => unreachable!("handled before opening"),
         }
         anyhow::Ok(())
     }

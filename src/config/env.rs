@@ -146,6 +146,7 @@ mod tests {
         c.amqp.lease_ms = 2500;
         c.amqp.takeover_hold_ms = 600_000;
         c.amqp.max_held_bytes = 5 << 20;
+        c.amqp.stream_port = 5551;
         // Relative to the test's `Jail`, where `tls_files` writes them.
         c.amqp.tls_ca_file = "ca.pem".into();
         c.amqp.tls_cert_file = "client.pem".into();

@@ -218,6 +218,9 @@ pub struct AmqpConfig {
     /// Bytes of message bodies the worker holds at once, in bytes (at least 4194304);
     /// past it the worker stops reading deliveries from the broker until under again.
     pub max_held_bytes: u64,
+    /// TCP port of RabbitMQ's stream protocol (plugin `rabbitmq_stream`) on the
+    /// hosts of `url`, used to read the dead-letter stream; 1 to 65535.
+    pub stream_port: u16,
 }
 
 impl AmqpConfig {
@@ -258,6 +261,7 @@ impl Default for AmqpConfig {
             lease_ms: 10_000,
             takeover_hold_ms: 0,
             max_held_bytes: 64 << 20,
+            stream_port: 5552,
         }
     }
 }

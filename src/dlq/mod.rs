@@ -46,6 +46,7 @@
 //! A stream queue would allow non-destructive reads by offset, but not the
 //! removal a replay needs, and would change the topology existing queues have.
 
+pub mod migrate;
 pub mod pass;
 pub(crate) mod replay;
 pub(crate) mod stats;

@@ -52,7 +52,16 @@ pub async fn run(
             std::process::id()
         ),
     ));
+    // What the broker dead-letters lands in the inbox; this moves it into the store.
+    let sweep_stop = cancel.child_token();
+    let sweeper = tokio::spawn(crate::amqp::inbox::sweep_every(
+        config.amqp.clone(),
+        crate::amqp::inbox::SWEEP_EVERY,
+        sweep_stop.clone(),
+    ));
     let result = run_sessions(&config, &cancel, &health, &dead_letters).await;
+    sweep_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), sweeper).await;
     dead_letters.close(Duration::from_secs(1)).await;
     result
 }

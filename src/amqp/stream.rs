@@ -1,0 +1,603 @@
+//! Reading a RabbitMQ stream over the native stream protocol (plugin
+//! `rabbitmq_stream`): the broker sends whole chunks of entries, many times
+//! faster than an AMQP 0-9-1 consumer with `x-stream-offset`.
+//!
+//! The frames are the `rabbitmq-stream-protocol` crate's; the entries (AMQP 1.0
+//! messages) are decoded here by [`amqp10`], because the crate keeps timestamps
+//! and floats behind private fields, exposes one data section only and refuses
+//! strings that are not UTF-8 (a 0-9-1 header may hold any bytes).
+//! RabbitMQ 3.10 speaks protocol version 1: no StreamStats, so the last offset
+//! is found by subscribing at `Last`.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use lapin::types::FieldTable;
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::BasicProperties;
+use rabbitmq_stream_protocol::codec::{Decoder, Encoder};
+use rabbitmq_stream_protocol::commands::{
+    close::CloseRequest, credit::CreditCommand, generic::GenericResponse,
+    heart_beat::HeartBeatCommand, open::OpenResponse, peer_properties::PeerPropertiesCommand,
+    sasl_authenticate::SaslAuthenticateCommand, sasl_handshake::SaslHandshakeCommand,
+    subscribe::OffsetSpecification, subscribe::SubscribeCommand, tune::TunesCommand,
+    unsubscribe::UnSubscribeCommand,
+};
+use rabbitmq_stream_protocol::{Request, Response, ResponseCode, ResponseKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AmqpConfig, AuthMechanism};
+
+mod amqp10;
+
+/// Chunks the broker may send ahead of the one being read; one credit is
+/// given back per chunk received. Reading is bound by the broker's cost per
+/// chunk (dead letters are written in small chunks): 3 read 1,000,000 entries
+/// in 56,731 chunks at 20,600 msgs/s here, 48 at 33,200. Our memory stays a
+/// frame at a time whatever the credit: what is not read yet waits in the
+/// socket (5.4 MiB peak RSS either way).
+const CREDIT_CHUNKS: u16 = 48;
+
+/// How long [`StreamReader::last_offset`] waits for the last chunk before
+/// deciding the stream is empty: the broker sends it right after the
+/// subscription's answer, so this is slack for a loaded broker, paid only by
+/// empty streams.
+pub const EMPTY_STREAM_WAIT: Duration = Duration::from_millis(1000);
+
+/// Time allowed to connect and finish the handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest frame accepted from the broker; a chunk is usually up to a few MiB,
+/// a length past this means the stream is out of step (or not the protocol).
+const MAX_INCOMING_FRAME_BYTES: usize = 256 << 20;
+
+const KEY_DELIVER: u16 = 8;
+const KEY_CREDIT: u16 = 9;
+const KEY_TUNE: u16 = 20;
+const KEY_CLOSE: u16 = 22;
+const KEY_HEARTBEAT: u16 = 23;
+const KEY_METADATA_UPDATE: u16 = 16;
+
+/// One entry of a stream, as the AMQP 0-9-1 message it was published as.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamMessage {
+    /// The entry's offset in the stream (the dead letter's id).
+    pub offset: u64,
+    /// When the broker wrote the chunk holding it, Unix milliseconds.
+    pub chunk_timestamp_ms: i64,
+    /// The AMQP 1.0 application-properties, as AMQP 0-9-1 headers (what a 0-9-1 publisher's headers became).
+    pub headers: FieldTable,
+    /// The AMQP 1.0 properties / header / message-annotations mapped back to 0-9-1 properties, as far as
+    /// RabbitMQ 3.10 maps them (content_type, content_encoding, message_id, correlation_id,
+    /// timestamp (creation-time, seconds in 0-9-1), app_id, type (kind), delivery_mode from durable).
+    pub properties: BasicProperties,
+    /// The body (the data section(s), concatenated).
+    pub body: Vec<u8>,
+}
+
+/// A connection to RabbitMQ's stream protocol, reading one stream at a time.
+pub struct StreamReader {
+    reader: BufReader<OwnedReadHalf>,
+    writer: Arc<Mutex<OwnedWriteHalf>>,
+    /// Where it is connected, `host:port`, for messages.
+    peer: String,
+    vhost: String,
+    next_correlation: u32,
+    next_subscription: u8,
+    /// No frame for this long means the broker is gone (it sends heartbeats).
+    silence_limit: Option<Duration>,
+    /// Stops the heartbeat task.
+    stop: CancellationToken,
+}
+
+impl Drop for StreamReader {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A frame from the broker, its 4-byte length included (what the crate's
+/// decoders expect).
+struct Frame(Vec<u8>);
+
+impl Frame {
+    fn key(&self) -> u16 {
+        u16::from_be_bytes([self.0[4], self.0[5]]) & 0x7fff
+    }
+    fn version(&self) -> u16 {
+        u16::from_be_bytes([self.0[6], self.0[7]])
+    }
+}
+
+impl StreamReader {
+    /// Connects to the first node of `cfg.url` (same user, password, vhost, host) on port `cfg.stream_port`.
+    /// `name` is the connection name shown in the management UI (client property connection_name).
+    pub async fn connect(cfg: &AmqpConfig, name: &str) -> anyhow::Result<StreamReader> {
+        let node = cfg
+            .nodes()
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("amqp.url holds no URL"))?;
+        let uri: AMQPUri =
+            node.url.expose().parse().map_err(|_: String| {
+                anyhow!("amqp.url is not a valid AMQP URL (got {})", node.url)
+            })?;
+        if uri.scheme == AMQPScheme::AMQPS {
+            bail!(
+                "reading a stream needs a plain (non-TLS) stream listener: amqp.url is amqps://, \
+                 and the stream reader does not speak TLS; open RabbitMQ's plain stream port \
+                 (stream.listeners.tcp) to this host and set amqp.stream_port"
+            );
+        }
+        if cfg.auth_mechanism == AuthMechanism::External {
+            bail!("reading a stream needs amqp.auth_mechanism = \"plain\" (EXTERNAL needs TLS)");
+        }
+        let peer = format!("{}:{}", uri.authority.host, cfg.stream_port);
+        let not_answering = || {
+            format!(
+                "RabbitMQ's stream protocol is not answering on {peer}; enable it with \
+                 `rabbitmq-plugins enable rabbitmq_stream` (or set amqp.stream_port)"
+            )
+        };
+        let socket = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((uri.authority.host.as_str(), cfg.stream_port)),
+        )
+        .await
+        .map_err(|_| anyhow!("timed out connecting"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(not_answering)?;
+        let _ = socket.set_nodelay(true);
+        let (read, write) = socket.into_split();
+        let mut reader = StreamReader {
+            reader: BufReader::with_capacity(256 << 10, read),
+            writer: Arc::new(Mutex::new(write)),
+            peer: peer.clone(),
+            vhost: uri.vhost.clone(),
+            next_correlation: 1,
+            next_subscription: 0,
+            silence_limit: None,
+            stop: CancellationToken::new(),
+        };
+        let user = uri.authority.userinfo.username.clone();
+        let password = uri.authority.userinfo.password.clone();
+        let heartbeat =
+            tokio::time::timeout(CONNECT_TIMEOUT, reader.handshake(name, &user, &password))
+                .await
+                .map_err(|_| anyhow!("{peer} did not finish the stream protocol handshake in time"))
+                .with_context(not_answering)??;
+        reader.start_heartbeats(heartbeat);
+        Ok(reader)
+    }
+
+    /// Peer properties, SASL PLAIN, Tune, Open; returns the heartbeat in seconds.
+    async fn handshake(&mut self, name: &str, user: &str, password: &str) -> anyhow::Result<u32> {
+        let props = HashMap::from([
+            ("connection_name".to_string(), name.to_string()),
+            ("product".to_string(), "imattr".to_string()),
+            ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        let id = self.correlation();
+        self.send(PeerPropertiesCommand::new(id, props)).await?;
+        self.response(id).await.with_context(|| {
+            format!("{} did not answer as RabbitMQ's stream protocol", self.peer)
+        })?;
+
+        let id = self.correlation();
+        self.send(SaslHandshakeCommand::new(id)).await?;
+        self.response(id).await?;
+
+        let id = self.correlation();
+        let auth = format!("\0{user}\0{password}").into_bytes();
+        self.send(SaslAuthenticateCommand::new(id, "PLAIN".into(), auth))
+            .await?;
+        let answer = self.response(id).await?;
+        match answer.get::<GenericResponse>() {
+            Some(r) if r.is_ok() => {}
+            Some(r) => bail!(
+                "the broker refused the stream login ({:?}); check the user and password in amqp.url",
+                r.code()
+            ),
+            None => bail!("unexpected answer to the stream login"),
+        }
+
+        // The broker proposes its frame size and heartbeat; taking them as they are
+        // keeps our frames within its limit and answers its heartbeat cadence.
+        let tune = loop {
+            let frame = self.read_frame().await?;
+            if frame.key() == KEY_TUNE {
+                let (_, r) = Response::decode(&frame.0).map_err(decode_error)?;
+                match r.kind() {
+                    ResponseKind::Tunes(t) => break t,
+                    _ => bail!("unexpected Tune frame"),
+                }
+            }
+        };
+        self.send(TunesCommand::new(tune.max_frame_size, tune.heartbeat))
+            .await?;
+        if tune.heartbeat > 0 {
+            self.silence_limit = Some(Duration::from_secs(u64::from(tune.heartbeat) * 3));
+        }
+
+        let id = self.correlation();
+        let vhost = self.vhost.clone();
+        self.send(rabbitmq_stream_protocol::commands::open::OpenCommand::new(
+            id,
+            vhost.clone(),
+        ))
+        .await?;
+        let answer = self.response(id).await?;
+        match answer.get::<OpenResponse>() {
+            Some(r) if r.is_ok() => Ok(tune.heartbeat),
+            Some(r) => bail!(
+                "the broker refused to open vhost {vhost:?} over the stream protocol ({:?}); \
+                 check the vhost in amqp.url and the user's access to it",
+                r.code()
+            ),
+            None => bail!("unexpected answer to opening vhost {vhost:?}"),
+        }
+    }
+
+    /// Sends a heartbeat every half heartbeat interval until dropped or
+    /// closed, so that the broker keeps the connection while the caller is
+    /// busy or idle between reads.
+    fn start_heartbeats(&self, heartbeat_secs: u32) {
+        if heartbeat_secs == 0 {
+            return;
+        }
+        let every = Duration::from_millis(u64::from(heartbeat_secs) * 500);
+        let writer = self.writer.clone();
+        let stop = self.stop.clone();
+        let frame = encode(HeartBeatCommand::default());
+        tokio::spawn(async move {
+            let Ok(frame) = frame else { return };
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        if writer.lock().await.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Offset of the last entry now in `stream`, None when it has none. An
+    /// empty stream delivers nothing: it is taken as empty after
+    /// [`EMPTY_STREAM_WAIT`].
+    pub async fn last_offset(&mut self, stream: &str) -> anyhow::Result<Option<u64>> {
+        self.last_offset_within(stream, EMPTY_STREAM_WAIT).await
+    }
+
+    /// [`StreamReader::last_offset`], waiting `wait` for the last chunk.
+    pub async fn last_offset_within(
+        &mut self,
+        stream: &str,
+        wait: Duration,
+    ) -> anyhow::Result<Option<u64>> {
+        let sub = self.subscribe(stream, OffsetSpecification::Last, 1).await?;
+        let found = match tokio::time::timeout(wait, self.next_chunk(sub)).await {
+            Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| c.last_offset()),
+        };
+        let unsubscribed = self.unsubscribe(sub).await;
+        let found = found?;
+        unsubscribed?;
+        Ok(found)
+    }
+
+    /// Calls `f` with every entry whose offset is in from..=until, in offset order (entries before `from`
+    /// in the first chunk are skipped; a `from` older than the stream's first offset starts at the first).
+    /// Stops when `f` returns ControlFlow::Break(()) or after `until`. Memory is bounded (a few chunks in
+    /// flight: credit-based flow), whatever the stream holds. Returns how many entries `f` saw.
+    ///
+    /// Entries up to `until` are waited for: pass an `until` at most [`StreamReader::last_offset`].
+    pub async fn read<F>(
+        &mut self,
+        stream: &str,
+        from: u64,
+        until: u64,
+        mut f: F,
+    ) -> anyhow::Result<u64>
+    where
+        F: FnMut(StreamMessage) -> ControlFlow<()>,
+    {
+        if from > until {
+            return Ok(0);
+        }
+        let sub = self
+            .subscribe(stream, OffsetSpecification::Offset(from), CREDIT_CHUNKS)
+            .await?;
+        let seen = self.deliver_range(sub, from, until, &mut f).await;
+        let unsubscribed = self.unsubscribe(sub).await;
+        let seen = seen?;
+        unsubscribed?;
+        Ok(seen)
+    }
+
+    async fn deliver_range<F>(
+        &mut self,
+        sub: u8,
+        from: u64,
+        until: u64,
+        f: &mut F,
+    ) -> anyhow::Result<u64>
+    where
+        F: FnMut(StreamMessage) -> ControlFlow<()>,
+    {
+        let mut seen = 0u64;
+        loop {
+            let frame = self.next_chunk(sub).await?;
+            // Credit back at once: the broker reads the next chunk while this one is decoded.
+            self.send(CreditCommand::new(sub, 1)).await?;
+            let chunk = Chunk::parse(&frame)?;
+            for (offset, entry) in chunk.entries() {
+                let entry = entry?;
+                if offset < from {
+                    continue;
+                }
+                if offset > until {
+                    return Ok(seen);
+                }
+                let message = amqp10::decode(entry)
+                    .with_context(|| format!("decoding the entry at offset {offset}"))?;
+                seen += 1;
+                let flow = f(StreamMessage {
+                    offset,
+                    chunk_timestamp_ms: chunk.timestamp_ms,
+                    headers: message.headers,
+                    properties: message.properties,
+                    body: message.body,
+                });
+                if flow.is_break() || offset == until {
+                    return Ok(seen);
+                }
+            }
+        }
+    }
+
+    /// Closes cleanly (Close command), best effort.
+    pub async fn close(mut self) {
+        let id = self.correlation();
+        let closing = async {
+            self.send(CloseRequest::new(id, ResponseCode::Ok, "done".into()))
+                .await?;
+            self.response(id).await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), closing).await;
+        self.stop.cancel();
+        let _ = self.writer.lock().await.shutdown().await;
+    }
+
+    async fn subscribe(
+        &mut self,
+        stream: &str,
+        offset: OffsetSpecification,
+        credit: u16,
+    ) -> anyhow::Result<u8> {
+        let sub = self.next_subscription;
+        self.next_subscription = self.next_subscription.wrapping_add(1);
+        let id = self.correlation();
+        self.send(SubscribeCommand::new(
+            id,
+            sub,
+            stream.to_string(),
+            offset,
+            credit,
+            HashMap::new(),
+        ))
+        .await?;
+        let answer = self.response(id).await?;
+        match answer.get::<GenericResponse>() {
+            Some(r) if r.is_ok() => Ok(sub),
+            Some(r) => match r.code() {
+                ResponseCode::StreamDoesNotExist => bail!(
+                    "stream {stream:?} does not exist in vhost {:?} (or is a queue, not a stream)",
+                    self.vhost
+                ),
+                ResponseCode::StreamNotAvailable => {
+                    bail!("stream {stream:?} is not available now (its leader is being elected?)")
+                }
+                ResponseCode::AccessRefused => {
+                    bail!("the broker refused reading stream {stream:?} (no read permission)")
+                }
+                code => bail!("subscribing to stream {stream:?} failed ({code:?})"),
+            },
+            None => bail!("unexpected answer to subscribing to stream {stream:?}"),
+        }
+    }
+
+    /// Unsubscribes; chunks already on their way are read and dropped until
+    /// the broker's answer, after which none comes.
+    async fn unsubscribe(&mut self, sub: u8) -> anyhow::Result<()> {
+        let id = self.correlation();
+        self.send(UnSubscribeCommand::new(id, sub)).await?;
+        self.response(id).await?;
+        Ok(())
+    }
+
+    /// The next Deliver frame of subscription `sub`.
+    async fn next_chunk(&mut self, sub: u8) -> anyhow::Result<Frame> {
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.key() == KEY_DELIVER && frame.0.get(8) == Some(&sub) {
+                return Ok(frame);
+            }
+        }
+    }
+
+    /// Reads frames until the response with correlation id `id`.
+    async fn response(&mut self, id: u32) -> anyhow::Result<Response> {
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.key() {
+                KEY_DELIVER | KEY_TUNE | KEY_CREDIT | KEY_METADATA_UPDATE => continue,
+                _ => {}
+            }
+            let (_, response) = Response::decode(&frame.0).map_err(decode_error)?;
+            if response.correlation_id() == Some(id) {
+                return Ok(response);
+            }
+        }
+    }
+
+    /// Reads one frame; heartbeats are skipped, a Close from the broker is an error.
+    async fn read_frame(&mut self) -> anyhow::Result<Frame> {
+        loop {
+            let frame = match self.silence_limit {
+                Some(limit) => tokio::time::timeout(limit, read_frame(&mut self.reader))
+                    .await
+                    .map_err(|_| {
+                        anyhow!(
+                            "{} sent nothing for {limit:?}, not even heartbeats",
+                            self.peer
+                        )
+                    })?,
+                None => read_frame(&mut self.reader).await,
+            }
+            .with_context(|| format!("reading from {}", self.peer))?;
+            match frame.key() {
+                KEY_HEARTBEAT => continue,
+                KEY_CLOSE if frame.0[4] & 0x80 == 0 => {
+                    let reason = close_reason(&frame.0[8..]);
+                    bail!("the broker closed the stream connection: {reason}");
+                }
+                _ => return Ok(frame),
+            }
+        }
+    }
+
+    async fn send(&self, request: impl Into<Request>) -> anyhow::Result<()> {
+        let bytes = encode(request)?;
+        self.writer
+            .lock()
+            .await
+            .write_all(&bytes)
+            .await
+            .with_context(|| format!("writing to {}", self.peer))
+    }
+
+    fn correlation(&mut self) -> u32 {
+        let id = self.next_correlation;
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        id
+    }
+}
+
+fn encode(request: impl Into<Request>) -> anyhow::Result<Vec<u8>> {
+    let request: Request = request.into();
+    let mut bytes = Vec::with_capacity(request.encoded_size() as usize + 4);
+    request
+        .encode(&mut bytes)
+        .map_err(|e| anyhow!("encoding a stream protocol request: {e:?}"))?;
+    Ok(bytes)
+}
+
+fn decode_error(e: rabbitmq_stream_protocol::error::DecodeError) -> anyhow::Error {
+    anyhow!("undecodable stream protocol frame: {e:?}")
+}
+
+async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Frame> {
+    let len = reader.read_u32().await? as usize;
+    if !(4..=MAX_INCOMING_FRAME_BYTES).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes: not RabbitMQ's stream protocol?"),
+        ));
+    }
+    let mut bytes = vec![0u8; len + 4];
+    bytes[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    reader.read_exact(&mut bytes[4..]).await?;
+    Ok(Frame(bytes))
+}
+
+/// The code and reason of a Close request's body (correlation id, code, string).
+fn close_reason(body: &[u8]) -> String {
+    let code = body.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    let reason = body
+        .get(6..8)
+        .map(|b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize)
+        .and_then(|n| body.get(8..8 + n))
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .unwrap_or_default();
+    format!("{reason} (code {})", code.unwrap_or(0))
+}
+
+/// A Deliver frame's chunk: header fields and its entries.
+struct Chunk<'a> {
+    timestamp_ms: i64,
+    first_offset: u64,
+    num_entries: u16,
+    data: &'a [u8],
+}
+
+impl<'a> Chunk<'a> {
+    fn parse(frame: &'a Frame) -> anyhow::Result<Chunk<'a>> {
+        let b = &frame.0;
+        // size(4) key(2) version(2) subscription(1), then v2's committed offset.
+        let start = if frame.version() >= 2 { 17 } else { 9 };
+        let h = b
+            .get(start..start + 48)
+            .ok_or_else(|| anyhow!("a Deliver frame shorter than a chunk header"))?;
+        let be64 = |at: usize| u64::from_be_bytes(h[at..at + 8].try_into().unwrap_or([0; 8]));
+        let be32 = |at: usize| u32::from_be_bytes(h[at..at + 4].try_into().unwrap_or([0; 4]));
+        let chunk_type = h[1];
+        let num_entries = u16::from_be_bytes([h[2], h[3]]);
+        let timestamp_ms = be64(8) as i64;
+        let first_offset = be64(24);
+        let data_len = be32(36) as usize;
+        if chunk_type != 0 {
+            bail!("a chunk of type {chunk_type}, not user data");
+        }
+        let data = b
+            .get(start + 48..start + 48 + data_len)
+            .ok_or_else(|| anyhow!("a Deliver frame shorter than its chunk's data"))?;
+        Ok(Chunk {
+            timestamp_ms,
+            first_offset,
+            num_entries,
+            data,
+        })
+    }
+
+    fn last_offset(&self) -> Option<u64> {
+        (self.num_entries > 0).then(|| self.first_offset + u64::from(self.num_entries) - 1)
+    }
+
+    /// The entries with their offsets; a sub-entry batch (compressed entries,
+    /// written by stream-protocol publishers only) is an error.
+    fn entries(&self) -> impl Iterator<Item = (u64, anyhow::Result<&'a [u8]>)> + '_ {
+        let mut at = 0usize;
+        let data = self.data;
+        (0..u64::from(self.num_entries)).map_while(move |i| {
+            let offset = self.first_offset + i;
+            let head = data.get(at..at + 4)?;
+            if head[0] & 0x80 != 0 {
+                at = data.len();
+                return Some((
+                    offset,
+                    Err(anyhow!("the entry at offset {offset} is a sub-entry batch, which this reader does not read")),
+                ));
+            }
+            let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let entry = data.get(at + 4..at + 4 + len);
+            at += 4 + len;
+            Some((
+                offset,
+                entry.ok_or_else(|| anyhow!("the entry at offset {offset} runs past its chunk")),
+            ))
+        })
+    }
+}
