@@ -187,53 +187,91 @@ pub struct UsageError(pub String);
 /// `imattr dlq …`.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// Show dead-lettered messages without removing them.
+    /// Show dead letters (oldest first) without changing anything.
     #[command(
-        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --wide --code 90033\n  imattr dlq list --json | jq .error"
+        after_help = "Examples:\n  imattr dlq list --limit 20\n  imattr dlq list --limit 20 --after 1234\n  imattr dlq list --reason broker:expired --account xiaojun012\n  imattr dlq list --grep quota --since 2026-11-25T00:00:00Z\n  imattr dlq list --resolved --wide\n  imattr dlq list --json | jq .error"
     )]
     List {
-        /// At most this many (1 or more; leave it out for no limit).
+        /// At most this many (1 or more; leave it out for no limit); the
+        /// next page's `--after` is printed when there are more.
         #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
+        /// Only dead letters with a larger id (the cursor of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<u64>,
         /// NDJSON with all headers, properties and the body.
         #[arg(long)]
         json: bool,
         /// Print the table's accounts, errors and bodies whole, not cut.
         #[arg(long, conflicts_with = "json")]
         wide: bool,
+        /// Also show replayed and deleted dead letters, with when and how.
+        #[arg(long)]
+        resolved: bool,
         /// Which dead letters.
         #[command(flatten)]
         filter: DlqFilter,
     },
-    /// Count dead letters by reason, error code, source queue and account.
-    #[command(after_help = "Example:\n  imattr dlq stats\n  imattr dlq stats --json")]
+    /// Show one dead letter, whole, as JSON.
+    #[command(after_help = "Example:\n  imattr dlq show 1234")]
+    Show {
+        /// Its id (the ID column of `dlq list`).
+        id: u64,
+    },
+    /// Count dead letters by reason, error code, error text, source queue and account.
+    #[command(
+        after_help = "Examples:\n  imattr dlq stats\n  imattr dlq stats --by error\n  imattr dlq stats --json"
+    )]
     Stats {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only this grouping.
+        #[arg(long, value_enum)]
+        by: Option<crate::dlq::By>,
         /// How many accounts to show.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Which dead letters.
+        #[command(flatten)]
+        filter: DlqFilter,
     },
-    /// Move matching messages back to the updates exchange.
+    /// Send matching dead letters back to the updates exchange.
     #[command(
-        after_help = "Examples:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted\n  imattr dlq replay --reason broker:expired --whole"
+        after_help = "Examples:\n  imattr dlq replay --code 90033 --dry-run\n  imattr dlq replay --reason retries-exhausted --rate 50\n  imattr dlq replay --id 17 --id 42\n  imattr dlq replay --reason broker:expired --whole"
     )]
     Replay {
         /// At most this many (1 or more; leave it out for no limit).
         #[arg(long, value_parser = parse_limit)]
         limit: Option<usize>,
+        /// At most this many messages a second.
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<f64>,
+        /// Only these ids (repeat the flag, or give several).
+        #[arg(long = "id", value_name = "ID", num_args = 1..)]
+        ids: Vec<u64>,
         /// Which dead letters.
         #[command(flatten)]
         filter: DlqFilter,
-        /// Count what would move; move nothing.
+        /// Count what would go; send nothing.
         #[arg(long)]
         dry_run: bool,
         /// Republish whole messages, not only the entries of their x-imattr-failed-accounts.
         #[arg(long)]
         whole: bool,
     },
-    /// Write the dead letters (every one, or those matching) as NDJSON, removing nothing.
+    /// Delete dead letters by id, or those matching filters.
+    #[command(
+        after_help = "Examples:\n  imattr dlq delete 17 42\n  imattr dlq delete --reason invalid-message --account xiaojun014"
+    )]
+    Delete {
+        /// The ids (the ID column of `dlq list`).
+        ids: Vec<u64>,
+        /// Which dead letters (at least one filter without ids; `purge --yes` deletes all).
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Write the dead letters (every one, or those matching) as NDJSON, changing nothing.
     #[command(
         after_help = "Examples:\n  imattr dlq export --out dead.ndjson\n  imattr dlq export --reason rejected --code 90033 --out rejected.ndjson"
     )]
@@ -249,7 +287,7 @@ pub enum DlqCommand {
     /// the stream, losing nothing (run it again after any interruption).
     #[command(after_help = "Example:\n  imattr dlq migrate")]
     Migrate,
-    /// Delete every dead-lettered message, or the matching ones.
+    /// Delete every dead letter, or the matching ones.
     #[command(
         after_help = "Examples:\n  imattr dlq purge --yes\n  imattr dlq purge --yes --reason invalid-message --account xiaojun014"
     )]
@@ -261,6 +299,25 @@ pub enum DlqCommand {
         #[command(flatten)]
         filter: DlqFilter,
     },
+}
+
+/// `--rate`: a positive number of messages a second.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err("must be a positive number of messages a second".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--since`/`--until`: RFC 3339 (`2026-11-25T18:03:24Z`) or Unix milliseconds.
+pub(crate) fn parse_time_ms(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("not RFC 3339 (2026-11-25T18:03:24Z) nor Unix milliseconds: {e}"))
 }
 
 /// Which dead letters a `dlq` command takes.
@@ -275,6 +332,15 @@ pub struct DlqFilter {
     /// Only messages about this account.
     #[arg(long)]
     pub(crate) account: Option<String>,
+    /// Only messages whose error text or body contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) grep: Option<String>,
+    /// Only messages that failed at or after this time (RFC 3339 or Unix ms).
+    #[arg(long, value_parser = parse_time_ms, value_name = "TIME")]
+    pub(crate) since: Option<i64>,
+    /// Only messages that failed at or before this time (RFC 3339 or Unix ms).
+    #[arg(long, value_parser = parse_time_ms, value_name = "TIME")]
+    pub(crate) until: Option<i64>,
 }
 
 impl From<DlqFilter> for crate::dlq::Filter {
@@ -283,6 +349,10 @@ impl From<DlqFilter> for crate::dlq::Filter {
             code: f.code,
             reason: f.reason,
             account: f.account,
+            grep: f.grep,
+            since_ms: f.since,
+            until_ms: f.until,
+            ids: None,
         }
     }
 }
@@ -423,6 +493,12 @@ pub fn write_generated(command: &Command, out: &mut impl Write) -> Option<std::i
 /// `main` turns into a quiet exit 0.
 pub fn stdout() -> ClosedAware<std::io::StdoutLock<'static>> {
     ClosedAware(std::io::stdout().lock())
+}
+
+/// [`stdout`] unlocked, for writers that must be `Send` (it locks per write:
+/// wrap it in a `BufWriter`).
+pub fn stdout_send() -> ClosedAware<std::io::Stdout> {
+    ClosedAware(std::io::stdout())
 }
 
 /// The reader of standard output has gone away.

@@ -1,33 +1,35 @@
-//! The dead-letter tools at scale and under load: order kept by a full
-//! rotation pass, the unacknowledged window, replay while dead letters keep
-//! arriving, partial replay, broker-made dead letters, killing a pass, and all
-//! of it while the worker runs.
+//! The dead-letter store: reads change nothing, replay/delete/purge act only
+//! on what was present when they started and are recorded in the ledger,
+//! SIGKILL and SIGINT lose nothing, filters, pages, traces, and a legacy
+//! (classic or quorum) dead-letter queue refused.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
-use std::os::unix::process::ExitStatusExt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
-use imattr::amqp::deadletter::{self, dead_letter_properties, Failure, Reason};
+use imattr::amqp::deadletter::{dead_letter_properties, Failure, Reason};
 use imattr::amqp::topology;
 use imattr::config::Config;
-use imattr::dlq::{DeadLetterView, Dlq, Filter, PassConfig, ReplayOptions};
+use imattr::dlq::{By, DeadLetterView, Dlq, Filter, ReplayOptions, REPLAY_BATCH};
 use imattr::publish::{update_properties, Publisher};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
-/// Publishes dead letters straight into the sandbox's dead-letter exchange,
-/// as the worker would.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// Publishes dead letters straight into the sandbox's dead-letter stream
+/// (by name, through the default exchange), as the worker does.
 struct DeadLetters {
     conn: lapin::Connection,
     publisher: Publisher,
     source_queue: String,
+    dlq: String,
 }
 
 impl DeadLetters {
@@ -35,21 +37,31 @@ impl DeadLetters {
         let conn = topology::connect(&c.amqp, "test dead letters")
             .await
             .unwrap();
-        let publisher = Publisher::new(&conn, &c.amqp.dead_letter_exchange)
-            .await
-            .unwrap();
+        let publisher = Publisher::new(&conn, "").await.unwrap();
         DeadLetters {
             conn,
             publisher,
             source_queue: c.amqp.queue.clone(),
+            dlq: c.amqp.dead_letter_queue.clone(),
         }
     }
 
     fn props(&self, reason: Reason, account: &str, failed: &[&str]) -> BasicProperties {
+        self.props_at(reason, account, failed, "test", 1)
+    }
+
+    fn props_at(
+        &self,
+        reason: Reason,
+        account: &str,
+        failed: &[&str],
+        error: &str,
+        failed_at_ms: i64,
+    ) -> BasicProperties {
         let f = Failure {
             reason,
             code: if reason == Reason::Rejected { 90033 } else { 0 },
-            error: "test".into(),
+            error: error.into(),
             account: Some(account.into()),
             attempts: 1,
         };
@@ -60,7 +72,7 @@ impl DeadLetters {
             &failed,
             &self.source_queue,
             account,
-            1,
+            failed_at_ms,
         )
     }
 
@@ -68,13 +80,17 @@ impl DeadLetters {
     async fn one(&mut self, reason: Reason, account: &str, n: &str) {
         let props = self.props(reason, account, &[]);
         self.publisher
-            .publish(account, &update(account, &[("n", n)]), props)
+            .publish(&self.dlq, &update(account, &[("n", n)]), props)
             .await
             .unwrap();
     }
 
-    async fn raw(&mut self, props: BasicProperties, rk: &str, body: &[u8]) {
-        self.publisher.publish(rk, body, props).await.unwrap();
+    /// `_rk`, the original routing key, travels in the headers.
+    async fn raw(&mut self, props: BasicProperties, _rk: &str, body: &[u8]) {
+        self.publisher
+            .publish(&self.dlq, body, props)
+            .await
+            .unwrap();
     }
 
     async fn confirm(mut self) {
@@ -122,20 +138,6 @@ where
     panic!("condition not met within 30 s");
 }
 
-async fn open(c: &Config, window: u16) -> Dlq {
-    Dlq::open(c)
-        .await
-        .unwrap()
-        .with_pass_config(PassConfig::with_window(window))
-}
-
-async fn peek_all(c: &Config, window: u16) -> Vec<DeadLetterView> {
-    let q = open(c, window).await;
-    let v = q.peek(None).await.unwrap();
-    q.close().await;
-    v
-}
-
 /// Takes every message off `queue` (nothing else reads it): (routing key, headers, body).
 async fn drain(c: &Config, queue: &str) -> Vec<(String, FieldTable, Vec<u8>)> {
     let conn = topology::connect(&c.amqp, "test drain").await.unwrap();
@@ -171,244 +173,38 @@ async fn drain(c: &Config, queue: &str) -> Vec<(String, FieldTable, Vec<u8>)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_rotation_pass_keeps_the_order() {
-    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    let mut dl = DeadLetters::new(&c).await;
-    let n = 3000;
-    for i in 0..n {
-        dl.one(Reason::Rejected, &format!("a{}", i % 7), &i.to_string())
-            .await;
-    }
-    dl.confirm().await;
-    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-
-    // A window of 200 commits every 100 messages: 3,000 means a rotation.
-    let first = peek_all(&c, 200).await;
-    assert_eq!(ns(&first), want, "first list, in publishing order");
-    let again = peek_all(&c, 200).await;
-    assert_eq!(ns(&again), want, "second list, same order");
-    assert_eq!(first, again, "same headers and bodies");
-    assert_eq!(sb.depth(&c.amqp.dead_letter_queue).await.unwrap(), n as u32);
-
-    // export (the binary, default window) then list: same order again.
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("dead.ndjson");
-    let (code, _, err) =
-        imattr_output(&c, &["dlq", "export", "--out", out.to_str().unwrap()]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains(&format!("exported {n}")), "{err}");
-    let exported = json_ns(&std::fs::read_to_string(&out).unwrap());
-    assert_eq!(exported, want);
-    assert_eq!(ns(&peek_all(&c, 200).await), want, "list after export");
-
-    // --limit with a filter: the first matches, in order, queue untouched.
-    let (code, out, err) = imattr_output(
-        &c,
-        &["dlq", "list", "--json", "--account", "a3", "--limit", "5"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let got = json_ns(&out);
-    assert_eq!(got, ["3", "10", "17", "24", "31"]);
-    assert_eq!(ns(&peek_all(&c, 200).await), want);
-    sb.cleanup().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pass_never_holds_more_than_its_window_unacked() {
-    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    let mut dl = DeadLetters::new(&c).await;
-    let n = 5000u32;
-    for i in 0..n {
-        dl.one(Reason::Rejected, "a", &i.to_string()).await;
-    }
-    dl.confirm().await;
-
-    // From ready counts: copies are added before originals are acked, so
-    // n - ready never overstates the unacked count (it detects a missing
-    // window, which would take nearly all n at once).
-    let max_unacked = Arc::new(AtomicU32::new(0));
-    let samples = Arc::new(AtomicU32::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    // And rabbitmqctl's exact figure, when it can run here (a second a call).
-    let exact = {
-        let (stop, q) = (stop.clone(), c.amqp.dead_letter_queue.clone());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(u) = imattr::sandbox::rabbitmqctl_unacked(&q).await {
-                    seen.push(u);
-                }
-            }
-            seen
-        })
-    };
-    let sampler = {
-        let (max_unacked, samples, stop) = (max_unacked.clone(), samples.clone(), stop.clone());
-        let c = c.clone();
-        tokio::spawn(async move {
-            let conn = topology::connect(&c.amqp, "test sampler").await.unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let (ready, _) = imattr::dlq::pass::count(&ch, &c.amqp.dead_letter_queue)
-                    .await
-                    .unwrap();
-                max_unacked.fetch_max(n - ready.min(n), Ordering::Relaxed);
-                samples.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
-    // A slow sink makes the pass last long enough to be sampled often.
-    struct Slow(Vec<u8>);
-    impl std::io::Write for Slow {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            if b == b"\n" {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            self.0.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let q = open(&c, 500).await;
-    let mut sink = Slow(Vec::new());
-    assert_eq!(
-        q.export(&Filter::default(), &mut sink).await.unwrap(),
-        u64::from(n)
-    );
-    q.close().await;
-    stop.store(true, Ordering::Relaxed);
-    sampler.await.unwrap();
-    let exact = exact.await.unwrap();
-    assert!(exact.iter().all(|u| *u <= 500), "rabbitmqctl saw {exact:?}");
-    let max = max_unacked.load(Ordering::Relaxed);
-    assert!(
-        samples.load(Ordering::Relaxed) > 20,
-        "sampled during the pass"
-    );
-    assert!(max > 0, "the pass was seen holding messages");
-    assert!(max <= 500, "at most the window unacked, saw {max}");
-    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-    assert_eq!(ns(&peek_all(&c, 500).await), want);
-    sb.cleanup().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_ends_while_new_dead_letters_arrive() {
-    // No worker: replayed messages wait in the updates queue to be counted.
-    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    let mut dl = DeadLetters::new(&c).await;
-    let n = 2000;
+async fn fill(c: &Config, n: usize) {
+    let mut dl = DeadLetters::new(c).await;
     for i in 0..n {
         let reason = if i % 2 == 0 {
             Reason::Rejected
         } else {
             Reason::InvalidMessage
         };
-        dl.one(reason, &format!("a{i}"), &format!("old{i}")).await;
-    }
-    // K new ones are there before the replay starts.
-    const K: usize = 100;
-    for i in 0..K {
-        dl.one(Reason::Rejected, &format!("b{i}"), &format!("new{i}"))
-            .await;
+        dl.one(reason, "a", &i.to_string()).await;
     }
     dl.confirm().await;
+}
 
-    // The others arrive once the pass is reading (it holds the consumer).
-    let arrived_during = Arc::new(AtomicU32::new(0));
-    let replay_done = Arc::new(AtomicBool::new(false));
-    let arriving = {
-        let (c, arrived_during, replay_done) =
-            (c.clone(), arrived_during.clone(), replay_done.clone());
-        tokio::spawn(async move {
-            let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            eventually_async(|| async {
-                imattr::dlq::pass::count(&ch, &c.amqp.dead_letter_queue)
-                    .await
-                    .unwrap()
-                    .1
-                    == 1
-            })
-            .await;
-            let mut dl = DeadLetters::new(&c).await;
-            for i in K..1000 {
-                dl.one(Reason::Rejected, &format!("b{i}"), &format!("new{i}"))
-                    .await;
-                if !replay_done.load(Ordering::SeqCst) {
-                    arrived_during.fetch_add(1, Ordering::SeqCst);
-                }
-                if i % 50 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            dl.confirm().await;
-            let _ = conn.close(200, "done".into()).await;
-        })
-    };
-    let q = open(&c, 300).await;
-    let replayed = q
-        .replay(&ReplayOptions {
-            filter: Filter {
-                reason: Some("rejected".into()),
-                ..Filter::default()
-            },
-            ..ReplayOptions::default()
-        })
-        .await
+/// Sends `sig` (`-INT`, `-STOP`, …) to a child process.
+fn signal(sig: &str, child: &tokio::process::Child) {
+    let pid = child.id().expect("the child runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
         .unwrap();
-    replay_done.store(true, Ordering::SeqCst);
-    q.close().await;
-    arriving.await.unwrap();
-    assert!(
-        arrived_during.load(Ordering::SeqCst) > 0,
-        "no dead letter arrived during the replay (raise n if this machine is fast)"
-    );
+    assert!(status.success(), "kill {sig} {pid}");
+}
 
-    // Exactly the rejected ones present at the start moved, once each: the
-    // old ones and the first K new ones.
-    assert_eq!(replayed, n / 2 + K, "only those present at the start");
-    let moved = drain(&c, &c.amqp.queue).await;
-    let moved_ns: HashSet<String> = moved
+/// The `n` attribute of each message, in order.
+fn body_ns(messages: &[(String, FieldTable, Vec<u8>)]) -> Vec<String> {
+    messages
         .iter()
-        .map(|(rk, h, b)| {
-            assert!(!h.contains_key(deadletter::H_REASON));
-            assert_eq!(deadletter::header_i64(h, deadletter::H_REPLAYS), Some(1));
+        .map(|(_, _, b)| {
             let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-            assert_eq!(v["To_Account"].as_str().unwrap(), rk);
             v["Attrs"]["n"].as_str().unwrap().to_string()
         })
-        .collect();
-    assert_eq!(moved.len(), replayed, "each moved once");
-    let want_moved: HashSet<String> = (0..n)
-        .step_by(2)
-        .map(|i| format!("old{i}"))
-        .chain((0..K).map(|i| format!("new{i}")))
-        .collect();
-    assert_eq!(moved_ns, want_moved);
-
-    // Left: the other old ones in their order, and the later new ones, once.
-    let left = ns(&peek_all(&c, 300).await);
-    let old_left: Vec<&String> = left.iter().filter(|s| s.starts_with("old")).collect();
-    let want_old: Vec<String> = (1..n).step_by(2).map(|i| format!("old{i}")).collect();
-    assert_eq!(old_left, want_old.iter().collect::<Vec<_>>());
-    let new_left: Vec<&String> = left.iter().filter(|s| s.starts_with("new")).collect();
-    let want_new: Vec<String> = (K..1000).map(|i| format!("new{i}")).collect();
-    assert_eq!(new_left, want_new.iter().collect::<Vec<_>>());
-    assert_eq!(
-        left.len(),
-        n / 2 + 1000 - K,
-        "nothing lost, nothing duplicated"
-    );
-    sb.cleanup().await.unwrap();
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +229,7 @@ async fn replay_sends_only_the_failed_accounts_unless_whole() {
 
     let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 1");
+    assert_eq!(out.trim(), "moved 1, left 0, failed 0");
     sb.wait_drained(DRAIN).await.unwrap();
     let state = sb.state();
     assert!(
@@ -451,434 +247,542 @@ async fn replay_sends_only_the_failed_accounts_unless_whole() {
     dl.confirm().await;
     let (code, out, err) = imattr_output(&c, &["dlq", "replay", "--whole"]).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 1");
+    assert_eq!(out.trim(), "moved 1, left 0, failed 0");
     sb.wait_drained(DRAIN).await.unwrap();
     assert_eq!(sb.state()["p1"]["n"], "1");
-    sb.cleanup().await.unwrap();
+    cleanup(sb).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_made_dead_letters_are_shown_counted_and_replayable() {
-    let mut sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    // Worker not running: messages with a publisher TTL expire in the
-    // updates queue and RabbitMQ dead-letters them itself.
-    let conn = topology::connect(&c.amqp, "test ttl").await.unwrap();
-    let mut p = Publisher::new(&conn, &c.amqp.exchange).await.unwrap();
-    for i in 0..3 {
-        let a = format!("t{i}");
-        p.publish(
-            &a,
-            &update(&a, &[("n", &i.to_string())]),
-            update_properties().with_expiration("1".into()),
-        )
+/// Deletes the ledger stream, then the sandbox's topology.
+async fn cleanup(sb: imattr::sandbox::Sandbox) {
+    let conn = topology::connect(&sb.config.amqp, "test cleanup")
         .await
         .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for suffix in ["ledger", "inbox"] {
+        let q = format!("{}.{suffix}", sb.config.amqp.dead_letter_queue);
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
-    p.finish().await.unwrap();
     let _ = conn.close(200, "done".into()).await;
-    let mut dead = Vec::new();
-    for _ in 0..200 {
-        dead = sb.dead_letters().await.unwrap();
-        if dead.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(dead.len(), 3, "expired messages dead-lettered by RabbitMQ");
-    for (i, d) in dead.iter().enumerate() {
-        assert_eq!(d.reason.as_deref(), Some("broker:expired"));
-        assert_eq!(d.account.as_deref(), Some(format!("t{i}").as_str()));
-        assert_eq!(d.source_queue.as_deref(), Some(c.amqp.queue.as_str()));
-        assert!(d.failed_at_ms.is_some());
-        assert!(d.headers.get("x-death").is_some());
-    }
-
-    let (code, table, err) = imattr_output(&c, &["dlq", "list"]).await;
-    assert_eq!(code, 0, "{err}");
-    assert!(
-        table.contains("broker:expired") && table.contains("t2"),
-        "{table}"
-    );
-    let (code, out, err) = imattr_output(&c, &["dlq", "stats", "--json"]).await;
-    assert_eq!(code, 0, "{err}");
-    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(stats["total"], 3);
-    assert_eq!(stats["by_reason"]["broker:expired"], 3);
-    assert_eq!(stats["by_source_queue"][c.amqp.queue.as_str()], 3);
-    let (code, out, err) =
-        imattr_output(&c, &["dlq", "replay", "--reason", "rejected", "--dry-run"]).await;
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "would replay 0");
-
-    sb.start_worker();
-    let (code, out, err) =
-        imattr_output(&c, &["dlq", "replay", "--reason", "broker:expired"]).await;
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), "replayed 3");
-    sb.wait_drained(DRAIN).await.unwrap();
-    let state = sb.state();
-    for i in 0..3 {
-        assert_eq!(state[&format!("t{i}")]["n"], i.to_string());
-    }
-    assert!(sb.dead_letters().await.unwrap().is_empty());
     sb.cleanup().await.unwrap();
 }
 
+async fn open(c: &Config) -> Dlq {
+    Dlq::open(c).await.unwrap()
+}
+
+/// Every unresolved dead letter, oldest first.
+async fn peek_all(c: &Config) -> Vec<DeadLetterView> {
+    let q = open(c).await;
+    let v = q.peek(None).await.unwrap();
+    q.close().await;
+    v
+}
+
+fn ids(views: &[DeadLetterView]) -> Vec<u64> {
+    views.iter().map(|v| v.id).collect()
+}
+
+fn replay_all(cancel: tokio_util::sync::CancellationToken) -> ReplayOptions {
+    ReplayOptions {
+        cancel,
+        by: "test".into(),
+        ..ReplayOptions::default()
+    }
+}
+
+/// `moved M, left L, failed F` from a replay's stdout.
+fn final_line(out: &str) -> (u64, u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("moved "))
+        .unwrap_or_else(|| panic!("no final line in {out:?}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (n[0], n[1], n[2])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_pass_loses_nothing_and_duplicates_at_most_a_batch() {
+async fn every_read_run_ten_times_leaves_every_dead_letter() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 30).await;
+    let before = peek_all(&c).await;
+    assert_eq!(
+        ns(&before),
+        (0..30).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    let q = open(&c).await;
+    for _ in 0..10 {
+        let p = q.page(&Filter::default(), None, 2).await.unwrap();
+        assert_eq!(p.items.len(), 2);
+        q.page(&Filter::default(), Some(10), 5).await.unwrap();
+        q.peek(None).await.unwrap();
+        assert_eq!(q.stats(&Filter::default()).await.unwrap().total, 30);
+        let mut sink = Vec::new();
+        assert_eq!(q.export(&Filter::default(), &mut sink).await.unwrap(), 30);
+        assert!(q.show(before[3].id).await.unwrap().is_some());
+        let dry = ReplayOptions {
+            dry_run: true,
+            ..replay_all(Default::default())
+        };
+        assert_eq!(q.replay(&dry, &|_| {}).await.unwrap().left, 30);
+    }
+    q.close().await;
+    for args in [
+        &["dlq", "list", "--limit", "2"][..],
+        &["dlq", "list"][..],
+        &["dlq", "stats"][..],
+        &["dlq", "export"][..],
+        &["dlq", "replay", "--dry-run"][..],
+    ] {
+        for _ in 0..10 {
+            let (code, _, err) = imattr_output(&c, args).await;
+            assert_eq!(code, 0, "{args:?}: {err}");
+        }
+    }
+    let after = peek_all(&c).await;
+    assert_eq!(after, before, "every dead letter still there, unchanged");
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cursor_pages_through_everything_once() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 25).await;
+    let q = open(&c).await;
+    let all = q.peek(None).await.unwrap();
+    let mut after = None;
+    let mut paged = Vec::new();
+    let mut pages = 0;
+    loop {
+        let p = q.page(&Filter::default(), after, 10).await.unwrap();
+        pages += 1;
+        paged.extend(p.items);
+        match p.next_after {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(ids(&paged), ids(&all));
+    // A filtered page: only the rejected ones (even n), still in order.
+    let f = Filter {
+        reason: Some("rejected".into()),
+        ..Filter::default()
+    };
+    let p = q.page(&f, Some(all[4].id), 3).await.unwrap();
+    assert_eq!(ns(&p.items), ["6", "8", "10"]);
+    assert_eq!(p.next_after, Some(p.items[2].id));
+    q.close().await;
+
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--limit", "10"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ns(&out).len(), 10);
+    let cursor = all[9].id.to_string();
+    assert!(err.contains(&format!("--after {cursor}")), "{err}");
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--after", &cursor]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ns(&out), ns(&all[10..]));
+    assert!(!err.contains("--after"), "the last page: {err}");
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grep_since_until_and_stats_by_error() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
     let mut dl = DeadLetters::new(&c).await;
-    let n = 20_000u32;
+    let rows: [(&str, &str, i64); 5] = [
+        ("a1", "quota exceeded", 1_000),
+        ("a2", "bad attr colour", 2_000),
+        ("a3", "quota exceeded", 3_000),
+        ("needle-account", "bad attr size", 4_000),
+        ("a5", "quota exceeded", 5_000),
+    ];
+    for (i, (acc, err, at)) in rows.iter().enumerate() {
+        let props = dl.props_at(Reason::Rejected, acc, &[], err, *at);
+        dl.raw(props, acc, &update(acc, &[("n", &i.to_string())]))
+            .await;
+    }
+    dl.confirm().await;
+    let q = open(&c).await;
+    let grep = |g: &str| Filter {
+        grep: Some(g.into()),
+        ..Filter::default()
+    };
+    let got = |f: Filter| {
+        let q = &q;
+        async move { ns(&q.page(&f, None, 100).await.unwrap().items) }
+    };
+    assert_eq!(got(grep("quota")).await, ["0", "2", "4"], "error text");
+    assert_eq!(got(grep("needle")).await, ["3"], "body");
+    assert_eq!(got(grep("nowhere")).await, Vec::<String>::new());
+    let window = Filter {
+        since_ms: Some(2_000),
+        until_ms: Some(4_000),
+        ..Filter::default()
+    };
+    assert_eq!(got(window.clone()).await, ["1", "2", "3"]);
+    let both = Filter {
+        grep: Some("bad attr".into()),
+        ..window
+    };
+    assert_eq!(got(both).await, ["1", "3"]);
+    let s = q.stats(&Filter::default()).await.unwrap();
+    assert_eq!(
+        s.by(By::Error),
+        [
+            ("quota exceeded".to_string(), 3),
+            ("bad attr colour".to_string(), 1),
+            ("bad attr size".to_string(), 1)
+        ]
+    );
+    q.close().await;
+
+    // The same through the CLI, times in RFC 3339 and in ms.
+    let (code, out, err) = imattr_output(
+        &c,
+        &[
+            "dlq",
+            "list",
+            "--json",
+            "--since",
+            "1970-01-01T00:00:02Z",
+            "--until",
+            "3000",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ns(&out), ["1", "2"]);
+    let (code, out, err) = imattr_output(&c, &["dlq", "stats", "--by", "error"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("by error:") && out.contains("3  quota exceeded"),
+        "{out}"
+    );
+    let (code, _, err) = imattr_output(&c, &["dlq", "list", "--since", "yesterday"]).await;
+    assert_eq!(code, 2, "{err}");
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_acts_only_on_what_was_present_at_the_start() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let n = 1500usize;
+    let mut dl = DeadLetters::new(&c).await;
     for i in 0..n {
         dl.one(Reason::Rejected, "a", &i.to_string()).await;
     }
     dl.confirm().await;
-    let q = c.amqp.dead_letter_queue.clone();
-    let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut total = n;
-    for delay_ms in [0u64, 300] {
-        let mut child = imattr(&c)
-            .args(["dlq", "stats"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Kill it once it holds messages (and later, mid-rotation).
-        let mut seen = false;
-        for _ in 0..2000 {
-            if sb.depth(&q).await.unwrap() < total {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        assert!(seen, "the pass started");
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        child.start_kill().unwrap();
-        let status = child.wait().await.unwrap();
-        // Killed, not finished: the pass was still running.
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "killed after {delay_ms} ms while the pass ran: {status:?}"
-        );
-        // The broker returns the window once it sees the connection gone.
-        eventually_async(|| async { imattr::dlq::pass::count(&ch, &q).await.unwrap().1 == 0 })
-            .await;
-        let left = peek_all(&c, 2000).await;
-        let got: HashSet<String> = ns(&left).into_iter().collect();
-        assert_eq!(
-            got.len(),
-            n as usize,
-            "nothing lost (killed after {delay_ms} ms)"
-        );
-        let dups = left.len() - total as usize;
-        assert!(dups <= 1000, "at most one batch duplicated, got {dups}");
-        total = left.len() as u32;
-    }
-    let _ = conn.close(200, "done".into()).await;
-    sb.cleanup().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tools_are_safe_while_the_worker_runs() {
-    // city is always rejected (90033): those updates are dead-lettered.
-    let faults = Faults {
-        reject_attrs: vec!["city".into()],
-        latency_ms: (1, 3),
-        ..Faults::default()
+    let q = Arc::new(open(&c).await);
+    let moved = Arc::new(AtomicU64::new(0));
+    let m = moved.clone();
+    let o = ReplayOptions {
+        rate_per_sec: Some(1000.0),
+        ..replay_all(Default::default())
     };
-    let mut sb = sandbox(&["n", "city"], faults, |c| {
-        c.attributes.allowed = vec!["n".into(), "city".into()];
-    })
-    .await;
-    sb.start_worker();
-    let c = sb.config.clone();
-    // Some dead letters before the tools start.
-    for i in 0..300 {
-        sb.publish(update(&format!("bad{i}"), &[("city", &format!("c{i}"))]))
-            .await
-            .unwrap();
-    }
-    sb.wait_drained(DRAIN).await.unwrap();
-    assert_eq!(sb.depth(&c.amqp.dead_letter_queue).await.unwrap(), 300);
-
-    // Traffic keeps coming while every tool runs: good updates and bad ones.
-    let sb = Arc::new(sb);
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = {
-        let (sb, stop) = (sb.clone(), stop.clone());
+    let task = {
+        let q = q.clone();
         tokio::spawn(async move {
-            let mut i = 300;
-            while !stop.load(Ordering::Relaxed) {
-                sb.publish(update(&format!("bad{i}"), &[("city", &format!("c{i}"))]))
-                    .await
-                    .unwrap();
-                sb.publish(update(&format!("ok{i}"), &[("n", &i.to_string())]))
-                    .await
-                    .unwrap();
-                sb.confirm().await.unwrap();
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            i
+            q.replay(&o, &move |p| m.store(p.moved, Ordering::SeqCst))
+                .await
+                .unwrap()
         })
     };
-    let run = |args: &'static [&'static str]| {
-        let c = c.clone();
-        async move {
-            let (code, out, err) = imattr_output(&c, args).await;
-            assert_eq!(code, 0, "{args:?}: {err}");
-            out
-        }
-    };
-    let stats: serde_json::Value =
-        serde_json::from_str(&run(&["dlq", "stats", "--json"]).await).unwrap();
-    assert!(stats["total"].as_u64().unwrap() >= 300);
-    run(&["dlq", "list", "--limit", "20"]).await;
-    run(&["dlq", "list", "--json", "--reason", "rejected"]).await;
-    run(&["dlq", "export", "--out", "/dev/null"]).await;
-    run(&["dlq", "replay", "--dry-run"]).await;
-    // Replayed messages fail again and come back; the replay still ends.
-    let out = run(&["dlq", "replay", "--reason", "rejected"]).await;
-    let replayed: usize = out.trim().trim_start_matches("replayed ").parse().unwrap();
-    assert!(replayed >= 300, "{out}");
-    run(&["dlq", "stats"]).await;
-    stop.store(true, Ordering::Relaxed);
-    let published = traffic.await.unwrap();
-    sb.wait_drained(DRAIN).await.unwrap();
-
-    // Every bad update is in the DLQ exactly once; every good one applied.
-    let dead = sb.dead_letters().await.unwrap();
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for d in &dead {
-        *count.entry(d.account.clone().unwrap()).or_default() += 1;
-    }
-    let dups: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dups.is_empty(), "duplicated dead letters: {dups:?}");
-    for i in 0..published {
-        assert!(count.contains_key(&format!("bad{i}")), "bad{i} lost");
-    }
-    assert_eq!(dead.len(), published);
-    assert!(
-        dead.iter().any(|d| d.headers["x-imattr-replays"] == 1),
-        "replayed ones came back"
-    );
-    let state = sb.state();
-    for i in 300..published {
-        assert_eq!(state[&format!("ok{i}")]["n"], i.to_string());
-    }
-    Arc::into_inner(sb).unwrap().cleanup().await.unwrap();
-}
-
-/// Publishes `n` dead letters `0..n` for account `a`: the even ones
-/// rejected, the odd ones invalid.
-async fn fill(c: &Config, n: usize) {
-    let mut dl = DeadLetters::new(c).await;
-    for i in 0..n {
-        let reason = if i % 2 == 0 {
-            Reason::Rejected
-        } else {
-            Reason::InvalidMessage
-        };
-        dl.one(reason, "a", &i.to_string()).await;
+    // More dead letters arrive once the replay is under way.
+    eventually_async(|| async { moved.load(Ordering::SeqCst) > 0 }).await;
+    let mut dl = DeadLetters::new(&c).await;
+    for i in n..n + 300 {
+        dl.one(Reason::Rejected, "a", &i.to_string()).await;
     }
     dl.confirm().await;
-}
-
-/// Sends `sig` (`-INT`, `-STOP`, …) to a child process.
-fn signal(sig: &str, child: &tokio::process::Child) {
-    let pid = child.id().expect("the child runs").to_string();
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
-/// Waits until nothing reads the dead-letter queue.
-async fn no_reader(c: &Config) {
-    let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = &c.amqp.dead_letter_queue;
-    eventually_async(|| async { imattr::dlq::pass::count(&ch, q).await.unwrap().1 == 0 }).await;
-    let _ = conn.close(200, "done".into()).await;
-}
-
-/// The `n` attribute of each message, in order.
-fn body_ns(messages: &[(String, FieldTable, Vec<u8>)]) -> Vec<String> {
-    messages
-        .iter()
-        .map(|(_, _, b)| {
-            let v: serde_json::Value = serde_json::from_slice(b).unwrap();
-            v["Attrs"]["n"].as_str().unwrap().to_string()
-        })
-        .collect()
+    let report = task.await.unwrap();
+    assert!(
+        moved.load(Ordering::SeqCst) < n as u64 || report.moved == n as u64,
+        "the new ones came during the replay"
+    );
+    assert_eq!((report.moved, report.left, report.failed), (n as u64, 0, 0));
+    let sent = body_ns(&drain(&c, &c.amqp.queue).await);
+    assert_eq!(sent, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+    let left = q.peek(None).await.unwrap();
+    assert_eq!(
+        ns(&left),
+        (n..n + 300).map(|i| i.to_string()).collect::<Vec<_>>()
+    );
+    Arc::try_unwrap(q).unwrap().close().await;
+    cleanup(sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_replay_loses_nothing_and_duplicates_at_most_a_batch() {
-    // No worker: what the replay moves waits in the updates queue.
+async fn a_sigkilled_replay_loses_nothing_and_duplicates_at_most_a_batch() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
-    let n = 20_000usize;
+    let n = 4000usize;
     fill(&c, n).await;
     let mut child = imattr(&c)
-        .args(["dlq", "replay"])
+        .args(["dlq", "replay", "--rate", "2000"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Killed once two batches (the default window is 2,000, a batch 1,000)
-    // were moved: a third may be between its confirms and its ack.
-    eventually_async(|| async { sb.depth(&c.amqp.queue).await.unwrap() >= 2000 }).await;
-    child.start_kill().unwrap();
-    let status = child.wait().await.unwrap();
-    assert_eq!(status.signal(), Some(9), "killed mid-replay: {status:?}");
-    no_reader(&c).await;
-
-    let moved = drain(&c, &c.amqp.queue).await;
-    for (_, h, _) in &moved {
-        assert_eq!(deadletter::header_i64(h, deadletter::H_REPLAYS), Some(1));
+    eventually_async(|| async { sb.depth(&c.amqp.queue).await.unwrap() > 700 }).await;
+    signal("-KILL", &child);
+    child.wait().await.unwrap();
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
+    assert_eq!(code, 0, "{err}");
+    let (moved, left, failed) = final_line(&out);
+    assert!(moved > 0 && moved < n as u64, "{out}");
+    assert_eq!((left, failed), (0, 0));
+    let sent = body_ns(&drain(&c, &c.amqp.queue).await);
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for s in &sent {
+        *times.entry(s.as_str()).or_default() += 1;
     }
-    let moved = body_ns(&moved);
-    let left = ns(&peek_all(&c, 2000).await);
-    assert!(moved.len() < n, "stopped mid-replay");
-    let all: HashSet<&String> = moved.iter().chain(&left).collect();
-    assert_eq!(all.len(), n, "nothing lost");
-    let dups = moved.len() + left.len() - n;
-    assert!(dups <= 1000, "at most one batch duplicated, got {dups}");
-    // What was not sent is still in order, at the head.
-    let sent: HashSet<&String> = moved.iter().collect();
-    let unsent: Vec<&String> = left.iter().filter(|s| !sent.contains(s)).collect();
-    let first = unsent[0].parse::<usize>().unwrap();
-    let want: Vec<String> = (first..n).map(|i| i.to_string()).collect();
-    assert_eq!(unsent, want.iter().collect::<Vec<_>>());
-    sb.cleanup().await.unwrap();
-}
-
-/// SIGINT and SIGTERM stop a pass at a batch boundary: what it read is
-/// settled (moved, or rotated to the tail), what it did not read goes back
-/// to the head, and nothing is lost or duplicated.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigint_and_sigterm_stop_a_pass_at_a_batch_boundary() {
-    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    let n = 20_000usize;
-    fill(&c, n).await;
-    let dlq = c.amqp.dead_letter_queue.clone();
-    let mut order: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-    let rejected = |s: &String| s.parse::<usize>().unwrap() % 2 == 0;
-    for (sig, args) in [
-        ("-INT", &["dlq", "stats"][..]),
-        ("-TERM", &["dlq", "stats"][..]),
-        ("-INT", &["dlq", "replay", "--reason", "rejected"][..]),
-        ("-TERM", &["dlq", "replay", "--reason", "rejected"][..]),
-    ] {
-        let replay = args[1] == "replay";
-        let total = order.len() as u32;
-        let child = imattr(&c)
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Once the pass holds messages; a replay, once it settled a batch
-        // (moved some, rotated the others).
-        eventually_async(|| async {
-            if replay {
-                sb.depth(&c.amqp.queue).await.unwrap() > 0
-            } else {
-                sb.depth(&dlq).await.unwrap() < total
-            }
-        })
-        .await;
-        signal(sig, &child);
-        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .expect("the pass stops")
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{sig} {args:?}: {err}");
-        assert!(err.contains("nothing was lost"), "{err}");
-        let seen: usize = err
-            .split("interrupted after ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("{err}"));
-        assert!(seen < order.len(), "{sig} {args:?}: stopped mid-pass");
-        no_reader(&c).await;
-
-        let moved = if replay {
-            body_ns(&drain(&c, &c.amqp.queue).await)
-        } else {
-            Vec::new()
-        };
-        let left = ns(&peek_all(&c, 2000).await);
-        let (read, unread) = order.split_at(seen);
-        let want_moved: Vec<String> = read
-            .iter()
-            .filter(|s| replay && rejected(s))
-            .cloned()
-            .collect();
-        let kept: Vec<String> = read
-            .iter()
-            .filter(|s| !(replay && rejected(s)))
-            .cloned()
-            .collect();
-        // Within its first batch nothing is rotated: the kept ones stay in
-        // place. After, they were rotated behind the unread ones.
-        let want_left: Vec<String> = if seen < 1000 {
-            kept.iter().chain(unread).cloned().collect()
-        } else {
-            unread.iter().chain(&kept).cloned().collect()
-        };
-        assert_eq!(moved, want_moved, "{sig} {args:?}: moved, after {seen}");
-        assert_eq!(
-            left, want_left,
-            "{sig} {args:?}: left in order, none lost or duplicated, after {seen}"
-        );
-        order = left;
+    for i in 0..n {
+        assert!(times.contains_key(i.to_string().as_str()), "{i} lost");
     }
-    sb.cleanup().await.unwrap();
+    let dups = sent.len() - n;
+    assert!(dups <= REPLAY_BATCH, "{dups} duplicates");
+    assert!(peek_all(&c).await.is_empty(), "every one resolved");
+    // Nothing was taken off the store: all still listed as resolved.
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json", "--resolved"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), n);
+    assert!(out
+        .lines()
+        .all(|l| l.contains("\"resolved\":\"replayed at ")));
+    cleanup(sb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_reader_at_a_time_and_purge_refuses_while_a_pass_runs() {
+async fn sigint_stops_a_replay_at_a_batch_boundary() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
-    let n = 10_000usize;
+    let n = 3000usize;
     fill(&c, n).await;
-    let conn = topology::connect(&c.amqp, "test watcher").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let dlq = c.amqp.dead_letter_queue.clone();
-    let mut child = imattr(&c)
-        .args(["dlq", "stats"])
-        .stdout(std::process::Stdio::null())
+    let child = imattr(&c)
+        .args(["dlq", "replay", "--rate", "1000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    eventually_async(|| async { imattr::dlq::pass::count(&ch, &dlq).await.unwrap().1 == 1 }).await;
-    // Frozen mid-pass, it keeps its consumer and its window.
-    signal("-STOP", &child);
-    assert_eq!(
-        imattr::dlq::pass::count(&ch, &dlq).await.unwrap().1,
-        1,
-        "the pass was stopped while it read"
+    eventually_async(|| async { sb.depth(&c.amqp.queue).await.unwrap() > 0 }).await;
+    signal("-INT", &child);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the replay stops")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
     );
-    let (code, _, err) = imattr_output(&c, &["dlq", "list"]).await;
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("only one may read it at a time"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("interrupted after") && stderr.contains("nothing was lost"),
+        "{stderr}"
+    );
+    let (moved, left, failed) = final_line(&stdout);
+    assert!(moved > 0 && left > 0, "{stdout}");
+    assert_eq!(moved + left + failed, n as u64);
+    let sent = body_ns(&drain(&c, &c.amqp.queue).await);
+    let want: Vec<String> = (0..moved as usize).map(|i| i.to_string()).collect();
+    assert_eq!(sent, want, "exactly the recorded ones went, once");
+    let rest = peek_all(&c).await;
+    assert_eq!(
+        ns(&rest),
+        (moved as usize..n)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+    );
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_and_purge_resolve_only_what_they_name() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 10).await;
+    let all = peek_all(&c).await;
+    let (a, b) = (all[1].id.to_string(), all[2].id.to_string());
+    let (code, out, err) = imattr_output(&c, &["dlq", "delete", &a, &b]).await;
+    assert_eq!((code, out.trim()), (0, "deleted 2"), "{err}");
+    let (code, _, err) = imattr_output(&c, &["dlq", "delete"]).await;
+    assert_eq!(code, 2, "no ids, no filter: {err}");
+    let (code, out, err) = imattr_output(
+        &c,
+        &["dlq", "purge", "--yes", "--reason", "invalid-message"],
+    )
+    .await;
+    // 1, 3, 5, 7, 9 are invalid-message; 1 was deleted already.
+    assert_eq!((code, out.trim()), (0, "purged 4"), "{err}");
+    assert_eq!(ns(&peek_all(&c).await), ["0", "4", "6", "8"]);
+    let (code, out, err) = imattr_output(&c, &["dlq", "show", &b]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"resolved\": \"deleted at "), "{out}");
     let (code, out, err) = imattr_output(&c, &["dlq", "purge", "--yes"]).await;
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("is being read by 1 consumer"), "{err}");
-    signal("-CONT", &child);
-    let status = child.wait().await.unwrap();
-    assert!(status.success(), "{status:?}");
+    assert_eq!((code, out.trim()), (0, "purged 4"), "{err}");
+    assert!(peek_all(&c).await.is_empty());
+    let (code, _, err) = imattr_output(&c, &["dlq", "show", "999999"]).await;
+    assert_eq!(code, 2, "{err}");
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_comes_back_shows_its_replays() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 1).await;
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "moved 1, left 0, failed 0");
+    // The worker fails it again: what it dead-letters carries the replay's headers.
+    let conn = topology::connect(&c.amqp, "test again").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            c.amqp.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let f = Failure {
+        reason: Reason::Rejected,
+        code: 90033,
+        error: "again".into(),
+        account: Some("a".into()),
+        attempts: 1,
+    };
+    let props = dead_letter_properties(&d.properties, &f, &[], &c.amqp.queue, "a", 2);
+    let mut p = Publisher::new(&conn, "").await.unwrap();
+    p.publish(&c.amqp.dead_letter_queue, &d.data, props)
+        .await
+        .unwrap();
+    p.finish().await.unwrap();
+    d.acker.ack(BasicAckOptions::default()).await.unwrap();
     let _ = conn.close(200, "done".into()).await;
-    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-    assert_eq!(ns(&peek_all(&c, 2000).await), want, "nothing purged");
-    sb.cleanup().await.unwrap();
+
+    let now = peek_all(&c).await;
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].replays, 1);
+    assert!(now[0].last_replayed_at_ms.is_some());
+    assert_eq!(now[0].error.as_deref(), Some("again"));
+    let (code, table, err) = imattr_output(&c, &["dlq", "list", "--resolved", "--wide"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("replayed 1x, last "), "{table}");
+    assert!(
+        table.contains("replayed at "),
+        "the first one, resolved: {table}"
+    );
+    cleanup(sb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_dead_letter_queue_is_refused_with_exit_2() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let conn = topology::connect(&sb.config.amqp, "test legacy")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for (kind, args) in [("classic", None), ("quorum", Some("quorum"))] {
+        let mut c = sb.config.clone();
+        c.amqp.dead_letter_queue = format!("{}.legacy.{kind}", sb.config.amqp.dead_letter_queue);
+        let mut t = FieldTable::default();
+        if let Some(k) = args {
+            t.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString(k.into()),
+            );
+        }
+        ch.queue_declare(
+            c.amqp.dead_letter_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            t,
+        )
+        .await
+        .unwrap();
+        for args in [
+            &["dlq", "list"][..],
+            &["dlq", "stats"][..],
+            &["dlq", "replay"][..],
+            &["dlq", "purge", "--yes"][..],
+        ] {
+            let (code, _, err) = imattr_output(&c, args).await;
+            assert_eq!(code, 2, "{kind} {args:?}: {err}");
+            assert!(err.contains(&c.amqp.dead_letter_queue), "{err}");
+            assert!(err.contains(&format!("{kind} queue")), "{err}");
+            assert!(err.contains("imattr dlq migrate"), "{err}");
+        }
+        ch.queue_delete(
+            c.amqp.dead_letter_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "done".into()).await;
+    cleanup(sb).await;
+}
+
+/// Informal figures (no assertion on time): `IMATTR_DLQ_MEASURE=N cargo test
+/// --release --test dlq measure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure() {
+    let n: usize = std::env::var("IMATTR_DLQ_MEASURE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let t = std::time::Instant::now();
+    fill(&c, n).await;
+    println!("fill {n}: {:?}", t.elapsed());
+    let q = open(&c).await;
+    let t = std::time::Instant::now();
+    let p = q.page(&Filter::default(), None, 50).await.unwrap();
+    println!("list first page: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let later = Some(p.items[0].id + n as u64 * 9 / 10);
+    q.page(&Filter::default(), later, 50).await.unwrap();
+    println!("list later page (--after at 90%): {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let s = q.stats(&Filter::default()).await.unwrap();
+    println!("stats {}: {:?}", s.total, t.elapsed());
+    let t = std::time::Instant::now();
+    let mut sink = std::io::sink();
+    let e = q.export(&Filter::default(), &mut sink).await.unwrap();
+    let el = t.elapsed();
+    println!(
+        "export {e}: {el:?} ({:.0} msgs/s)",
+        e as f64 / el.as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    let o = ReplayOptions {
+        limit: Some(10_000.min(n)),
+        ..replay_all(Default::default())
+    };
+    let r = q.replay(&o, &|_| {}).await.unwrap();
+    println!("replay {}: {:?}", r.moved, t.elapsed());
+    q.close().await;
+    cleanup(sb).await;
 }

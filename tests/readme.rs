@@ -267,8 +267,10 @@ async fn the_readme_session_runs_as_written() {
                 );
                 assert_eq!(got, want, "$ {command}\n{stdout}");
                 for line in stdout.lines() {
-                    for counted in ["published ", "replayed "] {
-                        if let Some(n) = line.strip_prefix(counted) {
+                    // `published N` and a replay's `moved N, left L, failed F`.
+                    for counted in ["published ", "moved "] {
+                        if let Some(rest) = line.strip_prefix(counted) {
+                            let n = rest.split(',').next().unwrap_or(rest);
                             sent += n.trim().parse::<f64>().unwrap();
                         }
                     }

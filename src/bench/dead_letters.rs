@@ -29,8 +29,10 @@ pub(crate) async fn fill_dead_letters(
     let mut tasks = Vec::new();
     for c in 0..channels {
         let mut p =
-            crate::publish::Publisher::new(&conn, &config.amqp.dead_letter_exchange).await?;
+            // Into the stream by name, as the worker publishes its dead letters.
+            crate::publish::Publisher::new(&conn, "").await?;
         let queue = config.amqp.queue.clone();
+        let dlq = config.amqp.dead_letter_queue.clone();
         tasks.push(tokio::spawn(async move {
             let base = crate::publish::update_properties();
             let ls = |s: &str| AMQPValue::LongString(LongString::from(s));
@@ -86,7 +88,7 @@ pub(crate) async fn fill_dead_letters(
                         now_ms - (n - i) as i64,
                     )
                 };
-                p.publish(&account, &body, props).await?;
+                p.publish(&dlq, &body, props).await?;
             }
             p.finish().await
         }));

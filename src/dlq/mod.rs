@@ -1,72 +1,66 @@
-//! Operator tools for the dead-letter queue: list, stats, export, replay, purge.
+//! The dead-letter store and its tools: list, show, stats, export, replay,
+//! delete and purge.
 //!
-//! # How the tools read the queue
+//! # How the store works
 //!
-//! A queue can only be read by taking messages off it, and a message taken
-//! stays "unacknowledged" on the broker until it is acknowledged (gone) or
-//! returned. So every command reads with one consumer whose prefetch window
-//! (`PassConfig::window`, 2,000 by default, never more than
-//! `pass::MAX_WINDOW`) bounds how many messages are out at once, whatever
-//! the queue holds, and reads exactly the messages ready when it started (the
-//! count of a passive queue declare): dead letters that arrive meanwhile are
-//! left alone, so `replay` ends even while the worker dead-letters again what
-//! it replays.
+//! The dead-letter queue is a RabbitMQ stream: the worker appends, nothing is
+//! ever taken off it, and a dead letter's id is its offset. What `replay`,
+//! `delete` and `purge` resolve is appended to a second stream, the ledger
+//! (`<dlq>.ledger`, see [`ledger`]), as ranges of offsets. Every command
+//! first reads the ledger into merged ranges, then the store from the start
+//! (or from a cursor) up to the last offset present when it started,
+//! skipping resolved entries. So:
+//! - reading never changes anything (no delivery limit, no requeue: the
+//!   broker cannot drop a dead letter because it was read);
+//! - `replay`, `delete` and `purge` act only on what was present when they
+//!   started, even while the worker keeps appending;
+//! - `replay` publishes a batch with confirms, then appends the batch's
+//!   ledger entry with confirms: killed between the two, that one batch is
+//!   sent again by the next replay (at most [`REPLAY_BATCH`] duplicates),
+//!   and nothing is lost;
+//! - space is reclaimed only by the stream's retention (`x-max-age`,
+//!   `x-max-length-bytes` policies), which drops whole old segments whether
+//!   or not their dead letters were resolved.
 //!
-//! A message the command keeps (all of them for `list`, `stats`, `export`
-//! and `replay --dry-run`; the unmatched ones for `replay`) is *rotated*: a
-//! copy is published to the tail of the queue (default exchange, publisher
-//! confirms) and the original acknowledged once the copy is confirmed, a
-//! half window at a time. After a full pass the queue holds the same messages
-//! in the same order. Messages the command moves (`replay`) are published to
-//! `amqp.exchange` with confirms and acknowledged the same way.
-//!
-//! The trade-offs, for operators:
-//! - Order: a full pass keeps the order of the messages it read. Dead letters
-//!   that arrive during a pass land between the copies, so they are no longer
-//!   all behind the older ones (each keeps its `x-imattr-failed-at`).
-//! - Cost: a rotated message is written to the queue again (persistent), so
-//!   a pass costs the broker about what publishing and consuming the queue
-//!   once does. A pass that ends within its first half window (a small queue,
-//!   `list --limit N`, `replay --limit N` stopping early) rotates nothing: the
-//!   copies are held back until a batch is settled, so they are dropped
-//!   unpublished and the messages return to their places when the channel
-//!   closes (RabbitMQ requeues a classic queue's messages in place).
-//! - Killed mid-pass (SIGKILL, crash, lost connection): nothing is lost,
-//!   since an original is acknowledged only after its copy or replay is
-//!   confirmed; the unacknowledged window returns to the head. At worst the
-//!   batch being settled is duplicated (its copies confirmed, its originals
-//!   not yet acknowledged): at most half a window, and for `replay` at most
-//!   that many messages sent to the updates exchange twice. The queue's order
-//!   is then [unread…, rotated…]. SIGINT/SIGTERM stop cleanly at a batch
-//!   boundary (no duplicate).
-//! - Only one command reads at a time (exclusive consumer); `purge` refuses
-//!   while one does. A max-length policy on the dead-letter queue would drop
-//!   messages from its head while copies are added: do not set one.
-//!
-//! A stream queue would allow non-destructive reads by offset, but not the
-//! removal a replay needs, and would change the topology existing queues have.
+//! Commands that write the ledger (`replay`, `delete`, `purge`) hold the
+//! store's lock (`<dlq>.lock`, an exclusive queue) on a connection of their
+//! own, so two of them never resolve the same entries twice.
 
+pub(crate) mod ledger;
 pub mod migrate;
+pub(crate) mod pace;
 pub mod pass;
+pub mod reader;
 pub(crate) mod replay;
 pub(crate) mod stats;
 pub(crate) mod view;
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
+use std::ops::ControlFlow;
 
 use anyhow::Context;
-use lapin::options::QueuePurgeOptions;
-use lapin::{Channel, Connection};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::{BasicProperties, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
 
-pub use pass::PassConfig;
-pub(crate) use pass::{PassReport, Visit};
-pub(crate) use stats::Stats;
+pub use stats::{By, Stats};
 pub use view::{DeadLetterView, Filter};
 pub(crate) use view::{Table, REASONS};
 
-use crate::amqp::topology;
+use crate::amqp::deadletter::now_ms;
+use crate::amqp::{headerblob, topology};
 use crate::config::Config;
+use ledger::{Action, Resolved};
+use view::Meta;
+
+/// The stream reader the store uses: the native stream protocol, which reads
+/// whole chunks. [`reader::AmqpReader`] (AMQP 0-9-1) has the same methods.
+type Reader = crate::amqp::stream::StreamReader;
+use crate::amqp::stream::StreamMessage;
+
+/// Dead letters replayed per batch: published with confirms, then recorded
+/// in the ledger; also the most a crash between the two can duplicate.
+pub const REPLAY_BATCH: usize = 500;
 
 /// What `replay` does.
 #[derive(Debug, Clone, Default)]
@@ -79,136 +73,309 @@ pub struct ReplayOptions {
     pub dry_run: bool,
     /// Republish whole messages, not only their failed accounts' entries.
     pub whole: bool,
+    /// At most this many messages a second.
+    pub rate_per_sec: Option<f64>,
+    /// Stops the replay at its next batch boundary.
+    pub cancel: CancellationToken,
+    /// Who replays, recorded in the ledger.
+    pub by: String,
 }
 
-/// A connection to the broker with the topology declared.
+/// How far a replay got, after each batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Replayed (confirmed and recorded) so far.
+    pub moved: u64,
+    /// Refused by the broker (unroutable or nacked) so far: still in the store.
+    pub failed: u64,
+    /// Matching dead letters this replay will try (after `limit`).
+    pub total: u64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Replayed (confirmed and recorded).
+    pub moved: u64,
+    /// Matching dead letters present at the start that are still unresolved
+    /// and were not tried (`limit`, an interruption; with `dry_run`: every
+    /// matching one).
+    pub left: u64,
+    /// Refused by the broker; still in the store.
+    pub failed: u64,
+    /// Stopped by its cancellation token.
+    pub cancelled: bool,
+}
+
+/// One page of dead letters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// Oldest first.
+    pub items: Vec<DeadLetterView>,
+    /// Pass it as `after` for the next page; `None` when this one is the last.
+    pub next_after: Option<u64>,
+}
+
+/// A dead letter as read: headers restored, facts read.
+struct Letter {
+    id: u64,
+    meta: Meta,
+    properties: BasicProperties,
+    body: Vec<u8>,
+}
+
+impl Letter {
+    fn decode(m: StreamMessage, dlq: &str) -> Letter {
+        let headers = headerblob::restore(&m.headers);
+        let mut meta = Meta::read(&headers, "", dlq);
+        // Without its own failure time, the time the broker stored it.
+        if meta.failed_at_ms.is_none() && m.chunk_timestamp_ms > 0 {
+            meta.failed_at_ms = Some(m.chunk_timestamp_ms);
+        }
+        Letter {
+            id: m.offset,
+            meta,
+            properties: m.properties.with_headers(headers),
+            body: m.body,
+        }
+    }
+
+    fn view(&self, resolved: Option<&ledger::Span>) -> DeadLetterView {
+        let mut v = DeadLetterView::new(&self.meta, &self.properties, &self.body);
+        v.id = self.id;
+        v.resolved =
+            resolved.map(|s| format!("{} at {}", s.action.as_str(), view::utc_time(s.at_ms)));
+        v
+    }
+}
+
+/// What a command sees when it starts.
+struct Snapshot {
+    resolved: Resolved,
+    /// The last offset present, `None` for an empty store.
+    last: Option<u64>,
+}
+
+impl Snapshot {
+    /// The offsets to read for `filter` from `from`, if any.
+    fn bounds(&self, filter: &Filter, from: u64) -> Option<(u64, u64)> {
+        let mut until = self.last?;
+        let mut from = from;
+        if let Some((lo, hi)) = filter.id_range() {
+            from = from.max(lo);
+            until = until.min(hi);
+        }
+        (from <= until).then_some((from, until))
+    }
+}
+
+/// The dead-letter store `amqp.dead_letter_queue` refused: it is a classic
+/// or quorum queue from an earlier release.
+fn legacy_refusal(queue: &str, detail: &str) -> anyhow::Error {
+    let kind = if detail.contains("'quorum'") {
+        "quorum queue"
+    } else {
+        "classic queue"
+    };
+    crate::cli::UsageError(format!(
+        "the dead-letter queue {queue} is a {kind} from an earlier release; the dlq commands \
+         read a stream, and reading a queue can make the broker drop dead letters: run \
+         `imattr dlq migrate` first (docs/dead-letters.md) [{detail}]"
+    ))
+    .into()
+}
+
+/// The store: a connection for declarations and the lock, and a reader.
 pub struct Dlq {
     conn: Connection,
-    channel: Channel,
     config: Config,
-    pass_config: PassConfig,
-    cancel: CancellationToken,
-    progress: bool,
+    reader: tokio::sync::Mutex<Reader>,
 }
 
 impl std::fmt::Debug for Dlq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dlq")
             .field("queue", &self.config.amqp.dead_letter_queue)
-            .field("pass", &self.pass_config)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl Dlq {
-    /// Connects and declares what the tools need (never the updates queue).
+    /// Connects, refuses a legacy (classic or quorum) dead-letter queue, and
+    /// declares what the tools need (never the updates queue) and the ledger.
     pub async fn open(config: &Config) -> anyhow::Result<Dlq> {
         let conn = crate::amqp::nodes::connect_first(&config.amqp, "imattr dlq").await?;
+        let dlq = &config.amqp.dead_letter_queue;
+        if let topology::StoreKind::Legacy { detail } =
+            topology::dead_letter_store_kind(&conn, &config.amqp).await?
+        {
+            let _ = conn.close(200, "legacy".into()).await;
+            return Err(legacy_refusal(dlq, &detail));
+        }
         let channel = conn.create_channel().await.context("opening a channel")?;
         topology::declare_for_tools(&conn, &channel, &config.amqp).await?;
-        Ok(Dlq {
+        // What the broker dead-lettered since the last sweep is in the inbox;
+        // every command sees it, worker running or not.
+        crate::amqp::inbox::sweep(&conn, &config.amqp, &CancellationToken::new()).await?;
+        let ledger = ledger::ledger_name(dlq);
+        // Reading an empty stream's end costs a bounded wait (nothing tells
+        // "empty" from "not yet delivered"), so a new ledger gets a first,
+        // empty entry and every later read of it ends at once.
+        let probe = conn.create_channel().await.context("opening a channel")?;
+        let existed = probe
+            .queue_declare(
+                ledger.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = probe.close(200, "probed".into()).await;
+        channel
+            .queue_declare(
+                ledger.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                topology::dead_letter_queue_arguments(&config.amqp),
+            )
+            .await
+            .with_context(|| format!("declaring the ledger stream {ledger}"))?;
+        let _ = channel.close(200, "declared".into()).await;
+        let reader = Reader::connect(&config.amqp, "imattr dlq reader").await?;
+        let q = Dlq {
             conn,
-            channel,
             config: config.clone(),
-            pass_config: PassConfig::default(),
-            cancel: CancellationToken::new(),
-            progress: false,
-        })
+            reader: tokio::sync::Mutex::new(reader),
+        };
+        if !existed {
+            let first = ledger::Entry {
+                action: Action::Deleted,
+                at_ms: now_ms(),
+                by: "imattr (ledger created)".into(),
+                ranges: Vec::new(),
+            };
+            q.append(&q.conn, &[first]).await?;
+        }
+        Ok(q)
     }
 
-    /// Reads with this window instead of the default.
-    pub fn with_pass_config(mut self, pass: PassConfig) -> Dlq {
-        self.pass_config = pass;
-        self
-    }
-
-    /// Stops a pass at its next batch boundary when `cancel` fires.
-    pub(crate) fn with_cancel(mut self, cancel: CancellationToken) -> Dlq {
-        self.cancel = cancel;
-        self
-    }
-
-    /// Shows a progress bar on stderr when it is a terminal.
-    pub(crate) fn with_progress(mut self, on: bool) -> Dlq {
-        self.progress = on && std::io::stderr().is_terminal();
-        self
-    }
-
-    /// Closes the connection cleanly.
+    /// Closes the connections cleanly.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        self.reader.into_inner().close().await;
         let _ = self.conn.close(200, "done".into()).await;
     }
 
-    /// Ready messages and consumers of the dead-letter queue.
-    pub(crate) async fn count(&self) -> anyhow::Result<(u32, u32)> {
-        pass::count(&self.channel, &self.config.amqp.dead_letter_queue).await
+    fn dlq(&self) -> &str {
+        &self.config.amqp.dead_letter_queue
     }
 
-    async fn pass(
+    /// Reads the ledger, then the last offset of the store.
+    async fn snapshot(&self, r: &mut Reader) -> anyhow::Result<Snapshot> {
+        let ledger = ledger::ledger_name(self.dlq());
+        let mut resolved = Resolved::default();
+        if let Some(last) = r.last_offset(&ledger).await? {
+            r.read(&ledger, 0, last, |m| {
+                match serde_json::from_slice::<ledger::Entry>(&m.body) {
+                    Ok(e) => resolved.add(&e),
+                    Err(e) => {
+                        tracing::warn!(ledger = %ledger, offset = m.offset, error = %e, "Unreadable ledger entry skipped");
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .await?;
+        }
+        let last = r.last_offset(self.dlq()).await?;
+        tracing::debug!(spans = resolved.spans(), last = ?last, "Dead-letter store snapshot");
+        Ok(Snapshot { resolved, last })
+    }
+
+    /// Calls `f` with each dead letter in `from..=until`, decoded.
+    async fn scan(
         &self,
-        config: PassConfig,
-        visit: &mut pass::Visitor<'_>,
-    ) -> anyhow::Result<PassReport> {
-        let bar = if self.progress {
-            let b = indicatif::ProgressBar::new(0);
-            if let Ok(style) =
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
-            {
-                b.set_style(style);
-            }
-            b
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        let target = pass::Target {
-            conn: &self.conn,
-            queue: &self.config.amqp.dead_letter_queue,
-            exchange: &self.config.amqp.exchange,
-        };
-        let r = pass::run(&target, config, visit, &bar, &self.cancel).await;
-        bar.finish_and_clear();
-        r
+        r: &mut Reader,
+        from: u64,
+        until: u64,
+        mut f: impl FnMut(Letter) -> ControlFlow<()>,
+    ) -> anyhow::Result<u64> {
+        let dlq = self.dlq().to_string();
+        r.read(&dlq, from, until, |m| f(Letter::decode(m, &dlq)))
+            .await
     }
 
-    /// Hands `sink` the dead letters matching `filter`, oldest first, at most
-    /// `limit`, leaving the queue as it was.
+    /// Hands `sink` the dead letters matching `filter` with id > `after`,
+    /// oldest first, at most `limit`; resolved ones too when `resolved`.
+    /// Returns the next cursor when it stopped at `limit` with more to read.
     pub(crate) async fn list(
         &self,
         filter: &Filter,
+        after: Option<u64>,
         limit: Option<usize>,
-        sink: &mut dyn FnMut(DeadLetterView) -> anyhow::Result<()>,
-    ) -> anyhow::Result<PassReport> {
+        resolved: bool,
+        sink: &mut (dyn FnMut(DeadLetterView) -> anyhow::Result<()> + Send),
+    ) -> anyhow::Result<Option<u64>> {
         if limit == Some(0) {
-            return Ok(PassReport::default());
+            return Ok(None);
         }
-        // Without a filter the first N are the answer: a window of exactly N
-        // (when it fits) reads them and nothing more, and they go back in place.
-        let config = match limit {
-            Some(n) if filter.is_empty() && n <= usize::from(pass::MAX_WINDOW) => {
-                let n = n as u16;
-                PassConfig {
-                    window: n,
-                    batch: n,
-                }
-            }
-            _ => self.pass_config,
+        let mut r = self.reader.lock().await;
+        let snap = self.snapshot(&mut r).await?;
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        let Some((from, until)) = snap.bounds(filter, from) else {
+            return Ok(None);
         };
         let mut found = 0usize;
-        self.pass(config, &mut |meta, props, body| {
-            if filter.matches(meta) {
-                found += 1;
-                sink(DeadLetterView::new(meta, props, body))?;
+        let mut failure = None;
+        let mut next = None;
+        self.scan(&mut r, from, until, |l| {
+            let span = snap.resolved.get(l.id);
+            if (span.is_some() && !resolved) || !filter.matches(l.id, &l.meta, &l.body) {
+                return ControlFlow::Continue(());
             }
-            Ok(Visit::keep().enough(limit.is_some_and(|l| found >= l)))
+            if let Err(e) = sink(l.view(span)) {
+                failure = Some(e);
+                return ControlFlow::Break(());
+            }
+            found += 1;
+            if limit.is_some_and(|n| found >= n) {
+                next = (l.id < until).then_some(l.id);
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
         })
-        .await
+        .await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(next),
+        }
     }
 
-    /// Up to `limit` dead letters, oldest first, leaving the queue as it was.
+    /// Dead letters matching `filter` with id > `after`, oldest first, at
+    /// most `limit`, and the cursor of the next page.
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        after: Option<u64>,
+        limit: usize,
+    ) -> anyhow::Result<Page> {
+        let mut items = Vec::new();
+        let next_after = self
+            .list(filter, after, Some(limit), false, &mut |v| {
+                items.push(v);
+                Ok(())
+            })
+            .await?;
+        Ok(Page { items, next_after })
+    }
+
+    /// Every unresolved dead letter (at most `limit`), oldest first.
     pub async fn peek(&self, limit: Option<usize>) -> anyhow::Result<Vec<DeadLetterView>> {
         let mut out = Vec::new();
-        self.list(&Filter::default(), limit, &mut |v| {
+        self.list(&Filter::default(), None, limit, false, &mut |v| {
             out.push(v);
             Ok(())
         })
@@ -216,88 +383,349 @@ impl Dlq {
         Ok(out)
     }
 
-    /// Writes the dead letters matching `filter` to `w` as NDJSON, removing
-    /// nothing; returns how many.
-    pub async fn export(&self, filter: &Filter, w: &mut dyn Write) -> anyhow::Result<u64> {
-        let mut n = 0u64;
-        self.pass(self.pass_config, &mut |meta, props, body| {
-            if filter.matches(meta) {
-                serde_json::to_writer(&mut *w, &DeadLetterView::new(meta, props, body))?;
-                w.write_all(b"\n").context("writing the export")?;
-                n += 1;
+    /// One dead letter by id, resolved or not (`resolved` says how).
+    pub async fn show(&self, id: u64) -> anyhow::Result<Option<DeadLetterView>> {
+        let mut r = self.reader.lock().await;
+        let snap = self.snapshot(&mut r).await?;
+        if snap.last.is_none_or(|l| id > l) {
+            return Ok(None);
+        }
+        let mut found = None;
+        self.scan(&mut r, id, id, |l| {
+            if l.id == id {
+                found = Some(l.view(snap.resolved.get(id)));
             }
-            Ok(Visit::keep())
+            ControlFlow::Break(())
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Counts the unresolved dead letters matching `filter` (memory bounded
+    /// whatever their number), with the 10 most frequent accounts.
+    pub async fn stats(&self, filter: &Filter) -> anyhow::Result<Stats> {
+        self.stats_top(filter, 10).await
+    }
+
+    /// [`Dlq::stats`] with the `top` most frequent accounts.
+    pub async fn stats_top(&self, filter: &Filter, top: usize) -> anyhow::Result<Stats> {
+        let mut r = self.reader.lock().await;
+        let snap = self.snapshot(&mut r).await?;
+        let mut tally = stats::Tally::default();
+        if let Some((from, until)) = snap.bounds(filter, 0) {
+            self.scan(&mut r, from, until, |l| {
+                if snap.resolved.get(l.id).is_none() && filter.matches(l.id, &l.meta, &l.body) {
+                    tally.add(&l.meta, l.body.len());
+                }
+                ControlFlow::Continue(())
+            })
+            .await?;
+        }
+        Ok(tally.report(top))
+    }
+
+    /// Writes the unresolved dead letters matching `filter` to `w` as
+    /// NDJSON, oldest first; returns how many.
+    pub async fn export(&self, filter: &Filter, w: &mut (dyn Write + Send)) -> anyhow::Result<u64> {
+        let mut n = 0u64;
+        self.list(filter, None, None, false, &mut |v| {
+            serde_json::to_writer(&mut *w, &v).context("writing the export")?;
+            w.write_all(b"\n").context("writing the export")?;
+            n += 1;
+            Ok(())
         })
         .await?;
         w.flush().context("writing the export")?;
         Ok(n)
     }
 
-    /// Counts the dead letters (memory bounded whatever their number).
-    pub(crate) async fn stats(&self) -> anyhow::Result<Stats> {
-        let mut s = Stats::default();
-        self.pass(self.pass_config, &mut |meta, _, body| {
-            s.add(meta, body.len());
-            Ok(Visit::keep())
-        })
-        .await?;
-        Ok(s)
-    }
-
-    /// Moves matching dead letters (at most `limit`, among those present at
-    /// the start) back to `amqp.exchange` without the `x-imattr-*` headers,
-    /// counting `x-imattr-replays`; for a message with
-    /// `x-imattr-failed-accounts` only those accounts' entries unless `whole`.
-    /// Each is confirmed by the broker before it leaves the DLQ; the others
-    /// stay in order. With `dry_run`, nothing moves. Returns how many matched.
-    pub async fn replay(&self, o: &ReplayOptions) -> anyhow::Result<usize> {
-        let mut matched = 0usize;
-        self.pass(self.pass_config, &mut |meta, props, body| {
-            if o.limit.is_some_and(|l| matched >= l) || !o.filter.matches(meta) {
-                return Ok(Visit::keep());
-            }
-            matched += 1;
-            let enough = o.limit.is_some_and(|l| matched >= l);
-            Ok(if o.dry_run {
-                Visit::keep()
+    /// Opens a connection of its own and takes the store's lock on it: the
+    /// lock lasts as long as that connection.
+    async fn locked(&self, what: &str) -> anyhow::Result<Connection> {
+        let conn =
+            crate::amqp::nodes::connect_first(&self.config.amqp, &format!("imattr dlq {what}"))
+                .await?;
+        let ch = conn.create_channel().await.context("opening a channel")?;
+        if let Err(e) = topology::take_consume_lock(&ch, self.dlq()).await {
+            let _ = conn.close(200, "busy".into()).await;
+            return Err(if e.downcast_ref::<topology::QueueBusy>().is_some() {
+                anyhow::anyhow!(
+                    "another `imattr dlq` command (replay, delete, purge or migrate) is \
+                     changing {}; wait for it to finish and retry",
+                    self.dlq()
+                )
             } else {
-                Visit::moved(replay::outgoing(meta, props, body, o.whole))
-            }
-            .enough(enough))
-        })
-        .await?;
-        Ok(matched)
+                e
+            });
+        }
+        Ok(conn)
     }
 
-    /// Deletes the dead letters matching `filter` among those present at the
-    /// start, leaving the others in order; returns how many. Each is removed
-    /// by acknowledging it: nothing is requeued, expired or dead-lettered.
-    pub(crate) async fn purge_matching(&self, filter: &Filter) -> anyhow::Result<u64> {
-        let report = self
-            .pass(self.pass_config, &mut |meta, _, _| {
-                Ok(if filter.matches(meta) {
-                    Visit::removed()
-                } else {
-                    Visit::keep()
-                })
+    /// Appends ledger entries for `offsets` (sorted), each confirmed.
+    async fn record(
+        &self,
+        conn: &Connection,
+        action: Action,
+        by: &str,
+        offsets: &[u64],
+    ) -> anyhow::Result<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.append(conn, &ledger::entries(action, now_ms(), by, offsets))
+            .await
+    }
+
+    /// Appends ledger entries, each confirmed.
+    async fn append(&self, conn: &Connection, entries: &[ledger::Entry]) -> anyhow::Result<()> {
+        let ledger = ledger::ledger_name(self.dlq());
+        let ch = topology::confirm_channel(conn).await?;
+        for e in entries {
+            let body = serde_json::to_vec(e).context("encoding a ledger entry")?;
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    ledger.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &body,
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await
+                .context("appending to the ledger")?
+                .await
+                .context("appending to the ledger")?;
+            anyhow::ensure!(
+                matches!(confirm, Confirmation::Ack(None)),
+                "the broker did not take a ledger entry of {ledger}"
+            );
+        }
+        let _ = ch.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    /// Marks the unresolved dead letters matching `filter` as deleted (the
+    /// stream's retention reclaims the space); returns how many.
+    pub async fn delete(&self, filter: &Filter, by: &str) -> anyhow::Result<u64> {
+        let conn = self.locked("delete").await?;
+        let result = async {
+            let mut r = self.reader.lock().await;
+            let snap = self.snapshot(&mut r).await?;
+            let Some((from, until)) = snap.bounds(filter, 0) else {
+                return Ok(0);
+            };
+            let mut offsets = Vec::new();
+            self.scan(&mut r, from, until, |l| {
+                if snap.resolved.get(l.id).is_none() && filter.matches(l.id, &l.meta, &l.body) {
+                    offsets.push(l.id);
+                }
+                ControlFlow::Continue(())
             })
             .await?;
-        Ok(report.removed)
+            drop(r);
+            self.record(&conn, Action::Deleted, by, &offsets).await?;
+            Ok(offsets.len() as u64)
+        }
+        .await;
+        let _ = conn.close(200, "done".into()).await;
+        result
     }
 
-    /// Deletes every dead letter; returns how many.
-    pub(crate) async fn purge(&self) -> anyhow::Result<u32> {
-        let queue = &self.config.amqp.dead_letter_queue;
-        let (_, consumers) = self.count().await?;
-        // A running pass would put its window back after the purge.
-        anyhow::ensure!(
-            consumers == 0,
-            "{queue} is being read by {consumers} consumer(s) (an `imattr dlq` command?); \
-             wait for it to finish and retry"
+    /// Sends matching dead letters present at the start back to
+    /// `amqp.exchange` (see [`replay::outgoing`]), in batches: each batch is
+    /// confirmed by the broker, then recorded in the ledger. `progress` is
+    /// called after each batch.
+    pub async fn replay(
+        &self,
+        o: &ReplayOptions,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> anyhow::Result<ReplayReport> {
+        if o.limit == Some(0) {
+            return Ok(ReplayReport::default());
+        }
+        let conn = if o.dry_run {
+            None
+        } else {
+            Some(self.locked("replay").await?)
+        };
+        let result = self.replay_locked(conn.as_ref(), o, progress).await;
+        if let Some(c) = conn {
+            let _ = c.close(200, "done".into()).await;
+        }
+        result
+    }
+
+    async fn replay_locked(
+        &self,
+        conn: Option<&Connection>,
+        o: &ReplayOptions,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> anyhow::Result<ReplayReport> {
+        let mut r = self.reader.lock().await;
+        let snap = self.snapshot(&mut r).await?;
+        let Some((from, until)) = snap.bounds(&o.filter, 0) else {
+            return Ok(ReplayReport::default());
+        };
+        let unresolved_match = |l: &Letter| {
+            snap.resolved.get(l.id).is_none() && o.filter.matches(l.id, &l.meta, &l.body)
+        };
+        // Counted first: the progress bar's length and what is left.
+        let mut matching = 0u64;
+        self.scan(&mut r, from, until, |l| {
+            if unresolved_match(&l) {
+                matching += 1;
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        let total = o.limit.map_or(matching, |l| matching.min(l as u64));
+        let Some(conn) = conn.filter(|_| !o.dry_run) else {
+            return Ok(ReplayReport {
+                left: matching,
+                ..ReplayReport::default()
+            });
+        };
+        let updates = topology::confirm_channel(conn).await?;
+        let exchange = self.config.amqp.exchange.clone();
+        let batch_size = match o.rate_per_sec {
+            // About a second's worth, so that SIGINT stops within a second or so.
+            Some(rate) => (rate.ceil() as usize).clamp(1, REPLAY_BATCH),
+            None => REPLAY_BATCH,
+        };
+        let mut pace = o.rate_per_sec.map(pace::Pace::new);
+        let mut p = Progress {
+            moved: 0,
+            failed: 0,
+            total,
+        };
+        progress(&p);
+        let mut cursor = from;
+        let mut cancelled = false;
+        while p.moved + p.failed < total && cursor <= until {
+            if o.cancel.is_cancelled() {
+                cancelled = true;
+                break;
+            }
+            let want = batch_size.min((total - p.moved - p.failed) as usize);
+            let mut batch: Vec<(u64, replay::Outgoing)> = Vec::with_capacity(want);
+            let mut last_seen = None;
+            let now = now_ms();
+            self.scan(&mut r, cursor, until, |l| {
+                last_seen = Some(l.id);
+                if unresolved_match(&l) {
+                    let out = replay::outgoing(&l.meta, &l.properties, &l.body, o.whole, now);
+                    batch.push((l.id, out));
+                    if batch.len() >= want {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            })
+            .await?;
+            let Some(seen) = last_seen else { break };
+            cursor = seen.saturating_add(1);
+            if seen == u64::MAX {
+                cursor = until.saturating_add(1);
+            }
+            // Publish (paced), then wait for every confirm of the batch.
+            let mut confirms = Vec::with_capacity(batch.len());
+            for (id, out) in &batch {
+                if let Some(pace) = pace.as_mut() {
+                    if !pace.take(&o.cancel).await {
+                        cancelled = true;
+                        break;
+                    }
+                }
+                let c = updates
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        lapin::types::ShortString::try_new(out.routing_key.as_str())
+                            .unwrap_or_default(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &out.body,
+                        out.properties.clone(),
+                    )
+                    .await
+                    .context("replaying a dead letter")?;
+                confirms.push((*id, c));
+            }
+            let mut done = Vec::with_capacity(confirms.len());
+            for (id, c) in confirms {
+                match c.await.context("waiting for a publisher confirm")? {
+                    Confirmation::Ack(None) => done.push(id),
+                    _ => {
+                        tracing::warn!(id, exchange = %exchange, "Replay refused by the broker (unroutable or nacked); the dead letter stays");
+                        p.failed += 1;
+                    }
+                }
+            }
+            self.record(conn, Action::Replayed, &o.by, &done).await?;
+            p.moved += done.len() as u64;
+            progress(&p);
+            if cancelled {
+                break;
+            }
+        }
+        let _ = updates.close(200, "done".into()).await;
+        Ok(ReplayReport {
+            moved: p.moved,
+            left: matching - p.moved - p.failed,
+            failed: p.failed,
+            cancelled: cancelled || (o.cancel.is_cancelled() && p.moved + p.failed < total),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The web console holds one `Dlq` across requests and awaits its
+    /// methods in handlers that must be `Send`.
+    #[allow(dead_code)]
+    fn the_api_can_be_shared_across_tasks(q: &Dlq, f: &Filter, o: &ReplayOptions) {
+        fn send<T: Send>(_: &T) {}
+        fn shared<T: Send + Sync>() {}
+        shared::<Dlq>();
+        send(&q.page(f, None, 10));
+        send(&q.show(1));
+        send(&q.stats(f));
+        send(&q.delete(f, "x"));
+        send(&q.replay(o, &|_| {}));
+        let mut w = Vec::new();
+        send(&q.export(f, &mut w));
+    }
+
+    #[test]
+    fn a_snapshot_bounds_the_read() {
+        let s = Snapshot {
+            resolved: Resolved::default(),
+            last: Some(100),
+        };
+        let all = Filter::default();
+        assert_eq!(s.bounds(&all, 0), Some((0, 100)));
+        assert_eq!(s.bounds(&all, 101), None, "a cursor past the end");
+        let ids = Filter {
+            ids: Some(vec![7, 150, 3]),
+            ..Filter::default()
+        };
+        assert_eq!(
+            s.bounds(&ids, 0),
+            Some((3, 100)),
+            "never past the start's end"
         );
-        self.channel
-            .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-            .await
-            .context("purging the dead-letter queue")
+        assert_eq!(s.bounds(&ids, 8), Some((8, 100)));
+        let empty = Snapshot {
+            resolved: Resolved::default(),
+            last: None,
+        };
+        assert_eq!(empty.bounds(&all, 0), None);
     }
 }

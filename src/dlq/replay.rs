@@ -11,6 +11,11 @@ use serde_json::value::RawValue;
 use super::view::Meta;
 use crate::amqp::deadletter::{self, header_i64};
 
+/// `x-imattr-replayed-at`: when `dlq replay` last sent the message back,
+/// Unix ms; with `x-imattr-replays` it is the trace `dlq list` shows when the
+/// message fails again.
+pub(crate) const H_REPLAYED_AT: &str = "x-imattr-replayed-at";
+
 /// A message to republish.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Outgoing {
@@ -130,9 +135,16 @@ pub(crate) fn narrow(body: &[u8], failed: &[String]) -> Option<(Vec<u8>, Option<
     Some((body, routing_key))
 }
 
-/// What replaying a dead letter publishes: only the failed accounts' entries
-/// unless `whole`, to its original routing key.
-pub(crate) fn outgoing(meta: &Meta, props: &BasicProperties, body: &[u8], whole: bool) -> Outgoing {
+/// What replaying a dead letter publishes at `now_ms`: only the failed
+/// accounts' entries unless `whole`, to its original routing key, stamped
+/// with [`H_REPLAYED_AT`].
+pub(crate) fn outgoing(
+    meta: &Meta,
+    props: &BasicProperties,
+    body: &[u8],
+    whole: bool,
+    now_ms: i64,
+) -> Outgoing {
     let original_key = meta.routing_key.clone().unwrap_or_default();
     let narrowed = if whole {
         None
@@ -143,10 +155,13 @@ pub(crate) fn outgoing(meta: &Meta, props: &BasicProperties, body: &[u8], whole:
         Some((b, rk)) => (b, rk.unwrap_or(original_key)),
         None => (body.to_vec(), original_key),
     };
+    let properties = replay_properties(props);
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(H_REPLAYED_AT.into(), AMQPValue::LongLongInt(now_ms));
     Outgoing {
         routing_key,
         body,
-        properties: replay_properties(props),
+        properties: properties.with_headers(headers),
     }
 }
 
@@ -275,13 +290,15 @@ mod tests {
             ..Meta::default()
         };
         let p = BasicProperties::default();
-        let o = outgoing(&meta, &p, MANY.as_bytes(), false);
+        let o = outgoing(&meta, &p, MANY.as_bytes(), false, 77);
+        let h = o.properties.headers().clone().unwrap();
+        assert_eq!(header_i64(&h, H_REPLAYED_AT), Some(77));
         assert_eq!(o.routing_key, "c");
         assert_eq!(o.body, br#"{"To_Account":"c","Attrs":{"k":"4"}}"#);
-        let w = outgoing(&meta, &p, MANY.as_bytes(), true);
+        let w = outgoing(&meta, &p, MANY.as_bytes(), true, 77);
         assert_eq!(w.routing_key, "orig");
         assert_eq!(w.body, MANY.as_bytes());
-        let none = outgoing(&Meta::default(), &p, b"x", false);
+        let none = outgoing(&Meta::default(), &p, b"x", false, 77);
         assert_eq!(none.routing_key, "");
     }
 }

@@ -117,13 +117,14 @@ impl TopK {
     }
 }
 
-/// The running counts of a pass.
+/// The running counts of a read.
 #[derive(Debug, Clone)]
-pub(crate) struct Stats {
+pub(crate) struct Tally {
     total: u64,
     bytes: u64,
     by_reason: TopK,
     by_code: TopK,
+    by_error: TopK,
     by_source_queue: TopK,
     accounts: TopK,
     oldest_ms: Option<i64>,
@@ -131,66 +132,74 @@ pub(crate) struct Stats {
     replayed_before: u64,
 }
 
-impl Default for Stats {
+impl Default for Tally {
     fn default() -> Self {
-        Stats::new(ACCOUNT_COUNTERS)
+        Tally::new(ACCOUNT_COUNTERS)
     }
 }
 
-/// What `dlq stats --json` prints.
+/// What `dlq stats` found (`--json` prints it). Each breakdown lists its
+/// keys most first, at most [`KEYS_SHOWN`] of them, the dead letters of the
+/// others summed under [`OTHER`] (last), so that its counts add up to `total`
+/// (for `by_account`: the most frequent accounts only).
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub(crate) struct StatsReport {
+pub struct Stats {
     /// Dead letters counted.
-    pub(crate) total: u64,
+    pub total: u64,
     /// Their bodies' total size, in bytes.
-    pub(crate) body_bytes: u64,
-    /// By reason (`none` when a message says nothing); at most
-    /// [`KEYS_SHOWN`] keys, the rest summed under [`OTHER`].
-    pub(crate) by_reason: BTreeMap<String, u64>,
-    /// By `x-imattr-error-code` (`none` when absent), bounded the same way.
-    pub(crate) by_error_code: BTreeMap<String, u64>,
-    /// By source queue (`none` when absent), bounded the same way.
-    pub(crate) by_source_queue: BTreeMap<String, u64>,
-    /// Whether the three breakdowns' counts are exact (else there were more
-    /// than [`KEY_COUNTERS`] distinct keys and each count is a lower bound,
-    /// the difference being in [`OTHER`]).
-    pub(crate) breakdowns_exact: bool,
+    pub body_bytes: u64,
+    /// By reason (`none` when a message says nothing).
+    pub by_reason: Vec<(String, u64)>,
+    /// By `x-imattr-error-code` (`none` when absent).
+    pub by_code: Vec<(String, u64)>,
+    /// By error text: identical texts together.
+    pub by_error: Vec<(String, u64)>,
+    /// By source queue (`none` when absent).
+    pub by_queue: Vec<(String, u64)>,
     /// The accounts with the most dead letters, most first.
-    pub(crate) top_accounts: Vec<AccountCount>,
-    /// Whether `top_accounts` counts are exact (else each is a lower bound
-    /// short by at most `top_accounts_max_error`).
-    pub(crate) top_accounts_exact: bool,
-    /// See `top_accounts_exact`.
-    pub(crate) top_accounts_max_error: u64,
+    pub by_account: Vec<(String, u64)>,
+    /// Whether the reason, code, error and queue counts are exact (else
+    /// there were more than [`KEY_COUNTERS`] distinct keys and each count is
+    /// a lower bound, the difference being in [`OTHER`]).
+    pub breakdowns_exact: bool,
+    /// Whether `by_account` counts are exact (else each is a lower bound
+    /// short by at most `accounts_max_error`).
+    pub accounts_exact: bool,
+    /// See `accounts_exact`.
+    pub accounts_max_error: u64,
     /// Earliest failure time, Unix ms.
-    pub(crate) oldest_failed_at_ms: Option<i64>,
+    pub oldest_failed_at_ms: Option<i64>,
     /// Latest failure time, Unix ms.
-    pub(crate) newest_failed_at_ms: Option<i64>,
+    pub newest_failed_at_ms: Option<i64>,
     /// Dead letters that had been replayed before (`x-imattr-replays` > 0).
-    pub(crate) replayed_before: u64,
-}
-
-/// One row of `top_accounts`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub(crate) struct AccountCount {
-    /// The account.
-    pub(crate) account: String,
-    /// Its dead letters.
-    pub(crate) count: u64,
+    pub replayed_before: u64,
 }
 
 fn bump(t: &mut TopK, k: Option<&str>) {
     t.add(k.unwrap_or("none"));
 }
 
-impl Stats {
+/// A breakdown as a list, most first, [`OTHER`] last.
+fn listed(t: &TopK) -> Vec<(String, u64)> {
+    let mut rows: Vec<(String, u64)> = t.breakdown(KEYS_SHOWN).into_iter().collect();
+    rows.sort_by(|a, b| {
+        (a.0 == OTHER)
+            .cmp(&(b.0 == OTHER))
+            .then_with(|| b.1.cmp(&a.1))
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    rows
+}
+
+impl Tally {
     /// Counts with at most `account_counters` distinct accounts tracked.
-    pub(crate) fn new(account_counters: usize) -> Stats {
-        Stats {
+    pub(crate) fn new(account_counters: usize) -> Tally {
+        Tally {
             total: 0,
             bytes: 0,
             by_reason: TopK::new(KEY_COUNTERS),
             by_code: TopK::new(KEY_COUNTERS),
+            by_error: TopK::new(KEY_COUNTERS),
             by_source_queue: TopK::new(KEY_COUNTERS),
             accounts: TopK::new(account_counters),
             oldest_ms: None,
@@ -205,6 +214,7 @@ impl Stats {
         self.bytes += body_bytes as u64;
         bump(&mut self.by_reason, m.reason.as_deref());
         bump(&mut self.by_code, m.code.map(|c| c.to_string()).as_deref());
+        bump(&mut self.by_error, m.error.as_deref());
         bump(&mut self.by_source_queue, m.source_queue.as_deref());
         for a in m.accounts() {
             self.accounts.add(a);
@@ -219,24 +229,21 @@ impl Stats {
     }
 
     /// The report, with the `top` most frequent accounts.
-    pub(crate) fn report(&self, top: usize) -> StatsReport {
-        StatsReport {
+    pub(crate) fn report(&self, top: usize) -> Stats {
+        Stats {
             total: self.total,
             body_bytes: self.bytes,
-            by_reason: self.by_reason.breakdown(KEYS_SHOWN),
-            by_error_code: self.by_code.breakdown(KEYS_SHOWN),
-            by_source_queue: self.by_source_queue.breakdown(KEYS_SHOWN),
+            by_reason: listed(&self.by_reason),
+            by_code: listed(&self.by_code),
+            by_error: listed(&self.by_error),
+            by_queue: listed(&self.by_source_queue),
+            by_account: self.accounts.top(top),
             breakdowns_exact: self.by_reason.exact()
                 && self.by_code.exact()
+                && self.by_error.exact()
                 && self.by_source_queue.exact(),
-            top_accounts: self
-                .accounts
-                .top(top)
-                .into_iter()
-                .map(|(account, count)| AccountCount { account, count })
-                .collect(),
-            top_accounts_exact: self.accounts.exact(),
-            top_accounts_max_error: self.accounts.max_error(),
+            accounts_exact: self.accounts.exact(),
+            accounts_max_error: self.accounts.max_error(),
             oldest_failed_at_ms: self.oldest_ms,
             newest_failed_at_ms: self.newest_ms,
             replayed_before: self.replayed_before,
@@ -244,9 +251,52 @@ impl Stats {
     }
 }
 
-impl StatsReport {
-    /// Prints the report for a person.
-    pub(crate) fn print(&self, out: &mut impl Write, queue: &str) -> std::io::Result<()> {
+/// One grouping of `dlq stats --by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// Identical error texts together.
+    Error,
+    /// By reason.
+    Reason,
+    /// By error code.
+    Code,
+    /// By account (the most frequent).
+    Account,
+    /// By source queue.
+    Queue,
+}
+
+impl By {
+    fn title(self) -> &'static str {
+        match self {
+            By::Error => "error",
+            By::Reason => "reason",
+            By::Code => "error code",
+            By::Account => "account",
+            By::Queue => "source queue",
+        }
+    }
+}
+
+impl Stats {
+    /// One grouping.
+    pub fn by(&self, by: By) -> &[(String, u64)] {
+        match by {
+            By::Error => &self.by_error,
+            By::Reason => &self.by_reason,
+            By::Code => &self.by_code,
+            By::Account => &self.by_account,
+            By::Queue => &self.by_queue,
+        }
+    }
+
+    /// Prints the report for a person: every grouping, or only `only`.
+    pub(crate) fn print(
+        &self,
+        out: &mut impl Write,
+        queue: &str,
+        only: Option<By>,
+    ) -> std::io::Result<()> {
         writeln!(
             out,
             "{queue}: {} dead letters, {} body bytes",
@@ -269,36 +319,30 @@ impl StatsReport {
                  the rest is under {OTHER}"
             )?;
         }
-        for (title, m) in [
-            ("reason", &self.by_reason),
-            ("error code", &self.by_error_code),
-            ("source queue", &self.by_source_queue),
-        ] {
-            writeln!(out, "\nby {title}:")?;
-            let mut rows: Vec<_> = m.iter().collect();
-            // Most first, the sum of the others last.
-            rows.sort_by(|a, b| {
-                (a.0 == OTHER)
-                    .cmp(&(b.0 == OTHER))
-                    .then_with(|| b.1.cmp(a.1))
-                    .then_with(|| a.0.cmp(b.0))
-            });
+        let groups = match only {
+            Some(b) => vec![b],
+            None => vec![By::Reason, By::Code, By::Error, By::Queue, By::Account],
+        };
+        for b in groups {
+            let rows = self.by(b);
+            if b == By::Account {
+                if rows.is_empty() {
+                    continue;
+                }
+                let note = if self.accounts_exact {
+                    String::new()
+                } else {
+                    format!(
+                        " (too many accounts to count exactly: each count may be up to {} low)",
+                        self.accounts_max_error
+                    )
+                };
+                writeln!(out, "\ntop accounts{note}:")?;
+            } else {
+                writeln!(out, "\nby {}:", b.title())?;
+            }
             for (k, n) in rows {
                 writeln!(out, "  {n:>10}  {k}")?;
-            }
-        }
-        if !self.top_accounts.is_empty() {
-            let note = if self.top_accounts_exact {
-                String::new()
-            } else {
-                format!(
-                    " (too many accounts to count exactly: each count may be up to {} low)",
-                    self.top_accounts_max_error
-                )
-            };
-            writeln!(out, "\ntop accounts{note}:")?;
-            for a in &self.top_accounts {
-                writeln!(out, "  {:>10}  {}", a.count, a.account)?;
             }
         }
         Ok(())
@@ -308,6 +352,10 @@ impl StatsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn get(rows: &[(String, u64)], k: &str) -> u64 {
+        rows.iter().find(|(x, _)| x == k).map_or(0, |(_, n)| *n)
+    }
 
     #[test]
     fn topk_is_exact_while_it_fits() {
@@ -355,7 +403,7 @@ mod tests {
         // Broker-made dead letters carry headers a publisher can set: a
         // distinct reason, code and source queue each (long ones too), and
         // a few frequent ones among them.
-        let mut s = Stats::new(10);
+        let mut s = Tally::new(10);
         let long = "q".repeat(10_000);
         let n = 50_000u64;
         for i in 0..n {
@@ -389,22 +437,27 @@ mod tests {
         assert!(!r.breakdowns_exact);
         for (m, heavy) in [
             (&r.by_reason, "rejected"),
-            (&r.by_error_code, "90033"),
-            (&r.by_source_queue, "imattr.updates"),
+            (&r.by_code, "90033"),
+            (&r.by_queue, "imattr.updates"),
         ] {
             assert!(m.len() <= KEYS_SHOWN + 1, "{}", m.len());
-            assert_eq!(m.values().sum::<u64>(), n, "every dead letter counted once");
+            assert_eq!(
+                m.iter().map(|(_, c)| c).sum::<u64>(),
+                n,
+                "every dead letter counted once"
+            );
             // The frequent key is kept, its count a lower bound within the error.
-            let c = m[heavy];
+            let c = get(m, heavy);
             assert!(
                 c <= n / 10 && c + n / (KEY_COUNTERS as u64 + 1) >= n / 10,
                 "{c}"
             );
-            assert!(m[OTHER] > 0);
+            assert!(get(m, OTHER) > 0);
+            assert_eq!(m.last().map(|(k, _)| k.as_str()), Some(OTHER));
         }
 
         // A few keys: exact, no (other).
-        let mut s = Stats::new(10);
+        let mut s = Tally::new(10);
         for r in ["a", "b", "a"] {
             s.add(
                 &Meta {
@@ -416,10 +469,7 @@ mod tests {
         }
         let r = s.report(10);
         assert!(r.breakdowns_exact);
-        assert_eq!(
-            r.by_reason,
-            BTreeMap::from([("a".into(), 2), ("b".into(), 1)])
-        );
+        assert_eq!(r.by_reason, vec![("a".into(), 2), ("b".into(), 1)]);
         assert_eq!(
             bounded_key(&"é".repeat(MAX_KEY_CHARS)),
             "é".repeat(MAX_KEY_CHARS)
@@ -432,7 +482,7 @@ mod tests {
 
     #[test]
     fn counts_reasons_codes_queues_times_and_accounts() {
-        let mut s = Stats::new(10);
+        let mut s = Tally::new(10);
         let m = |reason: &str, code: Option<i64>, acc: &str, at: i64| Meta {
             reason: Some(reason.into()),
             code,
@@ -456,36 +506,52 @@ mod tests {
         let r = s.report(2);
         assert_eq!(r.total, 4);
         assert_eq!(r.body_bytes, 20);
-        assert_eq!(r.by_reason["rejected"], 2);
-        assert_eq!(r.by_reason["broker:expired"], 1);
-        assert_eq!(r.by_reason["none"], 1);
-        assert_eq!(r.by_error_code["90033"], 2);
-        assert_eq!(r.by_error_code["none"], 2);
-        assert_eq!(r.by_source_queue["q"], 3);
+        assert_eq!(get(&r.by_reason, "rejected"), 2);
+        assert_eq!(get(&r.by_reason, "broker:expired"), 1);
+        assert_eq!(get(&r.by_reason, "none"), 1);
+        assert_eq!(get(&r.by_code, "90033"), 2);
+        assert_eq!(get(&r.by_code, "none"), 2);
+        assert_eq!(get(&r.by_queue, "q"), 3);
         assert_eq!(r.oldest_failed_at_ms, Some(10));
         assert_eq!(r.newest_failed_at_ms, Some(30));
         assert_eq!(r.replayed_before, 1);
-        assert!(r.top_accounts_exact);
-        assert_eq!(
-            r.top_accounts,
-            vec![
-                AccountCount {
-                    account: "a".into(),
-                    count: 3
-                },
-                AccountCount {
-                    account: "b".into(),
-                    count: 1
-                },
-            ]
-        );
+        assert!(r.accounts_exact);
+        assert_eq!(r.by_account, vec![("a".into(), 3), ("b".into(), 1)]);
         let mut out = Vec::new();
-        r.print(&mut out, "dead").unwrap();
+        r.print(&mut out, "dead", None).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.starts_with("dead: 4 dead letters, 20 body bytes"),
             "{text}"
         );
         assert!(text.contains("broker:expired"), "{text}");
+        let mut out = Vec::new();
+        r.print(&mut out, "dead", Some(By::Error)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("by error:"), "{text}");
+        assert!(!text.contains("by reason:"), "{text}");
+    }
+
+    #[test]
+    fn by_error_groups_identical_texts() {
+        let mut s = Tally::new(10);
+        for e in ["quota", "bad attr", "quota", "quota", "bad attr", "other"] {
+            s.add(
+                &Meta {
+                    error: Some(e.into()),
+                    ..Meta::default()
+                },
+                0,
+            );
+        }
+        let r = s.report(10);
+        assert_eq!(
+            r.by(By::Error),
+            [
+                ("quota".to_string(), 3),
+                ("bad attr".to_string(), 2),
+                ("other".to_string(), 1)
+            ]
+        );
     }
 }

@@ -55,6 +55,8 @@ pub(crate) struct Meta {
     pub(crate) broker_made: bool,
     /// `x-imattr-replays`.
     pub(crate) replays: i64,
+    /// `x-imattr-replayed-at`: when `dlq replay` last sent it back, Unix ms.
+    pub(crate) replayed_at_ms: Option<i64>,
 }
 
 fn text(v: &AMQPValue) -> Option<String> {
@@ -154,6 +156,7 @@ impl Meta {
             routing_key,
             broker_made,
             replays: header_i64(headers, deadletter::H_REPLAYS).unwrap_or(0),
+            replayed_at_ms: header_i64(headers, super::replay::H_REPLAYED_AT),
         }
     }
 
@@ -168,28 +171,49 @@ impl Meta {
     }
 }
 
-/// Which dead letters a command takes (`--reason`, `--code`, `--account`).
+/// Which dead letters a command takes (`--reason`, `--code`, `--account`,
+/// `--grep`, `--since`, `--until`, ids). Every field given must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
-    /// Only this ErrorCode.
-    pub code: Option<i64>,
     /// Only this reason (`broker:…` for broker-made dead letters).
     pub reason: Option<String>,
+    /// Only this ErrorCode.
+    pub code: Option<i64>,
     /// Only dead letters about this account (`x-imattr-account`, one of
     /// `x-imattr-failed-accounts`, or the routing key of a letter without
     /// `x-imattr-account`).
     pub account: Option<String>,
+    /// Only dead letters whose error text or body contains this text
+    /// (case-sensitive, bytes for a body that is not UTF-8).
+    pub grep: Option<String>,
+    /// Only dead letters that failed at or after this time, Unix ms.
+    pub since_ms: Option<i64>,
+    /// Only dead letters that failed at or before this time, Unix ms.
+    pub until_ms: Option<i64>,
+    /// Only these ids (stream offsets).
+    pub ids: Option<Vec<u64>>,
 }
 
 impl Filter {
     /// Whether it takes everything.
     pub(crate) fn is_empty(&self) -> bool {
-        self.code.is_none() && self.reason.is_none() && self.account.is_none()
+        *self == Filter::default()
     }
 
-    /// Whether a dead letter matches.
-    pub(crate) fn matches(&self, m: &Meta) -> bool {
-        self.code.is_none_or(|c| m.code == Some(c))
+    /// The range of ids it can match, when it names ids.
+    pub(crate) fn id_range(&self) -> Option<(u64, u64)> {
+        let ids = self.ids.as_ref()?;
+        Some((
+            ids.iter().copied().min().unwrap_or(u64::MAX),
+            ids.iter().copied().max().unwrap_or(0),
+        ))
+    }
+
+    /// Whether a dead letter matches: its id, its facts (with the failure
+    /// time already falling back to the chunk's) and its body.
+    pub(crate) fn matches(&self, id: u64, m: &Meta, body: &[u8]) -> bool {
+        self.ids.as_ref().is_none_or(|ids| ids.contains(&id))
+            && self.code.is_none_or(|c| m.code == Some(c))
             && self
                 .reason
                 .as_ref()
@@ -198,12 +222,40 @@ impl Filter {
                 .account
                 .as_ref()
                 .is_none_or(|a| m.accounts().any(|x| x == a))
+            && self
+                .since_ms
+                .is_none_or(|s| m.failed_at_ms.is_some_and(|t| t >= s))
+            && self
+                .until_ms
+                .is_none_or(|u| m.failed_at_ms.is_some_and(|t| t <= u))
+            && self.grep.as_ref().is_none_or(|g| {
+                m.error.as_deref().is_some_and(|e| e.contains(g.as_str()))
+                    || contains(body, g.as_bytes())
+            })
     }
+}
+
+/// Whether `hay` holds `needle`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// One dead-lettered message, as `dlq list --json` and `dlq export` print it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DeadLetterView {
+    /// Its id: its offset in the store (`dlq show ID`, `--after ID`).
+    pub id: u64,
+    /// How many times `dlq replay` sent it back before it failed again
+    /// (`x-imattr-replays`).
+    pub replays: i64,
+    /// When it was last sent back (`x-imattr-replayed-at`), Unix ms.
+    pub last_replayed_at_ms: Option<i64>,
+    /// RabbitMQ's `x-death` for a dead letter the broker made (else null).
+    pub x_death: serde_json::Value,
+    /// Set only when resolved entries are listed (`--resolved`): "replayed
+    /// at …" or "deleted at …".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
     /// `x-imattr-account` (without it: its routing key).
     pub account: Option<String>,
     /// `x-imattr-reason`, or `broker:` + `x-first-death-reason`.
@@ -245,6 +297,15 @@ impl DeadLetterView {
             ),
         };
         DeadLetterView {
+            id: 0,
+            replays: meta.replays,
+            last_replayed_at_ms: meta.replayed_at_ms,
+            x_death: headers
+                .inner()
+                .get("x-death")
+                .map(deadletter::amqp_to_json)
+                .unwrap_or(serde_json::Value::Null),
+            resolved: None,
             account: meta.account.clone(),
             reason: meta.reason.clone(),
             code: meta.code,
@@ -285,15 +346,40 @@ fn properties_json(props: &BasicProperties) -> serde_json::Value {
     serde_json::Value::Object(p)
 }
 
-const HEADS: [&str; 7] = [
+const HEADS: [&str; COLS] = [
+    "ID",
     "ACCOUNT",
     "REASON",
     "CODE",
     "ERROR",
     "ATTEMPTS",
     "FAILED AT",
+    "TRACE",
     "BODY",
 ];
+
+const COLS: usize = 9;
+
+/// What a dead letter's history says: how often it was replayed before it
+/// came back, and how it was resolved (listed with `--resolved`).
+pub(crate) fn trace(v: &DeadLetterView) -> String {
+    let mut parts = Vec::new();
+    if v.replays > 0 {
+        let last = v
+            .last_replayed_at_ms
+            .map(|t| format!(", last {}", utc_time(t)))
+            .unwrap_or_default();
+        parts.push(format!("replayed {}x{last}", v.replays));
+    }
+    if let Some(r) = &v.resolved {
+        parts.push(r.clone());
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
+}
 
 /// Rows kept to size the columns before the first line is printed; later
 /// rows reuse those widths, so a table of any length streams.
@@ -302,8 +388,8 @@ const SIZING_ROWS: usize = 1000;
 /// Prints dead letters as an aligned table, streaming.
 #[derive(Debug, Default)]
 pub(crate) struct Table {
-    pending: Vec<[String; 7]>,
-    widths: Option<[usize; 7]>,
+    pending: Vec<[String; COLS]>,
+    widths: Option<[usize; COLS]>,
     /// Accounts, errors and bodies whole (`list --wide`).
     wide: bool,
 }
@@ -333,6 +419,7 @@ impl Table {
             v.failed_accounts.join(",")
         };
         let row = [
+            v.id.to_string(),
             self.cut(&accounts, 40),
             v.reason.clone().unwrap_or_else(|| "-".into()),
             v.code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
@@ -341,6 +428,7 @@ impl Table {
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "-".into()),
             v.failed_at_ms.map(utc_time).unwrap_or_else(|| "-".into()),
+            trace(v),
             self.cut(&v.body.replace('\n', " "), 60),
         ];
         match self.widths {
@@ -379,7 +467,7 @@ impl Table {
     }
 }
 
-fn line(widths: &[usize; 7], cells: &[String; 7]) -> String {
+fn line(widths: &[usize; COLS], cells: &[String; COLS]) -> String {
     let mut s = String::new();
     for (i, c) in cells.iter().enumerate() {
         s.push_str(c);
@@ -475,6 +563,7 @@ mod tests {
                 routing_key: Some("u1".into()),
                 broker_made: false,
                 replays: 0,
+                replayed_at_ms: None,
             }
         );
     }
@@ -532,10 +621,10 @@ mod tests {
             account: Some("acc9".into()),
             ..Filter::default()
         };
-        assert!(f.matches(&m));
+        assert!(f.matches(0, &m, b""));
         // The header wins when there is one.
         h.insert(deadletter::H_ACCOUNT.into(), ls("u1"));
-        assert!(!f.matches(&Meta::read(&h, "dead", "dead")));
+        assert!(!f.matches(0, &Meta::read(&h, "dead", "dead"), b""));
     }
 
     #[test]
@@ -565,6 +654,7 @@ mod tests {
             code,
             reason: reason.map(String::from),
             account: account.map(String::from),
+            ..Filter::default()
         };
         let table = [
             (f(None, None, None), true),
@@ -578,7 +668,7 @@ mod tests {
             (f(Some(90033), Some("rejected"), Some("u2")), false),
         ];
         for (filter, want) in &table {
-            assert_eq!(filter.matches(&m), *want, "{filter:?}");
+            assert_eq!(filter.matches(0, &m, b""), *want, "{filter:?}");
         }
         assert!(f(None, None, None).is_empty());
         assert!(!f(None, None, Some("a")).is_empty());
@@ -589,14 +679,52 @@ mod tests {
             AMQPValue::FieldArray(FieldArray::from(vec![ls("a"), ls("b")])),
         );
         let m = Meta::read(&h, "", "d");
-        assert!(f(None, None, Some("b")).matches(&m));
-        assert!(!f(None, None, Some("u1")).matches(&m));
+        assert!(f(None, None, Some("b")).matches(0, &m, b""));
+        assert!(!f(None, None, Some("u1")).matches(0, &m, b""));
         assert_eq!(m.accounts().collect::<Vec<_>>(), ["a", "b"]);
 
         let b = Meta::read(&broker_headers("expired", "q", "acc", 1), "", "d");
-        assert!(f(None, Some("broker:expired"), Some("acc")).matches(&b));
-        assert!(!f(Some(0), None, None).matches(&b));
-        assert!(!f(None, Some("rejected"), None).matches(&b));
+        assert!(f(None, Some("broker:expired"), Some("acc")).matches(0, &b, b""));
+        assert!(!f(Some(0), None, None).matches(0, &b, b""));
+        assert!(!f(None, Some("rejected"), None).matches(0, &b, b""));
+    }
+
+    #[test]
+    fn grep_times_and_ids() {
+        let m = Meta {
+            error: Some("quota exceeded".into()),
+            failed_at_ms: Some(2000),
+            ..Meta::default()
+        };
+        let g = |s: &str| Filter {
+            grep: Some(s.into()),
+            ..Filter::default()
+        };
+        assert!(g("quota").matches(0, &m, b"{}"));
+        assert!(g("needle").matches(0, &m, b"{\"a\":\"needle\"}"));
+        assert!(g("\u{fffd}").matches(0, &m, "\u{fffd}".as_bytes()));
+        assert!(!g("Quota").matches(0, &m, b""), "case-sensitive");
+        assert!(!g("needle").matches(0, &Meta::default(), b"\xff\x00"));
+        let t = |since: Option<i64>, until: Option<i64>| Filter {
+            since_ms: since,
+            until_ms: until,
+            ..Filter::default()
+        };
+        assert!(t(Some(2000), Some(2000)).matches(0, &m, b""), "inclusive");
+        assert!(!t(Some(2001), None).matches(0, &m, b""));
+        assert!(!t(None, Some(1999)).matches(0, &m, b""));
+        assert!(
+            !t(Some(0), None).matches(0, &Meta::default(), b""),
+            "no time: no match"
+        );
+        let ids = Filter {
+            ids: Some(vec![7, 3]),
+            ..Filter::default()
+        };
+        assert!(ids.matches(3, &m, b"") && !ids.matches(4, &m, b""));
+        assert_eq!(ids.id_range(), Some((3, 7)));
+        assert!(!ids.is_empty());
+        assert_eq!(Filter::default().id_range(), None);
     }
 
     #[test]
@@ -615,7 +743,7 @@ mod tests {
         }
         assert!(t.finish(&mut out).unwrap());
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("ACCOUNT"), "{text}");
+        assert!(text.starts_with("ID  ACCOUNT"), "{text}");
         assert_eq!(text.lines().count(), SIZING_ROWS + 6);
         assert!(text.lines().nth(1).unwrap().contains("90033"));
         let widths: Vec<usize> = text
