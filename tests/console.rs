@@ -373,7 +373,6 @@ async fn click(b: &Browser, css: &str) {
 /// replaying selected rows changes the API's state and takes them out of
 /// the store; deleting everything matching names the count first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the dead-letter pages are served once the dead-letter store is in (src/console/dead_letters.rs)"]
 async fn dead_letters_are_filtered_shown_replayed_and_deleted() {
     let faults = Faults {
         reject_accounts: vec!["bad1".into(), "bad2".into(), "bad3".into()],

@@ -5,18 +5,6 @@
 //! by the time of the confirmation, so an action acts on what was there
 //! when the operator started it; the store itself acts only on what was
 //! present when the call starts.
-//!
-//! Not built until the dead-letter store (`Dlq::page`, `show`, `stats`,
-//! `export`, `replay`, `delete`) is in. Then, in `console/mod.rs`: `mod
-//! dead_letters;`, a field `dead_letters: dead_letters::DeadLetters` in
-//! `Inner` (`DeadLetters::new(config)`), and these routes in `router`:
-//! GET `/console/dead-letters` (`table`), `/console/dead-letters/groups`
-//! (`groups`), `/console/dead-letters/export` (`export`),
-//! `/console/dead-letters/{id}` (`detail`), `/console/api/dead-letters/stats`
-//! (`stats_json`), `/console/jobs/{id}` (`job_page`), `/console/api/jobs/{id}`
-//! (`job_json`); POST `/console/dead-letters/replay` (`replay`),
-//! `/console/dead-letters/delete` (`delete`), `/console/jobs/{id}/cancel`
-//! (`job_cancel`); and un-ignore the browser test that covers them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -390,16 +378,6 @@ impl DeadLetters {
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(1),
         }
-    }
-
-    /// Total dead letters by reason, for the overview (None when the store
-    /// cannot be read now).
-    pub(crate) async fn by_reason(&self) -> Option<Vec<(String, u64)>> {
-        self.store
-            .with(|d| async move { d.stats(&Filter::default()).await })
-            .await
-            .ok()
-            .map(|s| s.by_reason)
     }
 }
 

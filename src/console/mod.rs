@@ -9,6 +9,7 @@
 //! - `pages`: the HTML.
 
 pub mod auth;
+mod dead_letters;
 pub mod guard;
 mod pages;
 pub mod samples;
@@ -24,7 +25,7 @@ use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -59,6 +60,7 @@ struct Inner {
     health: Option<Arc<Health>>,
     history: History,
     prometheus: Option<PrometheusHandle>,
+    dead_letters: dead_letters::DeadLetters,
 }
 
 impl Console {
@@ -79,6 +81,7 @@ impl Console {
                 health,
                 history: History::default(),
                 prometheus: crate::admin::prometheus(),
+                dead_letters: dead_letters::DeadLetters::new(config),
             }),
         })
     }
@@ -126,6 +129,19 @@ impl Console {
             .route("/console/", get(overview_page))
             .route("/console/api/overview", get(overview_json))
             .route("/console/assets/{name}", get(asset))
+            .route("/console/dead-letters", get(dead_letters::table))
+            .route("/console/dead-letters/groups", get(dead_letters::groups))
+            .route("/console/dead-letters/export", get(dead_letters::export))
+            .route("/console/dead-letters/{id}", get(dead_letters::detail))
+            .route("/console/dead-letters/replay", post(dead_letters::replay))
+            .route("/console/dead-letters/delete", post(dead_letters::delete))
+            .route(
+                "/console/api/dead-letters/stats",
+                get(dead_letters::stats_json),
+            )
+            .route("/console/jobs/{id}", get(dead_letters::job_page))
+            .route("/console/jobs/{id}/cancel", post(dead_letters::job_cancel))
+            .route("/console/api/jobs/{id}", get(dead_letters::job_json))
             .layer(axum::middleware::from_fn_with_state(self.clone(), gate))
             .with_state(self.clone())
     }
