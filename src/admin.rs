@@ -197,6 +197,16 @@ pub async fn serve(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    serve_with(listen, health, None, cancel).await
+}
+
+/// [`serve`], with the web console's routes (under `/console/`) when given.
+pub async fn serve_with(
+    listen: &str,
+    health: Arc<Health>,
+    console: Option<Router>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if listen.is_empty() {
         return Ok(None);
     }
@@ -213,6 +223,13 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(state);
+    let app = match console {
+        Some(console) => {
+            tracing::info!(%addr, "Console listening on http://{addr}/console/");
+            app.merge(console)
+        }
+        None => app,
+    };
     tracing::info!(%addr, "Admin endpoint listening (/healthz, /readyz, /metrics)");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)

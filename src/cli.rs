@@ -38,6 +38,13 @@ pub enum Command {
         after_help = "Examples:\n  imattr publish --account xiaojun012 --attr sex=attr1 --attr city=attr2\n  imattr publish --file updates.ndjson\n  cat updates.ndjson | imattr publish --file -"
     )]
     Publish(PublishArgs),
+    /// Serve the web console without a worker: the dead letters and the updates queue.
+    #[command(
+        after_help = "A non-loopback --listen needs console.token or console.user and \
+console.password_hash (docs/console.md).\n\n\
+Examples:\n  imattr console --listen 127.0.0.1:9465\n  echo 'pass phrase' | imattr console --hash-password"
+    )]
+    Console(ConsoleArgs),
     /// Inspect, replay, export or purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -350,6 +357,18 @@ impl From<DlqFilter> for crate::dlq::Filter {
     }
 }
 
+/// `imattr console`.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address to listen on (default console.listen, else admin.listen).
+    #[arg(long)]
+    pub(crate) listen: Option<SocketAddr>,
+    /// Read a password on stdin, print its argon2 hash for
+    /// console.password_hash, and exit.
+    #[arg(long, conflicts_with = "listen")]
+    pub(crate) hash_password: bool,
+}
+
 /// `imattr simulate`.
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
@@ -543,6 +562,7 @@ pub async fn dispatch(
         Command::Simulate(a) => crate::cmd::simulate::run(a, &config).await,
         Command::Publish(a) => crate::cmd::publish::run(a, &config).await,
         Command::Dlq(c) => crate::cmd::dlq::run(c, &config).await,
+        Command::Console(a) => crate::cmd::console::run(a, &config).await,
         Command::Demo => crate::demo::run(config).await,
         Command::Bench {
             quick,

@@ -15,6 +15,10 @@ pub struct Health {
     /// a queue without single-active-consumer); else it is a standby.
     active: AtomicBool,
     paused_code: AtomicI64,
+    /// The API's message with the misconfigured code, while paused.
+    paused_message: Mutex<String>,
+    /// The broker node of the current session (its URL, password redacted).
+    node: Mutex<Option<String>>,
     unsettled: AtomicUsize,
     sessions: AtomicU64,
     /// Deliveries acknowledged to the broker, over every session.
@@ -171,9 +175,40 @@ impl Health {
     }
 
     /// The API answered a misconfigured `code`: not ready until [`Health::resumed`].
-    pub(crate) fn paused(&self, code: i64) {
+    pub(crate) fn paused(&self, code: i64, message: &str) {
         self.paused_code.store(code, Ordering::Relaxed);
+        *lock(&self.paused_message) = message.to_string();
         self.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// The misconfigured code and the API's message, while paused.
+    pub fn pause(&self) -> Option<(i64, String)> {
+        self.is_paused().then(|| {
+            (
+                self.paused_code.load(Ordering::Relaxed),
+                lock(&self.paused_message).clone(),
+            )
+        })
+    }
+
+    /// The broker node connected to (`host:port`), while connected.
+    pub fn node(&self) -> Option<String> {
+        if !self.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        lock(&self.node).clone()
+    }
+
+    /// The node of a new session: its URL (the password is dropped here).
+    pub(crate) fn set_node(&self, url: &crate::config::AmqpUrl) {
+        let shown = url::Url::parse(&url.redacted()).ok().map(|u| {
+            let host = u.host_str().unwrap_or("?");
+            match u.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_string(),
+            }
+        });
+        *lock(&self.node) = shown;
     }
 
     /// The API accepts requests again.
@@ -236,8 +271,9 @@ mod tests {
         h.set_active(true);
         assert_eq!(h.role(), "active");
         assert_eq!(h.sessions(), 1);
-        h.paused(90009);
+        h.paused(90009, "invalid sdkappid");
         assert!(h.readiness().unwrap_err().contains("90009"));
+        assert_eq!(h.pause(), Some((90009, "invalid sdkappid".into())));
         h.resumed();
         assert!(h.readiness().is_ok());
         h.dead_letters_failing(Some(
@@ -277,7 +313,7 @@ mod tests {
         let h = Health::default();
         h.set_connected(true);
         h.session_started();
-        h.paused(90009);
+        h.paused(90009, "invalid sdkappid");
         h.resumed();
         assert!(h.readiness().is_ok());
     }

@@ -9,6 +9,7 @@ pub mod cli;
 mod cmd;
 pub mod coalesce;
 pub mod config;
+pub mod console;
 pub(crate) mod demo;
 pub mod dlq;
 pub(crate) mod fence;

@@ -68,6 +68,7 @@ fn man_page_documents_every_command_exit_status_environment_and_files() {
         "imattr config",
         "imattr declare",
         "imattr simulate",
+        "imattr console",
         "imattr demo",
         "imattr bench",
         "imattr completions",

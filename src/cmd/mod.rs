@@ -1,6 +1,7 @@
 //! One module per command; `cli::dispatch` calls them.
 
 pub(crate) mod config;
+pub(crate) mod console;
 pub(crate) mod declare;
 pub(crate) mod dlq;
 pub(crate) mod get;

@@ -174,6 +174,16 @@ mod tests {
         c.attributes.allowed = vec!["city".into(), "1".into(), "a b".into(), "x,y".into()];
         c.attributes.max_value_bytes = 40;
         c.admin.listen = String::new();
+        c.console.enabled = true;
+        c.console.listen = "127.0.0.1:1".into();
+        c.console.read_only = true;
+        c.console.token = Secret::new("007");
+        c.console.token_file = "token".into();
+        c.console.user = "true".into();
+        c.console.password_hash = Secret::new(
+            "$argon2id$v=19$m=64,t=1,p=1$MDEyMzQ1Njc4OWFiY2RlZg$kL3Q2vDPxHYdqgYxYnU3VWn7kXTjfRrJRpd2hjvaG0E",
+        );
+        c.console.password_hash_file = "hash".into();
         c.log.format = LogFormat::Json;
         c.log.level = "imattr=debug,lapin=warn".into();
         c.shutdown.timeout_secs = 5;

@@ -16,10 +16,12 @@ pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/imattr.toml";
 /// parsed as TOML-like values: a secret of digits must stay a string (and
 /// `"…"` quotes would become part of it), and a URL's password may hold
 /// anything.
-pub(crate) const RAW_ENV_KEYS: [(&str, &str); 3] = [
+pub(crate) const RAW_ENV_KEYS: [(&str, &str); 5] = [
     ("tencent", "secret_key"),
     ("tencent", "usersig"),
     ("amqp", "url"),
+    ("console", "token"),
+    ("console", "password_hash"),
 ];
 
 /// The environment variable of `section.key`.

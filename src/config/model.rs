@@ -162,6 +162,8 @@ pub struct Config {
     pub attributes: AttributesConfig,
     /// The admin HTTP endpoint.
     pub admin: AdminConfig,
+    /// The web console.
+    pub console: ConsoleConfig,
     /// Logging.
     pub log: LogConfig,
     /// Graceful shutdown.
@@ -443,6 +445,38 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:9464".into(),
         }
+    }
+}
+
+/// `[console]`: the web console (docs/console.md).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the web console under `/console/` on `admin.listen` in `imattr run`.
+    pub enabled: bool,
+    /// Address `imattr console` listens on, `host:port`; empty: `admin.listen`.
+    /// `imattr console --listen` overrides it.
+    pub listen: String,
+    /// Show only: every action (replay, delete) is hidden and refused.
+    pub read_only: bool,
+    /// Token that grants access, sent as `Authorization: Bearer TOKEN` (or,
+    /// from a browser, as the password of HTTP basic with any user name).
+    pub token: Secret,
+    /// File whose first line is the token; instead of `token`.
+    pub token_file: String,
+    /// User name for HTTP basic authentication (with `password_hash`).
+    pub user: String,
+    /// Argon2 hash (PHC string, `$argon2id$…`) of `user`'s password, as
+    /// `imattr console --hash-password` prints it.
+    pub password_hash: Secret,
+    /// File whose first line is the password hash; instead of `password_hash`.
+    pub password_hash_file: String,
+}
+
+impl ConsoleConfig {
+    /// Whether any authentication is configured.
+    pub fn has_auth(&self) -> bool {
+        !self.token.is_empty() || !self.token_file.is_empty() || !self.user.is_empty()
     }
 }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use super::{
     AdminConfig, AmqpConfig, AttributesConfig, AuthMechanism, BatchConfig, Config, ConfigError,
-    LogConfig, RetryConfig, ShutdownConfig, TencentConfig,
+    ConsoleConfig, LogConfig, RetryConfig, ShutdownConfig, TencentConfig,
 };
 
 // Upper bounds keep every `Instant + duration` the daemon computes far from
@@ -148,6 +148,7 @@ impl Config {
         self.retry.validate()?;
         self.attributes.validate()?;
         self.admin.validate()?;
+        self.console.validate()?;
         self.log.validate()?;
         self.shutdown.validate()
     }
@@ -438,6 +439,32 @@ impl AdminConfig {
                 self.listen
             ),
         )
+    }
+}
+
+impl ConsoleConfig {
+    /// Checks `[console]` (whether a listener may go without authentication
+    /// is decided when it starts, knowing the address: `console::Access`).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.listen.is_empty() || self.listen.parse::<SocketAddr>().is_ok(),
+            "console.listen",
+            format!(
+                "must be an address such as 127.0.0.1:9465, or \"\" for admin.listen (got {:?})",
+                self.listen
+            ),
+        )?;
+        let has_hash = !self.password_hash.is_empty() || !self.password_hash_file.is_empty();
+        ensure(
+            self.user.is_empty() != has_hash,
+            "console.user",
+            "HTTP basic authentication needs both console.user and console.password_hash (or console.password_hash_file)",
+        )?;
+        if !self.password_hash.is_empty() {
+            crate::console::auth::check_hash(self.password_hash.expose())
+                .map_err(|e| ConfigError::invalid("console.password_hash", e))?;
+        }
+        Ok(())
     }
 }
 

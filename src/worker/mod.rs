@@ -133,6 +133,7 @@ async fn run_sessions(
                     info!(node, url = %node_url, queue = %config.amqp.queue, "Connected to RabbitMQ");
                 }
                 reconnect.reset();
+                health.set_node(&node_cfg.url);
                 health.set_connected(true);
                 dead_letters
                     .use_node(node_cfg, Duration::from_secs(1))

@@ -58,7 +58,7 @@ impl Session<'_> {
                         info = %info,
                         "The API says imattr is misconfigured; consuming paused, nothing dead-lettered; probing until it is fixed"
                     );
-                    self.health.paused(code);
+                    self.health.paused(code, &info);
                     metrics::gauge!("imattr_paused").set(1.0);
                 }
             }
