@@ -15,35 +15,47 @@ const NORMAL: usize = 100;
 
 /// Makes the broker refuse dead-letter copies or take them again. A stream
 /// takes no max-length policy, so refusing puts a classic queue of the same
-/// name in its place, with `x-max-length` 0 and `reject-publish`: the worker
-/// (which keeps a queue it finds there, and publishes to it by name) gets a
-/// nack for every copy. Taking them again puts the stream back.
+/// name in its place with a policy of max length 0 and `reject-publish`: the
+/// worker (which keeps a queue it finds there, and publishes to it by name)
+/// gets a nack for every copy. Taking them again clears the policy and puts
+/// the stream back (the classic queue is empty: it took nothing).
 async fn refuse_dead_letters(sb: &Sandbox, refuse: bool) {
     use lapin::options::QueueDeclareOptions;
-    use lapin::types::{AMQPValue, FieldTable, LongString};
     let a = &sb.config.amqp;
     let conn = imattr::amqp::topology::connect(a, "test refusal")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let q = a.dead_letter_queue.as_str();
+    let policy = format!("{q}.refuse");
     ch.queue_delete(q.into(), Default::default()).await.unwrap();
-    let args = if refuse {
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString(LongString::from("reject-publish")),
-        );
-        args
-    } else {
-        imattr::amqp::topology::dead_letter_queue_arguments(a)
-    };
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(q.into(), durable, args).await.unwrap();
+    if refuse {
+        ch.queue_declare(q.into(), durable, Default::default())
+            .await
+            .unwrap();
+        let pattern = format!("^{}$", q.replace('.', "\\."));
+        rabbitmqctl(&[
+            "set_policy",
+            &policy,
+            &pattern,
+            r#"{"max-length":0,"overflow":"reject-publish"}"#,
+            "--apply-to",
+            "queues",
+        ]);
+    } else {
+        rabbitmqctl(&["clear_policy", &policy]);
+        ch.queue_declare(
+            q.into(),
+            durable,
+            imattr::amqp::topology::dead_letter_queue_arguments(a),
+        )
+        .await
+        .unwrap();
+    }
     let _ = conn.close(200, "done".into()).await;
 }
 
