@@ -275,32 +275,37 @@ async fn a_quorum_queue_under_a_delivery_limit_of_1_loses_nothing_to_a_killed_mi
 }
 
 #[tokio::test]
-async fn the_worker_dead_letters_during_a_migration_and_nothing_is_lost() {
+async fn the_worker_is_stopped_for_a_migration_and_nothing_is_lost() {
     let mut sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
     make_legacy(&c, "classic", &[]).await;
     let n = 3_000;
     fill(&c, n).await;
     sb.start_worker();
-
-    // Invalid messages, each dead-lettered by the worker, all through the
-    // migration and after it.
-    let migration = tokio::spawn({
-        let c = c.clone();
-        async move { migrate(&c.amqp, &CancellationToken::new(), false).await }
-    });
+    // Invalid messages, each dead-lettered by the worker: before the
+    // migration (into the old queue) and after it (into the stream).
     let mut m = 0;
-    let mut after = 0;
-    while after < 50 {
+    for _ in 0..20 {
         sb.publish(format!("{{\"invalid\":{m}}}")).await.unwrap();
         m += 1;
-        if migration.is_finished() {
-            after += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let moved = migration.await.unwrap().unwrap();
+    sb.wait_drained(DRAIN).await.unwrap();
+    // A queue being deleted confirms what is published to it meanwhile and
+    // drops it: with a worker consuming, migrate refuses (exit 2).
+    let (code, _, err) = imattr_output(&c, &["dlq", "migrate"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stop the workers"), "{err}");
+    assert!(matches!(store_kind(&c).await, StoreKind::Legacy { .. }));
+    sb.stop_worker().await.unwrap();
+    let moved = migrate(&c.amqp, &CancellationToken::new(), false)
+        .await
+        .unwrap();
     assert!(moved.from_old >= n as u64);
+    sb.start_worker();
+    for _ in 0..20 {
+        sb.publish(format!("{{\"invalid\":{m}}}")).await.unwrap();
+        m += 1;
+    }
     sb.wait_drained(DRAIN).await.unwrap();
 
     let holding = holding_queue_name(&c.amqp.dead_letter_queue);

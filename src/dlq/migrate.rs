@@ -201,6 +201,19 @@ async fn migrate_on(
         holding: queue_exists(conn, &holding).await?,
     };
     let steps = plan(state);
+    if state_has_old_queue(&steps) {
+        // A queue being deleted confirms what is published to it meanwhile
+        // and drops it, and the worker publishes its dead letters to this
+        // queue by name: the workers must be stopped while it is emptied.
+        if let Some(consumers) = consumer_count(conn, &cfg.queue).await? {
+            if consumers > 0 {
+                anyhow::bail!(crate::cli::UsageError(format!(
+                    "{} has {consumers} consumer(s): stop the workers (`imattr run`) while the dead-letter queue is migrated, then start them again",
+                    cfg.queue
+                )));
+            }
+        }
+    }
     let mut m = Migrated {
         nothing_to_do: steps.is_empty(),
         ..Migrated::default()
@@ -225,12 +238,32 @@ async fn migrate_on(
                     from: dlq,
                     to: &holding,
                 };
-                m.from_old += match t {
-                    LegacyType::Classic => mover.consume(conn, cancel, progress).await?,
-                    LegacyType::Quorum => mover.get_one_by_one(conn, cancel, progress).await?,
-                };
+                // One at a time whatever the type: nothing is handed out
+                // that is not being moved, so nothing can be requeued behind
+                // the emptiness check (a quorum queue would also count it).
+                let _ = t;
+                m.from_old += mover.get_one_by_one(conn, cancel, progress).await?;
             }
-            Step::DeleteOld => delete_if_empty(conn, dlq, legacy).await?,
+            Step::DeleteOld => {
+                // The worker may add a dead letter between the last read and
+                // the delete ("not empty"): move it and try again.
+                let mut tries = 0;
+                loop {
+                    match delete_if_empty(conn, dlq, legacy).await {
+                        Ok(()) => break,
+                        Err(e) if tries < 20 && !cancel.is_cancelled() => {
+                            tries += 1;
+                            tracing::debug!(error = %e, "The old queue got a dead letter meanwhile; moving it");
+                            let mover = Move {
+                                from: dlq,
+                                to: &holding,
+                            };
+                            m.from_old += mover.get_one_by_one(conn, cancel, false).await?;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             Step::DeclareStream => {
                 ch.queue_declare(
                     dlq.into(),
@@ -410,6 +443,35 @@ async fn delete_if_empty(
     .with_context(not_empty)?;
     let _ = ch.close(200, "done".into()).await;
     Ok(())
+}
+
+/// Whether the plan still has the old queue to empty and delete.
+fn state_has_old_queue(steps: &[Step]) -> bool {
+    steps
+        .iter()
+        .any(|s| matches!(s, Step::DrainOld(_) | Step::DeleteOld))
+}
+
+/// Consumers of `queue` (passive declare); None when it does not exist.
+async fn consumer_count(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match q {
+        Ok(q) => {
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(Some(q.consumer_count()))
+        }
+        Err(_) => Ok(None),
+    }
 }
 
 /// A move of every message of one queue into another.
