@@ -15,13 +15,12 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::deadletter::publish_confirmed;
-use crate::amqp::headerblob;
+use crate::amqp::{headerblob, topology};
 use crate::config::AmqpConfig;
 
 /// How often `imattr run` sweeps the inbox.
@@ -44,10 +43,14 @@ pub async fn sweep(
     // No inbox: a dead-letter queue from an earlier release. No stream (not
     // declared yet, or being migrated): nothing to move into, and a copy that
     // fails would hand the message back, which a quorum inbox counts.
-    let Some(waiting) = message_count(conn, &inbox).await? else {
+    let Some(waiting) = topology::queue_counts(conn, &inbox).await?.map(|(m, _)| m) else {
         return Ok(0);
     };
-    if waiting == 0 || message_count(conn, &cfg.dead_letter_queue).await?.is_none() {
+    if waiting == 0
+        || topology::queue_counts(conn, &cfg.dead_letter_queue)
+            .await?
+            .is_none()
+    {
         return Ok(0);
     }
     let ch = conn.create_channel().await.context("opening a channel")?;
@@ -79,33 +82,6 @@ pub async fn sweep(
         tracing::info!(moved, inbox = %inbox, "Moved dead letters from the inbox into the store");
     }
     Ok(moved)
-}
-
-/// The message count of `queue` from a passive declare; None when it does
-/// not exist (404). Any other refusal is an error.
-async fn message_count(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
-    let probe = conn.create_channel().await.context("opening a channel")?;
-    let declared = probe
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(q) => {
-            let _ = probe.close(200, "checked".into()).await;
-            Ok(Some(q.message_count()))
-        }
-        Err(e) => match e.kind() {
-            // The refusal closed the channel.
-            lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => Ok(None),
-            _ => Err(anyhow::Error::new(e).context(format!("looking at queue {queue}"))),
-        },
-    }
 }
 
 /// The properties of the stored copy: the content ones and the headers
@@ -180,7 +156,7 @@ pub async fn sweep_every(cfg: AmqpConfig, every: Duration, cancel: CancellationT
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{AMQPValue, FieldArray};
+    use lapin::types::{AMQPValue, FieldArray, FieldTable};
 
     #[test]
     fn the_stored_copy_never_expires_and_keeps_x_death() {

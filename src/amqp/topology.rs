@@ -174,6 +174,36 @@ async fn declare_dead_letter_queue(conn: &Connection, cfg: &AmqpConfig) -> anyho
     Ok(())
 }
 
+/// (messages ready, consumers) of `queue` from a passive declare; None when
+/// it does not exist (404). Any other refusal is an error.
+pub(crate) async fn queue_counts(
+    conn: &Connection,
+    queue: &str,
+) -> anyhow::Result<Option<(u32, u32)>> {
+    let probe = conn.create_channel().await.context("opening a channel")?;
+    let declared = probe
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(q) => {
+            let _ = probe.close(200, "checked".into()).await;
+            Ok(Some((q.message_count(), q.consumer_count())))
+        }
+        Err(e) => match e.kind() {
+            // The refusal closed the channel.
+            lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => Ok(None),
+            _ => Err(anyhow::Error::new(e).context(format!("looking at queue {queue}"))),
+        },
+    }
+}
+
 /// Whether a declaration was refused for another `x-queue-type`.
 fn is_type_mismatch(e: &lapin::Error) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)

@@ -205,7 +205,7 @@ async fn migrate_on(
         // A queue being deleted confirms what is published to it meanwhile
         // and drops it, and the worker publishes its dead letters to this
         // queue by name: the workers must be stopped while it is emptied.
-        if let Some(consumers) = consumer_count(conn, &cfg.queue).await? {
+        if let Some((_, consumers)) = topology::queue_counts(conn, &cfg.queue).await? {
             if consumers > 0 {
                 anyhow::bail!(crate::cli::UsageError(format!(
                     "{} has {consumers} consumer(s): stop the workers (`imattr run`) while the dead-letter queue is migrated, then start them again",
@@ -450,28 +450,6 @@ fn state_has_old_queue(steps: &[Step]) -> bool {
     steps
         .iter()
         .any(|s| matches!(s, Step::DrainOld(_) | Step::DeleteOld))
-}
-
-/// Consumers of `queue` (passive declare); None when it does not exist.
-async fn consumer_count(conn: &Connection, queue: &str) -> anyhow::Result<Option<u32>> {
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match q {
-        Ok(q) => {
-            let _ = ch.close(200, "checked".into()).await;
-            Ok(Some(q.consumer_count()))
-        }
-        Err(_) => Ok(None),
-    }
 }
 
 /// A move of every message of one queue into another.
