@@ -22,6 +22,7 @@ const CORRECTNESS_ROWS: &[(&str, &str, usize)] = &[
         "list, a later page (--after): output right",
         1,
     ),
+    ("8 dead letters", "replay 10,000 matching: output right", 1),
     // A classic and a quorum updates queue.
     ("9 large bodies", "final state correct", 2),
     ("10 sets and removals", "final state correct", 1),

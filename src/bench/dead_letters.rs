@@ -277,8 +277,11 @@ pub(super) async fn run(base: &Config, n: usize) -> anyhow::Result<Vec<Figure>> 
             rate_of: None,
             secs_at_most: Some(10.0),
             rate_at_least: None,
+            // The final line: `moved M, left L, failed 0`, with M > 0.
             check: |r, _, _| {
-                r.stdout.contains(&REPLAY_N.to_string()) || r.stdout.contains("replayed")
+                r.stdout.lines().any(|l| {
+                    l.starts_with("moved ") && !l.starts_with("moved 0,") && l.ends_with("failed 0")
+                })
             },
         },
     ];
