@@ -576,14 +576,17 @@ async fn a_classic_dead_letter_queue_is_kept_until_migrated() {
     let conn = imattr::amqp::topology::connect(&sb.config.amqp, "imattr test")
         .await
         .unwrap();
-    // The dead-letter queue as an earlier release declared it: classic.
+    // The dead-letter queue as an earlier release declared it: classic, and
+    // no inbox.
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_delete(
-        dlq.as_str().into(),
-        lapin::options::QueueDeleteOptions::default(),
-    )
-    .await
-    .unwrap();
+    for q in [dlq.clone(), imattr::amqp::inbox::inbox_name(&dlq)] {
+        ch.queue_delete(
+            q.as_str().into(),
+            lapin::options::QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
     ch.queue_declare(
         dlq.as_str().into(),
         lapin::options::QueueDeclareOptions {

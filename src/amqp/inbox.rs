@@ -53,6 +53,11 @@ pub async fn sweep(
     {
         return Ok(0);
     }
+    // A classic or quorum dead-letter queue from an earlier release takes its
+    // dead letters from the exchange itself: nothing to move.
+    if topology::dead_letter_store_kind(conn, cfg).await? != topology::StoreKind::Stream {
+        return Ok(0);
+    }
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
