@@ -356,46 +356,14 @@ async fn unbind(ch: &Channel, queue: &str, exchange: &str) -> anyhow::Result<()>
     .with_context(|| format!("unbinding {queue} from {exchange}"))
 }
 
-/// Whether `queue` exists (a passive declare on a channel of its own: the
-/// broker closes the channel that asks for a missing queue).
+/// Whether `queue` exists.
 async fn queue_exists(conn: &Connection, queue: &str) -> anyhow::Result<bool> {
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match found {
-        Ok(_) => {
-            let _ = ch.close(200, "done".into()).await;
-            Ok(true)
-        }
-        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404) => {
-            Ok(false)
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("looking for queue {queue}"))),
-    }
+    Ok(topology::queue_counts(conn, queue).await?.is_some())
 }
 
 /// Ready messages in `queue`.
 async fn ready(ch: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("inspecting queue {queue}"))?;
-    Ok(q.message_count())
+    Ok(super::pass::count(ch, queue).await?.0)
 }
 
 /// Deletes `queue` only if it is empty, on a channel of its own. A classic
@@ -416,21 +384,9 @@ async fn delete_if_empty(
     let quorum = kind == Some(LegacyType::Quorum);
     // Both kinds: a classic queue's "if empty" counts only ready messages,
     // not those another consumer holds.
-    {
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("inspecting queue {queue}"))?;
-        if q.message_count() != 0 || q.consumer_count() != 0 {
-            anyhow::bail!(not_empty());
-        }
+    let (messages, consumers) = super::pass::count(&ch, queue).await?;
+    if messages != 0 || consumers != 0 {
+        anyhow::bail!(not_empty());
     }
     ch.queue_delete(
         queue.into(),
