@@ -69,15 +69,30 @@ impl Browser {
         self.client.goto(url).await.unwrap();
     }
 
-    /// The text of the element `css`.
+    /// The text of the element `css`, once it is there: a click that
+    /// submits a form can return before the next page has loaded. Fails
+    /// after 60 s with the text of the page that is there instead.
     pub async fn text(&self, css: &str) -> String {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .text()
-            .await
-            .unwrap()
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.client.find(Locator::Css(css)).await {
+                Ok(el) => match el.text().await {
+                    Ok(t) => return t,
+                    // The page changed between finding and reading.
+                    Err(e) if Instant::now() >= deadline => panic!("{css}: {e}"),
+                    Err(_) => {}
+                },
+                Err(e) if Instant::now() >= deadline => {
+                    let page = match self.client.find(Locator::Css("body")).await {
+                        Ok(b) => b.text().await.unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    panic!("{css}: {e}\nthe page shows instead:\n{page}");
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Whether any element matches `css`.
