@@ -1142,6 +1142,10 @@ mod tests {
             parse_time("2026-01-02T03:04:05Z").unwrap(),
             parse_time("2026-01-02T03:04:05").unwrap()
         );
+        assert_eq!(
+            parse_time("2026-01-02T03:04").unwrap(),
+            parse_time("2026-01-02T03:04:00Z").unwrap()
+        );
         assert!(parse_time("yesterday").is_err());
         assert_eq!(show_time(Some(0)), "1970-01-01 00:00:00 UTC");
         assert_eq!(show_time(None), "–");
@@ -1174,5 +1178,6 @@ mod tests {
         );
         assert_eq!(cut("héllo", 2), "hé…");
         assert_eq!(cut("hé", 2), "hé");
+        assert_eq!(cut("hél", 2), "hé…");
     }
 }
