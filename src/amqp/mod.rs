@@ -8,4 +8,5 @@ pub mod inbox;
 pub(crate) mod nodes;
 pub(crate) mod readgate;
 pub mod stream;
+pub(crate) mod tls;
 pub mod topology;

@@ -27,8 +27,7 @@ use rabbitmq_stream_protocol::commands::{
     unsubscribe::UnSubscribeCommand,
 };
 use rabbitmq_stream_protocol::{Request, Response, ResponseCode, ResponseKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +52,10 @@ pub const EMPTY_STREAM_WAIT: Duration = Duration::from_millis(1000);
 
 /// Time allowed to connect and finish the handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// RabbitMQ's stream ports when `stream.listeners` is not set: plain and TLS.
+const DEFAULT_PORT: u16 = 5552;
+const DEFAULT_TLS_PORT: u16 = 5551;
 
 /// Largest frame accepted from the broker; a chunk is usually up to a few MiB,
 /// a length past this means the stream is out of step (or not the protocol).
@@ -84,8 +87,8 @@ pub struct StreamMessage {
 
 /// A connection to RabbitMQ's stream protocol, reading one stream at a time.
 pub struct StreamReader {
-    reader: BufReader<OwnedReadHalf>,
-    writer: Arc<Mutex<OwnedWriteHalf>>,
+    reader: BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
+    writer: Arc<Mutex<Box<dyn AsyncWrite + Send + Sync + Unpin>>>,
     /// Where it is connected, `host:port`, for messages.
     peer: String,
     vhost: String,
@@ -117,7 +120,8 @@ impl Frame {
 }
 
 impl StreamReader {
-    /// Connects to the first node of `cfg.url` (same user, password, vhost, host) on port `cfg.stream_port`.
+    /// Connects to the first node of `cfg.url` (same user, password, vhost,
+    /// host and TLS settings) on port `cfg.stream_port` (0: the broker's default).
     /// `name` is the connection name shown in the management UI (client property connection_name).
     pub async fn connect(cfg: &AmqpConfig, name: &str) -> anyhow::Result<StreamReader> {
         let node = cfg
@@ -129,33 +133,70 @@ impl StreamReader {
             node.url.expose().parse().map_err(|_: String| {
                 anyhow!("amqp.url is not a valid AMQP URL (got {})", node.url)
             })?;
-        if uri.scheme == AMQPScheme::AMQPS {
-            bail!(
-                "reading a stream needs a plain (non-TLS) stream listener: amqp.url is amqps://, \
-                 and the stream reader does not speak TLS; open RabbitMQ's plain stream port \
-                 (stream.listeners.tcp) to this host and set amqp.stream_port"
-            );
-        }
-        if cfg.auth_mechanism == AuthMechanism::External {
+        let tls = uri.scheme == AMQPScheme::AMQPS;
+        // With amqps:// the connection's TLS settings are checked before any
+        // connection is tried, so a bad file is named whatever the broker does.
+        let tls_config = if tls {
+            Some(super::tls::client_config(cfg)?)
+        } else {
+            None
+        };
+        let external = cfg.auth_mechanism == AuthMechanism::External;
+        if external && !tls {
             bail!("reading a stream needs amqp.auth_mechanism = \"plain\" (EXTERNAL needs TLS)");
         }
-        let peer = format!("{}:{}", uri.authority.host, cfg.stream_port);
-        let not_answering = || {
-            format!(
-                "RabbitMQ's stream protocol is not answering on {peer}; enable it with \
-                 `rabbitmq-plugins enable rabbitmq_stream` (or set amqp.stream_port)"
-            )
+        let port = match (cfg.stream_port, tls) {
+            (0, false) => DEFAULT_PORT,
+            (0, true) => DEFAULT_TLS_PORT,
+            (p, _) => p,
         };
-        let socket = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((uri.authority.host.as_str(), cfg.stream_port)),
-        )
-        .await
-        .map_err(|_| anyhow!("timed out connecting"))
-        .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(not_answering)?;
+        let host = uri.authority.host.clone();
+        let peer = format!("{host}:{port}");
+        let not_answering = || {
+            if tls {
+                format!(
+                    "RabbitMQ's stream protocol over TLS is not answering on {peer}; enable it with \
+                     `rabbitmq-plugins enable rabbitmq_stream` and a TLS listener \
+                     (stream.listeners.ssl.1 = {port}), or set amqp.stream_port"
+                )
+            } else {
+                format!(
+                    "RabbitMQ's stream protocol is not answering on {peer}; enable it with \
+                     `rabbitmq-plugins enable rabbitmq_stream` (or set amqp.stream_port)"
+                )
+            }
+        };
+        let socket =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
+                .await
+                .map_err(|_| anyhow!("timed out connecting"))
+                .and_then(|r| r.map_err(anyhow::Error::from))
+                .with_context(not_answering)?;
         let _ = socket.set_nodelay(true);
-        let (read, write) = socket.into_split();
+        let (read, write): (
+            Box<dyn AsyncRead + Send + Sync + Unpin>,
+            Box<dyn AsyncWrite + Send + Sync + Unpin>,
+        ) = match tls_config {
+            None => {
+                let (r, w) = socket.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| {
+                    anyhow!("amqp.url's host {host:?} is not a valid TLS server name")
+                })?;
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(config).connect(name, socket),
+                )
+                .await
+                .map_err(|_| anyhow!("{peer} did not finish the TLS handshake in time"))?
+                .map_err(|e| super::tls::explain(e, cfg))
+                .with_context(|| format!("TLS to RabbitMQ's stream port {peer}"))?;
+                let (r, w) = tokio::io::split(stream);
+                (Box::new(r), Box::new(w))
+            }
+        };
         let mut reader = StreamReader {
             reader: BufReader::with_capacity(256 << 10, read),
             writer: Arc::new(Mutex::new(write)),
@@ -168,17 +209,25 @@ impl StreamReader {
         };
         let user = uri.authority.userinfo.username.clone();
         let password = uri.authority.userinfo.password.clone();
-        let heartbeat =
-            tokio::time::timeout(CONNECT_TIMEOUT, reader.handshake(name, &user, &password))
-                .await
-                .map_err(|_| anyhow!("{peer} did not finish the stream protocol handshake in time"))
-                .with_context(not_answering)??;
+        let heartbeat = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            reader.handshake(name, &user, &password, external),
+        )
+        .await
+        .map_err(|_| anyhow!("{peer} did not finish the stream protocol handshake in time"))
+        .with_context(not_answering)??;
         reader.start_heartbeats(heartbeat);
         Ok(reader)
     }
 
     /// Peer properties, SASL PLAIN, Tune, Open; returns the heartbeat in seconds.
-    async fn handshake(&mut self, name: &str, user: &str, password: &str) -> anyhow::Result<u32> {
+    async fn handshake(
+        &mut self,
+        name: &str,
+        user: &str,
+        password: &str,
+        external: bool,
+    ) -> anyhow::Result<u32> {
         let props = HashMap::from([
             ("connection_name".to_string(), name.to_string()),
             ("product".to_string(), "imattr".to_string()),
@@ -195,12 +244,35 @@ impl StreamReader {
         self.response(id).await?;
 
         let id = self.correlation();
-        let auth = format!("\0{user}\0{password}").into_bytes();
-        self.send(SaslAuthenticateCommand::new(id, "PLAIN".into(), auth))
+        // EXTERNAL takes the user from the client certificate, as on the AMQP port.
+        let (mechanism, auth) = if external {
+            ("EXTERNAL", Vec::new())
+        } else {
+            ("PLAIN", format!("\0{user}\0{password}").into_bytes())
+        };
+        self.send(SaslAuthenticateCommand::new(id, mechanism.into(), auth))
             .await?;
-        let answer = self.response(id).await?;
+        let answer = self.response(id).await.map_err(|e| {
+            if external {
+                // RabbitMQ's stream plugin crashed on EXTERNAL until a fix of
+                // mid-2023 (3.10.8 does, closing the connection).
+                anyhow!(
+                    "the broker closed the stream connection at the EXTERNAL login ({e:#}); \
+                     older RabbitMQ releases (3.10.8 among them) do not support EXTERNAL on the \
+                     stream protocol: upgrade RabbitMQ, or run the dlq commands with \
+                     amqp.auth_mechanism = \"plain\""
+                )
+            } else {
+                e
+            }
+        })?;
         match answer.get::<GenericResponse>() {
             Some(r) if r.is_ok() => {}
+            Some(r) if external => bail!(
+                "the broker refused the EXTERNAL stream login ({:?}); is rabbitmq_auth_mechanism_ssl \
+                 enabled, and does a user named after the certificate exist with access to the vhost?",
+                r.code()
+            ),
             Some(r) => bail!(
                 "the broker refused the stream login ({:?}); check the user and password in amqp.url",
                 r.code()
@@ -516,7 +588,9 @@ fn decode_error(e: rabbitmq_stream_protocol::error::DecodeError) -> anyhow::Erro
     anyhow!("undecodable stream protocol frame: {e:?}")
 }
 
-async fn read_frame(reader: &mut BufReader<OwnedReadHalf>) -> std::io::Result<Frame> {
+async fn read_frame(
+    reader: &mut BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
+) -> std::io::Result<Frame> {
     let len = reader.read_u32().await? as usize;
     if !(4..=MAX_INCOMING_FRAME_BYTES).contains(&len) {
         return Err(std::io::Error::new(

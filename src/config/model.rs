@@ -219,7 +219,8 @@ pub struct AmqpConfig {
     /// past it the worker stops reading deliveries from the broker until under again.
     pub max_held_bytes: u64,
     /// TCP port of RabbitMQ's stream protocol (plugin `rabbitmq_stream`) on the
-    /// hosts of `url`, used to read the dead-letter stream; 1 to 65535.
+    /// hosts of `url`, used to read the dead-letter stream; TLS when `url` is
+    /// `amqps://`. 0: the broker's default, 5552, or 5551 (its TLS port) for `amqps://`.
     pub stream_port: u16,
 }
 
@@ -261,7 +262,7 @@ impl Default for AmqpConfig {
             lease_ms: 10_000,
             takeover_hold_ms: 0,
             max_held_bytes: 64 << 20,
-            stream_port: 5552,
+            stream_port: 0,
         }
     }
 }

@@ -81,7 +81,7 @@ pub(crate) fn check_amqp_url(url: &str) -> Result<(), String> {
 pub(crate) fn accepted(key: &str) -> Option<String> {
     Some(match key {
         "amqp.prefetch" => "must be 1 to 65535".into(),
-        "amqp.stream_port" => "must be 1 to 65535".into(),
+        "amqp.stream_port" => "must be 0 (the broker's default) or 1 to 65535".into(),
         "amqp.lease_ms" => format!(
             "must be {MIN_LEASE_MS} to {MAX_LEASE_MS}, under the broker's heartbeat timeout"
         ),
@@ -217,7 +217,6 @@ impl AmqpConfig {
             "must differ from amqp.exchange (dead letters would come back as updates)",
         )?;
         in_range(self.prefetch > 0, "amqp.prefetch", self.prefetch)?;
-        in_range(self.stream_port > 0, "amqp.stream_port", self.stream_port)?;
         in_range(
             (MIN_LEASE_MS..=MAX_LEASE_MS).contains(&self.lease_ms),
             "amqp.lease_ms",
