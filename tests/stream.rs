@@ -370,16 +370,26 @@ async fn a_missing_stream_or_a_plain_queue_is_named() {
     s.delete().await;
 }
 
+/// With amqps:// the reader speaks TLS to the stream port: a missing TLS
+/// listener and a plain port are each named (tls-test reads a stream over TLS).
 #[tokio::test]
-async fn an_amqps_url_is_refused_with_the_reason() {
+async fn an_amqps_url_speaks_tls_to_the_stream_port() {
     let mut cfg = base_config().amqp;
     cfg.url = imattr::config::AmqpUrl::new("amqps://guest:guest@127.0.0.1:5671/%2f");
-    let err = match StreamReader::connect(&cfg, "imattr-test-stream").await {
-        Ok(_) => panic!("connected over amqps"),
-        Err(e) => format!("{e:#}"),
+    let err = |cfg: imattr::config::AmqpConfig| async move {
+        match StreamReader::connect(&cfg, "imattr-test-stream").await {
+            Ok(_) => panic!("connected over TLS to a broker that has no TLS listener"),
+            Err(e) => format!("{e:#}"),
+        }
     };
+    // 0: RabbitMQ's default TLS stream port, which this broker does not open.
+    let e = err(cfg.clone()).await;
     assert!(
-        err.contains("needs a plain (non-TLS) stream listener"),
-        "{err}"
+        e.contains("127.0.0.1:5551") && e.contains("stream.listeners.ssl"),
+        "{e}"
     );
+    // The plain stream port does not speak TLS.
+    cfg.stream_port = 5552;
+    let e = err(cfg).await;
+    assert!(e.contains("dropped the TLS handshake"), "{e}");
 }

@@ -72,11 +72,13 @@ pub(crate) fn explain(e: io::Error, cfg: &AmqpConfig) -> anyhow::Error {
         | Problem::Expired
         | Problem::NotValidYet
         | Problem::BadCertificate
-        | Problem::ClientCertificateRefused
-        | Problem::DroppedAfterHandshake) => anyhow!("{} ({text})", describe(p, cfg)),
-        Problem::TlsToPlainPort => anyhow!(
-            "TLS spoken to a port that does not speak it; set amqp.stream_port to the broker's \
-             stream TLS port (stream.listeners.ssl, 5551 by default) ({text})"
+        | Problem::ClientCertificateRefused) => anyhow!("{} ({text})", describe(p, cfg)),
+        // The AMQP connection with the same settings got through, so a port
+        // that drops the handshake is most likely no TLS listener.
+        Problem::TlsToPlainPort | Problem::DroppedAfterHandshake => anyhow!(
+            "the port dropped the TLS handshake: is amqp.stream_port the broker's stream TLS \
+             listener (stream.listeners.ssl, 5551 by default) and not its plain one? If it is, \
+             the broker may have refused the client certificate ({text})"
         ),
         _ => anyhow!("{text}"),
     }
