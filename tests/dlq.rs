@@ -865,6 +865,76 @@ async fn the_summary_counts_as_a_full_read() {
     cleanup(sb).await;
 }
 
+/// Retention drops the store's oldest segments: the summary drops their
+/// rows and still counts as a full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_follows_retention() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    // The store declared again in small segments of which a few are kept
+    // (a policy, so that it is declared as ever).
+    let dlq = c.amqp.dead_letter_queue.clone();
+    let policy = format!("{dlq}.retention");
+    let conn = topology::connect(&c.amqp, "test segments").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &format!("^{}$", dlq.replace('.', "\\.")),
+        r#"{"stream-max-segment-size-bytes":4000,"max-length-bytes":20000}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    ch.queue_declare(
+        dlq.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        topology::dead_letter_queue_arguments(&c.amqp),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    fill_varied(&c, 100, 0).await;
+    let q = open(&c).await;
+    let mut s = Summary::new();
+    let mut reader = imattr::amqp::stream::StreamReader::connect(&c.amqp, "test retention")
+        .await
+        .unwrap();
+    let was = reader.first_offset(&dlq).await.unwrap().unwrap();
+    q.refresh_summary(&mut s).await.unwrap();
+    let mut from = 100;
+    let mut first = was;
+    // A few at a time, each read into the summary, until retention drops
+    // rows it holds (not only ones it never read).
+    for _ in 0..200 {
+        fill_varied(&c, 10, from).await;
+        from += 10;
+        first = reader.first_offset(&dlq).await.unwrap().unwrap();
+        if first > was {
+            break;
+        }
+        q.refresh_summary(&mut s).await.unwrap();
+    }
+    reader.close().await;
+    rabbitmqctl(&["clear_policy", &policy]);
+    assert!(first > was, "retention dropped nothing");
+    let read = q.refresh_summary(&mut s).await.unwrap();
+    assert_eq!(read, 10, "only the new ones read");
+    same_as_a_full_read(&q, &mut s).await;
+    // Offsets hold more than dead letters (a segment starts with the
+    // broker's own entry): the rows are the dead letters still there.
+    let left = q.peek(None).await.unwrap();
+    assert!(left[0].id >= first, "{} < {first}", left[0].id);
+    assert_eq!(s.len(), left.len());
+    q.close().await;
+    cleanup(sb).await;
+}
+
 /// Informal figures (no assertion on time): `IMATTR_DLQ_MEASURE=N cargo test
 /// --release --test dlq measure -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
