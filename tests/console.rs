@@ -507,6 +507,31 @@ async fn dead_letters_are_filtered_shown_replayed_and_deleted() {
     assert_eq!(b.text("#deleted-count").await, "2");
     b.goto(&format!("{base}/console/dead-letters")).await;
     assert_eq!(rows(&b).await, ["bad3"]);
+
+    // The grouped view counts what is left, then what comes after.
+    b.goto(&format!("{base}/console/dead-letters/groups")).await;
+    assert_eq!(b.text("#group-total").await, "1");
+    sb.publish(b"{still not json".as_slice()).await.unwrap();
+    sb.confirm().await.unwrap();
+    until(
+        Duration::from_secs(60),
+        "the new dead letter counted",
+        || async {
+            let Ok(r) = reqwest::get(format!("{base}/console/api/dead-letters/stats")).await else {
+                return false;
+            };
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            v["total"] == 2
+        },
+    )
+    .await;
+    b.goto(&format!("{base}/console/dead-letters/groups")).await;
+    assert_eq!(b.text("#group-total").await, "2");
+    let by_reason = b.text("#by-reason").await;
+    assert!(
+        by_reason.contains("rejected 1") && by_reason.contains("invalid-message 1"),
+        "{by_reason}"
+    );
     let logs = worker.logs();
     assert!(
         logs.contains("Console replayed dead letters") && logs.contains("count=2"),

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use imattr::amqp::deadletter::{dead_letter_properties, Failure, Reason};
 use imattr::amqp::topology;
 use imattr::config::Config;
-use imattr::dlq::{By, DeadLetterView, Dlq, Filter, ReplayOptions, REPLAY_BATCH};
+use imattr::dlq::{By, DeadLetterView, Dlq, Filter, Groups, ReplayOptions, Summary, REPLAY_BATCH};
 use imattr::publish::{update_properties, Publisher};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
@@ -740,6 +740,198 @@ async fn a_legacy_dead_letter_queue_is_refused_with_exit_2() {
         .unwrap();
     }
     let _ = conn.close(200, "done".into()).await;
+    cleanup(sb).await;
+}
+
+/// Dead letters with a few reasons, codes, error texts and failure times.
+async fn fill_varied(c: &Config, n: usize, from: usize) {
+    let mut dl = DeadLetters::new(c).await;
+    for i in from..from + n {
+        let reason = [
+            Reason::Rejected,
+            Reason::InvalidMessage,
+            Reason::RetriesExhausted,
+        ][i % 3];
+        let error = ["quota exceeded", "bad attr", "timeout"][i % 5 % 3];
+        let acc = format!("a{}", i % 4);
+        let props = dl.props_at(reason, &acc, &[], error, 1_000 * (i as i64 % 7));
+        dl.raw(props, &acc, &update(&acc, &[("n", &i.to_string())]))
+            .await;
+    }
+    dl.confirm().await;
+}
+
+/// The summary's answers equal a full read's for filters it answers, and it
+/// answers none on account or text.
+async fn same_as_a_full_read(q: &Dlq, s: &mut Summary) {
+    q.refresh_summary(s).await.unwrap();
+    let mut filters = vec![Filter::default()];
+    for r in [
+        "rejected",
+        "invalid-message",
+        "retries-exhausted",
+        "broker:expired",
+    ] {
+        filters.push(Filter {
+            reason: Some(r.into()),
+            ..Filter::default()
+        });
+    }
+    filters.push(Filter {
+        code: Some(90033),
+        since_ms: Some(2_000),
+        until_ms: Some(5_000),
+        ..Filter::default()
+    });
+    for f in &filters {
+        let full: Groups = q.stats(f).await.unwrap().into();
+        assert_eq!(s.groups(f).as_ref(), Some(&full), "{f:?}");
+        assert_eq!(s.count(f), Some(full.total), "{f:?}");
+    }
+    let account = Filter {
+        account: Some("a1".into()),
+        ..Filter::default()
+    };
+    assert_eq!(s.count(&account), None);
+}
+
+/// The console's summary counts as a full read does, before and after a
+/// delete and a replay (the ledger's entries), after more dead letters come
+/// (reading only those), and after the store is deleted and declared again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_counts_as_a_full_read() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill_varied(&c, 60, 0).await;
+    let q = open(&c).await;
+    let mut s = Summary::new();
+    same_as_a_full_read(&q, &mut s).await;
+    assert_eq!(s.len(), 60);
+
+    // Resolved: some deleted, some replayed.
+    let all = q.peek(None).await.unwrap();
+    let ids: Vec<u64> = all.iter().step_by(7).map(|v| v.id).collect();
+    let deleted = q
+        .delete(
+            &Filter {
+                ids: Some(ids.clone()),
+                ..Filter::default()
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, ids.len() as u64);
+    let replay = ReplayOptions {
+        filter: Filter {
+            reason: Some("rejected".into()),
+            ..Filter::default()
+        },
+        limit: Some(6),
+        ..replay_all(Default::default())
+    };
+    assert_eq!(q.replay(&replay, &|_| {}).await.unwrap().moved, 6);
+    same_as_a_full_read(&q, &mut s).await;
+    assert_eq!(s.len(), 60 - ids.len() - 6);
+
+    // More come: only they are read.
+    fill_varied(&c, 25, 60).await;
+    let read = q.refresh_summary(&mut s).await.unwrap();
+    assert_eq!(read, 25);
+    same_as_a_full_read(&q, &mut s).await;
+    assert_eq!(s.len(), 85 - ids.len() - 6);
+    q.close().await;
+
+    // The store deleted and declared again, with more offsets than before:
+    // read again from its start.
+    let conn = topology::connect(&c.amqp, "test recreate").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for q in [
+        c.amqp.dead_letter_queue.clone(),
+        format!("{}.ledger", c.amqp.dead_letter_queue),
+    ] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let _ = conn.close(200, "done".into()).await;
+    let q = open(&c).await;
+    fill_varied(&c, 100, 0).await;
+    let read = q.refresh_summary(&mut s).await.unwrap();
+    assert_eq!(read, 100);
+    assert_eq!(s.len(), 100);
+    same_as_a_full_read(&q, &mut s).await;
+    q.close().await;
+    cleanup(sb).await;
+}
+
+/// Retention drops the store's oldest segments: the summary drops their
+/// rows and still counts as a full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_summary_follows_retention() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    // The store declared again in small segments of which a few are kept
+    // (a policy, so that it is declared as ever).
+    let dlq = c.amqp.dead_letter_queue.clone();
+    let policy = format!("{dlq}.retention");
+    let conn = topology::connect(&c.amqp, "test segments").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    rabbitmqctl(&[
+        "set_policy",
+        &policy,
+        &format!("^{}$", dlq.replace('.', "\\.")),
+        r#"{"stream-max-segment-size-bytes":4000,"max-length-bytes":20000}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    ch.queue_declare(
+        dlq.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        topology::dead_letter_queue_arguments(&c.amqp),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    fill_varied(&c, 100, 0).await;
+    let q = open(&c).await;
+    let mut s = Summary::new();
+    let mut reader = imattr::amqp::stream::StreamReader::connect(&c.amqp, "test retention")
+        .await
+        .unwrap();
+    let was = reader.first_offset(&dlq).await.unwrap().unwrap();
+    q.refresh_summary(&mut s).await.unwrap();
+    let mut from = 100;
+    let mut first = was;
+    // A few at a time, each read into the summary, until retention drops
+    // rows it holds (not only ones it never read).
+    for _ in 0..200 {
+        fill_varied(&c, 10, from).await;
+        from += 10;
+        first = reader.first_offset(&dlq).await.unwrap().unwrap();
+        if first > was {
+            break;
+        }
+        q.refresh_summary(&mut s).await.unwrap();
+    }
+    reader.close().await;
+    rabbitmqctl(&["clear_policy", &policy]);
+    assert!(first > was, "retention dropped nothing");
+    let read = q.refresh_summary(&mut s).await.unwrap();
+    assert_eq!(read, 10, "only the new ones read");
+    same_as_a_full_read(&q, &mut s).await;
+    // Offsets hold more than dead letters (a segment starts with the
+    // broker's own entry): the rows are the dead letters still there.
+    let left = q.peek(None).await.unwrap();
+    assert!(left[0].id >= first, "{} < {first}", left[0].id);
+    assert_eq!(s.len(), left.len());
+    q.close().await;
     cleanup(sb).await;
 }
 

@@ -370,6 +370,23 @@ impl StreamReader {
         Ok(found)
     }
 
+    /// Offset of the first entry still in `stream` (retention drops whole
+    /// old segments), None when it has none (after [`EMPTY_STREAM_WAIT`]).
+    pub async fn first_offset(&mut self, stream: &str) -> anyhow::Result<Option<u64>> {
+        let sub = self
+            .subscribe(stream, OffsetSpecification::First, 1)
+            .await?;
+        let found = match tokio::time::timeout(EMPTY_STREAM_WAIT, self.next_chunk(sub)).await {
+            Err(_) => Ok(None),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| Some(c.first_offset)),
+        };
+        let unsubscribed = self.unsubscribe(sub).await;
+        let found = found?;
+        unsubscribed?;
+        Ok(found)
+    }
+
     /// Calls `f` with every entry whose offset is in from..=until, in offset order (entries before `from`
     /// in the first chunk are skipped; a `from` older than the stream's first offset starts at the first).
     /// Stops when `f` returns ControlFlow::Break(()) or after `until`. Memory is bounded (a few chunks in

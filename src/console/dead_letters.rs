@@ -26,16 +26,20 @@ use super::auth::Who;
 use super::pages::{layout, Context, Tab};
 use super::{now_ms, Console};
 use crate::config::Config;
-use crate::dlq::{DeadLetterView, Dlq, Filter, Progress, ReplayOptions, ReplayReport};
+use crate::dlq::{
+    DeadLetterView, Dlq, Filter, Groups, Progress, ReplayOptions, ReplayReport, Summary,
+};
 
 /// Rows per page.
 pub(crate) const PAGE_SIZE: usize = 50;
 
 /// The store, opened when first needed (a broker down when the console
-/// starts must not keep it from starting), again after a failure.
+/// starts must not keep it from starting), again after a failure; and its
+/// summary, so that counts read only the dead letters new since the last.
 pub(crate) struct Store {
     config: Config,
     dlq: tokio::sync::Mutex<Option<Arc<Dlq>>>,
+    summary: tokio::sync::Mutex<Summary>,
 }
 
 impl Store {
@@ -43,6 +47,77 @@ impl Store {
         Store {
             config: config.clone(),
             dlq: tokio::sync::Mutex::new(None),
+            summary: tokio::sync::Mutex::new(Summary::new()),
+        }
+    }
+
+    /// The counts of `filter`: from the summary brought up to date, or from
+    /// a full read when the summary cannot answer (account or text).
+    pub(crate) async fn groups(&self, filter: &Filter) -> anyhow::Result<Groups> {
+        match self.summarised(filter, Summary::groups).await? {
+            Some(g) => Ok(g),
+            None => self.full(filter).await,
+        }
+    }
+
+    /// How many match `filter`, as [`Store::groups`].
+    pub(crate) async fn count(&self, filter: &Filter) -> anyhow::Result<u64> {
+        match self.summarised(filter, Summary::count).await? {
+            Some(n) => Ok(n),
+            None => Ok(self.full(filter).await?.total),
+        }
+    }
+
+    /// A read of the whole store.
+    async fn full(&self, filter: &Filter) -> anyhow::Result<Groups> {
+        let f = filter.clone();
+        Ok(self
+            .with(|d| async move { d.stats(&f).await })
+            .await?
+            .into())
+    }
+
+    /// `answer` of the summary brought up to date; `None` when it cannot
+    /// answer (a filter it cannot read does not refresh it).
+    async fn summarised<T>(
+        &self,
+        filter: &Filter,
+        answer: impl Fn(&Summary, &Filter) -> Option<T>,
+    ) -> anyhow::Result<Option<T>> {
+        if !Summary::reads(filter) {
+            return Ok(None);
+        }
+        let mut s = self.summary.lock().await;
+        self.refresh(&mut s).await?;
+        Ok(answer(&s, filter))
+    }
+
+    async fn refresh(&self, s: &mut Summary) -> anyhow::Result<u64> {
+        self.with(|d| async move { d.refresh_summary(s).await })
+            .await
+    }
+
+    /// Builds the summary (the first count's full read) in the background,
+    /// until `cancel`.
+    pub(crate) async fn warm(&self, cancel: CancellationToken) {
+        let work = async {
+            let mut s = self.summary.lock().await;
+            let started = Instant::now();
+            match self.refresh(&mut s).await {
+                Ok(_) => tracing::info!(
+                    rows = s.len(),
+                    read_ms = started.elapsed().as_millis() as u64,
+                    "Console summarised the dead letters"
+                ),
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "Console could not summarise the dead letters yet; the first count will"
+                ),
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = work => {}
         }
     }
 
@@ -379,6 +454,11 @@ impl DeadLetters {
             next_job: AtomicU64::new(1),
         }
     }
+
+    /// See [`Store::warm`].
+    pub(crate) async fn warm(&self, cancel: CancellationToken) {
+        self.store.warm(cancel).await;
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -541,13 +621,7 @@ pub(crate) async fn stats_json(State(c): State<Console>, Query(q): Query<FilterQ
         Ok(f) => f,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
-    match c
-        .inner
-        .dead_letters
-        .store
-        .with(|d| async move { d.stats(&filter).await })
-        .await
-    {
+    match c.inner.dead_letters.store.groups(&filter).await {
         Ok(s) => Json(serde_json::json!({
             "total": s.total,
             "by_reason": s.by_reason,
@@ -570,13 +644,7 @@ pub(crate) async fn groups(
         Err(e) => return failure(&ctx, StatusCode::BAD_REQUEST, "Bad filter", e),
     };
     let started = Instant::now();
-    let s = match c
-        .inner
-        .dead_letters
-        .store
-        .with(|d| async move { d.stats(&filter).await })
-        .await
-    {
+    let s = match c.inner.dead_letters.store.groups(&filter).await {
         Ok(s) => s,
         Err(e) => {
             return failure(
@@ -853,13 +921,7 @@ async fn count(c: &Console, t: &Target) -> anyhow::Result<u64> {
     if let Some(ids) = &t.filter.ids {
         return Ok(ids.len() as u64);
     }
-    let f = t.filter.clone();
-    Ok(c.inner
-        .dead_letters
-        .store
-        .with(|d| async move { d.stats(&f).await })
-        .await?
-        .total)
+    c.inner.dead_letters.store.count(&t.filter).await
 }
 
 /// `POST /console/dead-letters/delete`: a confirmation naming the count,

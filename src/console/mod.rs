@@ -92,6 +92,14 @@ impl Console {
         tokio::spawn(async move { console.sample_loop(cancel).await });
     }
 
+    /// Summarises the dead letters in the background, so that the first
+    /// grouped view or confirmation does not wait for a read of the whole
+    /// store.
+    pub fn start_summary(&self, cancel: CancellationToken) {
+        let console = self.clone();
+        tokio::spawn(async move { console.inner.dead_letters.warm(cancel).await });
+    }
+
     async fn sample_loop(self, cancel: CancellationToken) {
         let mut depth = QueueDepth::new(&self.inner.config);
         let mut tick = tokio::time::interval(samples::EVERY);
@@ -429,6 +437,7 @@ pub async fn serve_alone(
         .with_context(|| format!("console: cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     console.start_sampling(cancel.clone());
+    console.start_summary(cancel.clone());
     let app = Router::new()
         .route("/", get(|| async { Redirect::to("/console/") }))
         .merge(console.router());

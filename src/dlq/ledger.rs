@@ -115,6 +115,11 @@ impl Resolved {
             .filter(|s| s.end >= offset)
     }
 
+    /// The resolved offsets as inclusive ranges, ascending.
+    pub(crate) fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.spans.iter().map(|(a, s)| (*a, s.end))
+    }
+
     /// Spans held (the memory cost).
     pub(crate) fn spans(&self) -> usize {
         self.spans.len()

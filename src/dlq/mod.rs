@@ -36,6 +36,7 @@ pub mod pass;
 pub mod reader;
 pub(crate) mod replay;
 pub(crate) mod stats;
+pub(crate) mod summary;
 pub(crate) mod view;
 
 use std::io::Write;
@@ -47,6 +48,7 @@ use lapin::{BasicProperties, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
 
 pub use stats::{By, Stats};
+pub use summary::{Groups, Summary};
 pub use view::{DeadLetterView, Filter};
 pub(crate) use view::{Table, REASONS};
 
@@ -64,6 +66,9 @@ use crate::amqp::stream::StreamMessage;
 /// Dead letters replayed per batch: published with confirms, then recorded
 /// in the ledger; also the most a crash between the two can duplicate.
 pub const REPLAY_BATCH: usize = 500;
+
+/// Offsets [`Dlq::refresh_summary`] reads while holding the reader.
+pub const SUMMARY_BATCH: u64 = 50_000;
 
 /// What `replay` does.
 #[derive(Debug, Clone, Default)]
@@ -122,6 +127,8 @@ pub struct Page {
 /// A dead letter as read: headers restored, facts read.
 struct Letter {
     id: u64,
+    /// When the broker wrote its chunk, Unix ms.
+    chunk_ms: i64,
     meta: Meta,
     properties: BasicProperties,
     body: Vec<u8>,
@@ -137,6 +144,7 @@ impl Letter {
         }
         Letter {
             id: m.offset,
+            chunk_ms: m.chunk_timestamp_ms,
             meta,
             properties: m.properties.with_headers(headers),
             body: m.body,
@@ -440,6 +448,75 @@ impl Dlq {
         Ok(tally.report(top))
     }
 
+    /// Brings `summary` up to date: reads the ledger, then only the dead
+    /// letters past [`Summary::upto`], in batches of [`SUMMARY_BATCH`] so
+    /// that other reads are not held up for long. Reads the store from its
+    /// start again when it was deleted and declared again since. Returns
+    /// how many dead letters it read.
+    pub async fn refresh_summary(&self, summary: &mut Summary) -> anyhow::Result<u64> {
+        let (snap, first) = {
+            let mut r = self.reader.lock().await;
+            let snap = self.snapshot(&mut r).await?;
+            let first = match snap.last {
+                Some(_) => r.first_offset(self.dlq()).await?,
+                None => None,
+            };
+            (snap, first)
+        };
+        let Some(last) = snap.last else {
+            summary.reset();
+            return Ok(0);
+        };
+        let first = first.unwrap_or(0);
+        // Fewer offsets than were read, or the last one read gone to
+        // retention (the summary holds nothing of this store then).
+        if summary.upto() > last.saturating_add(1) || summary.tail().is_some_and(|t| t.id < first) {
+            summary.reset();
+        }
+        summary.drop_below(first);
+        if let Some(t) = summary.tail() {
+            let mut same = false;
+            let mut r = self.reader.lock().await;
+            self.scan(&mut r, t.id, t.id, |l| {
+                same = l.id == t.id && l.chunk_ms == t.chunk_ms && l.body.len() == t.body_bytes;
+                ControlFlow::Break(())
+            })
+            .await?;
+            if !same {
+                tracing::info!(queue = %self.dlq(), "Dead-letter store declared again; summarising it from its start");
+                summary.reset();
+            }
+        }
+        let mut from = summary.upto().max(first);
+        let started = std::time::Instant::now();
+        let mut read = 0u64;
+        while from <= last {
+            let until = last.min(from.saturating_add(SUMMARY_BATCH - 1));
+            let mut r = self.reader.lock().await;
+            read += self
+                .scan(&mut r, from, until, |l| {
+                    summary.add(l.id, &l.meta, l.body.len(), l.chunk_ms);
+                    ControlFlow::Continue(())
+                })
+                .await?;
+            drop(r);
+            summary.read_to(until);
+            match until.checked_add(1) {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        summary.resolve(&snap.resolved);
+        tracing::debug!(
+            read,
+            rows = summary.len(),
+            upto = summary.upto(),
+            read_ms = started.elapsed().as_millis() as u64,
+            "Dead-letter summary refreshed"
+        );
+        Ok(read)
+    }
+
     /// Writes the unresolved dead letters matching `filter` to `w` as
     /// NDJSON, oldest first; returns how many.
     pub async fn export(&self, filter: &Filter, w: &mut (dyn Write + Send)) -> anyhow::Result<u64> {
@@ -713,6 +790,7 @@ mod tests {
         send(&q.page(f, None, 10));
         send(&q.show(1));
         send(&q.stats(f));
+        send(&q.refresh_summary(&mut Summary::new()));
         send(&q.delete(f, "x"));
         send(&q.replay(o, &|_| {}));
         let mut w = Vec::new();

@@ -29,7 +29,7 @@ pub(crate) const OTHER: &str = "(other)";
 pub(crate) const MAX_KEY_CHARS: usize = 256;
 
 /// `key`, cut to [`MAX_KEY_CHARS`].
-fn bounded_key(key: &str) -> Cow<'_, str> {
+pub(crate) fn bounded_key(key: &str) -> Cow<'_, str> {
     match key.char_indices().nth(MAX_KEY_CHARS - 1) {
         Some((i, _)) if key[i..].chars().nth(1).is_some() => Cow::Owned(format!("{}…", &key[..i])),
         _ => Cow::Borrowed(key),
@@ -81,10 +81,10 @@ impl TopK {
 
     /// The `n` largest counts, largest first (ties by key).
     pub(crate) fn top(&self, n: usize) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self.counts.iter().map(|(k, c)| (k.clone(), *c)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(n);
-        v
+        top_of(
+            self.counts.iter().map(|(k, c)| (k.clone(), *c)).collect(),
+            n,
+        )
     }
 
     /// Whether the counts are exact.
@@ -96,15 +96,7 @@ impl TopK {
     /// (and the occurrences a full table dropped) add up to, so that the
     /// values always sum to the number of keys counted.
     pub(crate) fn breakdown(&self, n: usize) -> BTreeMap<String, u64> {
-        let mut m: BTreeMap<String, u64> = BTreeMap::new();
-        for (k, c) in self.top(n) {
-            *m.entry(k).or_default() += c;
-        }
-        let shown: u64 = m.values().sum();
-        if self.total > shown {
-            *m.entry(OTHER.to_string()).or_default() += self.total - shown;
-        }
-        m
+        breakdown_of(self.top(n), self.total)
     }
 
     /// How far below the true count a reported count may be.
@@ -175,13 +167,44 @@ pub struct Stats {
     pub replayed_before: u64,
 }
 
+/// The `n` largest of `counts`, largest first (ties by key).
+fn top_of(mut counts: Vec<(String, u64)>, n: usize) -> Vec<(String, u64)> {
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts.truncate(n);
+    counts
+}
+
+/// `top` as a map, plus [`OTHER`] for what the rest of `total` adds up to.
+fn breakdown_of(top: Vec<(String, u64)>, total: u64) -> BTreeMap<String, u64> {
+    let mut m: BTreeMap<String, u64> = BTreeMap::new();
+    for (k, c) in top {
+        *m.entry(k).or_default() += c;
+    }
+    let shown: u64 = m.values().sum();
+    if total > shown {
+        *m.entry(OTHER.to_string()).or_default() += total - shown;
+    }
+    m
+}
+
+/// Exact `counts` of some of `total` dead letters (the rest under no key) as
+/// a breakdown of [`Stats`] lists them: the same keys, order and [`OTHER`].
+pub(crate) fn listed_counts(counts: Vec<(String, u64)>, total: u64) -> Vec<(String, u64)> {
+    list_of(breakdown_of(top_of(counts, KEYS_SHOWN), total))
+}
+
 fn bump(t: &mut TopK, k: Option<&str>) {
     t.add(k.unwrap_or("none"));
 }
 
 /// A breakdown as a list, most first, [`OTHER`] last.
 fn listed(t: &TopK) -> Vec<(String, u64)> {
-    let mut rows: Vec<(String, u64)> = t.breakdown(KEYS_SHOWN).into_iter().collect();
+    list_of(t.breakdown(KEYS_SHOWN))
+}
+
+/// A breakdown's map as a list, most first, [`OTHER`] last.
+fn list_of(m: BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut rows: Vec<(String, u64)> = m.into_iter().collect();
     rows.sort_by(|a, b| {
         (a.0 == OTHER)
             .cmp(&(b.0 == OTHER))
