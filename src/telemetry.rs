@@ -44,6 +44,19 @@ pub fn colours(stderr_is_terminal: bool, no_color: Option<OsString>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// The texts of `e`'s sources, each after ": " (what `{e}` leaves out): the
+/// cause an operator needs is often only there.
+pub(crate) fn sources(e: &dyn std::error::Error) -> String {
+    let mut text = String::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -210,12 +210,7 @@ impl Attempt {
         let mut text = err.to_string();
         let io_kind = match err.kind() {
             lapin::ErrorKind::IOError(e) => {
-                let mut source = std::error::Error::source(&**e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
+                text.push_str(&crate::telemetry::sources(&**e));
                 Some(e.kind())
             }
             _ => None,

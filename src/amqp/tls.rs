@@ -54,13 +54,7 @@ pub(crate) fn client_config(cfg: &AmqpConfig) -> anyhow::Result<Arc<ClientConfig
 /// One line for a failed TLS handshake: the certificate problems in the AMQP
 /// connection's words, anything else as it is.
 pub(crate) fn explain(e: io::Error, cfg: &AmqpConfig) -> anyhow::Error {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
+    let text = format!("{e}{}", crate::telemetry::sources(&e));
     let attempt = Attempt {
         tls: true,
         io_kind: Some(e.kind()),

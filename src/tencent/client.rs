@@ -466,13 +466,7 @@ fn transport_reply(e: reqwest::Error) -> Reply {
         return Reply::Timeout;
     }
     let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
+    let text = format!("{e}{}", crate::telemetry::sources(&e));
     Reply::Connection(strip_query(&text))
 }
 
