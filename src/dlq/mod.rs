@@ -454,20 +454,33 @@ impl Dlq {
     /// start again when it was deleted and declared again since. Returns
     /// how many dead letters it read.
     pub async fn refresh_summary(&self, summary: &mut Summary) -> anyhow::Result<u64> {
-        let (snap, first) = {
+        let (snap, last, first) = {
             let mut r = self.reader.lock().await;
             let snap = self.snapshot(&mut r).await?;
-            let first = match snap.last {
+            // "Empty" after a second may only be a slow broker: before
+            // throwing away what was summarised, wait as for the ledger.
+            let last = match snap.last {
+                None if summary.upto() > 0 => r.last_offset_within(self.dlq(), LEDGER_WAIT).await?,
+                last => last,
+            };
+            let first = match last {
                 Some(_) => r.first_offset(self.dlq()).await?,
                 None => None,
             };
-            (snap, first)
+            (snap, last, first)
         };
-        let Some(last) = snap.last else {
+        let Some(last) = last else {
             summary.reset();
             return Ok(0);
         };
-        let first = first.unwrap_or(0);
+        // A store with a last entry has a first one: no answer is a slow
+        // broker, and guessing 0 would keep rows retention dropped.
+        let Some(first) = first else {
+            anyhow::bail!(
+                "the dead-letter store {} did not say where it starts; the broker may be busy: try again",
+                self.dlq()
+            );
+        };
         // Fewer offsets than were read, or the last one read gone to
         // retention (the summary holds nothing of this store then).
         if summary.upto() > last.saturating_add(1) || summary.tail().is_some_and(|t| t.id < first) {
