@@ -916,10 +916,37 @@ pub(crate) async fn export(
         .into_response()
 }
 
-/// How many unresolved dead letters the target names (the summary answers ids too).
-async fn count(c: &Console, t: &Target) -> anyhow::Result<u64> {
-    // Selected rows too: one may have been replayed or deleted meanwhile.
-    c.inner.dead_letters.store.count(&t.filter).await
+/// The target an action's form names and, until it is confirmed, its count
+/// for the confirmation; or the page saying why not (`nothing`: the title
+/// when the form names nothing).
+async fn target_and_count(
+    c: &Console,
+    ctx: &Context,
+    body: &[u8],
+    nothing: &str,
+) -> Result<(Target, Option<u64>), Response> {
+    let t =
+        Target::from_form(body).map_err(|e| failure(ctx, StatusCode::BAD_REQUEST, nothing, e))?;
+    if t.confirmed() {
+        return Ok((t, None));
+    }
+    // The store's count, selected rows too: one may have been replayed or
+    // deleted meanwhile.
+    let n = c
+        .inner
+        .dead_letters
+        .store
+        .count(&t.filter)
+        .await
+        .map_err(|e| {
+            failure(
+                ctx,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Cannot count",
+                format!("{e:#}"),
+            )
+        })?;
+    Ok((t, Some(n)))
 }
 
 /// `POST /console/dead-letters/delete`: a confirmation naming the count,
@@ -930,22 +957,11 @@ pub(crate) async fn delete(
     body: Bytes,
 ) -> Response {
     let ctx = c.page_context(&who);
-    let t = match Target::from_form(&body) {
-        Ok(t) => t,
-        Err(e) => return failure(&ctx, StatusCode::BAD_REQUEST, "Nothing to delete", e),
+    let (t, n) = match target_and_count(&c, &ctx, &body, "Nothing to delete").await {
+        Ok(found) => found,
+        Err(page) => return page,
     };
-    if !t.confirmed() {
-        let n = match count(&c, &t).await {
-            Ok(n) => n,
-            Err(e) => {
-                return failure(
-                    &ctx,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Cannot count",
-                    format!("{e:#}"),
-                )
-            }
-        };
+    if let Some(n) = n {
         let body = html! {
             h1 { "Delete dead letters" }
             p #confirm-text { "Delete " strong #confirm-count { (n) } " dead letter(s) (" (t.scope) ")? There is no undo." }
@@ -996,22 +1012,11 @@ pub(crate) async fn replay(
     body: Bytes,
 ) -> Response {
     let ctx = c.page_context(&who);
-    let t = match Target::from_form(&body) {
-        Ok(t) => t,
-        Err(e) => return failure(&ctx, StatusCode::BAD_REQUEST, "Nothing to replay", e),
+    let (t, n) = match target_and_count(&c, &ctx, &body, "Nothing to replay").await {
+        Ok(found) => found,
+        Err(page) => return page,
     };
-    if !t.confirmed() {
-        let n = match count(&c, &t).await {
-            Ok(n) => n,
-            Err(e) => {
-                return failure(
-                    &ctx,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Cannot count",
-                    format!("{e:#}"),
-                )
-            }
-        };
+    if let Some(n) = n {
         let body = html! {
             h1 { "Replay dead letters" }
             p #confirm-text { "Send " strong #confirm-count { (n) } " dead letter(s) (" (t.scope) ") back to the updates exchange." }

@@ -27,8 +27,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -399,19 +397,8 @@ impl QueueDepth {
         let Some((_, ch)) = &self.conn else {
             anyhow::bail!("not connected");
         };
-        let queue = &self.config.amqp.queue;
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("inspecting queue {queue}"))?;
-        Ok((u64::from(q.message_count()), u64::from(q.consumer_count())))
+        let (ready, consumers) = crate::dlq::pass::count(ch, &self.config.amqp.queue).await?;
+        Ok((u64::from(ready), u64::from(consumers)))
     }
 
     async fn close(self) {

@@ -32,11 +32,10 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicQosOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::topology::{self, StoreKind};
@@ -181,17 +180,7 @@ async fn migrate_on(
     let lock = conn.create_channel().await.context("opening a channel")?;
     topology::take_consume_lock(&lock, dlq).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
-    ch.exchange_declare(
-        exchange.into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .with_context(|| format!("declaring exchange {exchange}"))?;
+    topology::declare_exchange(&ch, exchange).await?;
     let legacy = match topology::dead_letter_store_kind(conn, cfg).await? {
         StoreKind::Stream => None,
         StoreKind::Legacy { detail } => Some(LegacyType::from_refusal(&detail)),
