@@ -87,7 +87,7 @@ pub struct StreamMessage {
 
 /// A connection to RabbitMQ's stream protocol, reading one stream at a time.
 pub struct StreamReader {
-    reader: BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
+    reader: FrameReader,
     writer: Arc<Mutex<Box<dyn AsyncWrite + Send + Sync + Unpin>>>,
     /// Where it is connected, `host:port`, for messages.
     peer: String,
@@ -108,6 +108,7 @@ impl Drop for StreamReader {
 
 /// A frame from the broker, its 4-byte length included (what the crate's
 /// decoders expect).
+#[derive(Debug)]
 struct Frame(Vec<u8>);
 
 impl Frame {
@@ -198,7 +199,7 @@ impl StreamReader {
             }
         };
         let mut reader = StreamReader {
-            reader: BufReader::with_capacity(256 << 10, read),
+            reader: FrameReader::new(read),
             writer: Arc::new(Mutex::new(write)),
             peer: peer.clone(),
             vhost: uri.vhost.clone(),
@@ -373,10 +374,19 @@ impl StreamReader {
     /// Offset of the first entry still in `stream` (retention drops whole
     /// old segments), None when it has none (after [`EMPTY_STREAM_WAIT`]).
     pub async fn first_offset(&mut self, stream: &str) -> anyhow::Result<Option<u64>> {
+        self.first_offset_within(stream, EMPTY_STREAM_WAIT).await
+    }
+
+    /// [`StreamReader::first_offset`], waiting `wait` for the first chunk.
+    pub async fn first_offset_within(
+        &mut self,
+        stream: &str,
+        wait: Duration,
+    ) -> anyhow::Result<Option<u64>> {
         let sub = self
             .subscribe(stream, OffsetSpecification::First, 1)
             .await?;
-        let found = match tokio::time::timeout(EMPTY_STREAM_WAIT, self.next_chunk(sub)).await {
+        let found = match tokio::time::timeout(wait, self.next_chunk(sub)).await {
             Err(_) => Ok(None),
             Ok(Err(e)) => Err(e),
             Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| Some(c.first_offset)),
@@ -553,7 +563,7 @@ impl StreamReader {
     async fn read_frame(&mut self) -> anyhow::Result<Frame> {
         loop {
             let frame = match self.silence_limit {
-                Some(limit) => tokio::time::timeout(limit, read_frame(&mut self.reader))
+                Some(limit) => tokio::time::timeout(limit, self.reader.next())
                     .await
                     .map_err(|_| {
                         anyhow!(
@@ -561,7 +571,7 @@ impl StreamReader {
                             self.peer
                         )
                     })?,
-                None => read_frame(&mut self.reader).await,
+                None => self.reader.next().await,
             }
             .with_context(|| format!("reading from {}", self.peer))?;
             match frame.key() {
@@ -605,20 +615,47 @@ fn decode_error(e: rabbitmq_stream_protocol::error::DecodeError) -> anyhow::Erro
     anyhow!("undecodable stream protocol frame: {e:?}")
 }
 
-async fn read_frame(
-    reader: &mut BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
-) -> std::io::Result<Frame> {
-    let len = reader.read_u32().await? as usize;
-    if !(4..=MAX_INCOMING_FRAME_BYTES).contains(&len) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a frame of {len} bytes: not RabbitMQ's stream protocol?"),
-        ));
+/// Frames off the connection. Cancel-safe: a read given up half-way (a
+/// timeout, a dropped request) keeps what it had, so the next read goes on
+/// at the same frame instead of taking its middle for a length.
+struct FrameReader {
+    inner: BufReader<Box<dyn AsyncRead + Send + Sync + Unpin>>,
+    /// Bytes read of the frames not yet returned.
+    pending: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(read: Box<dyn AsyncRead + Send + Sync + Unpin>) -> FrameReader {
+        FrameReader {
+            inner: BufReader::with_capacity(256 << 10, read),
+            pending: Vec::new(),
+        }
     }
-    let mut bytes = vec![0u8; len + 4];
-    bytes[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    reader.read_exact(&mut bytes[4..]).await?;
-    Ok(Frame(bytes))
+
+    async fn next(&mut self) -> std::io::Result<Frame> {
+        loop {
+            let mut need = 4;
+            if let Some(head) = self.pending.first_chunk::<4>() {
+                let len = u32::from_be_bytes(*head) as usize;
+                if !(4..=MAX_INCOMING_FRAME_BYTES).contains(&len) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("a frame of {len} bytes: not RabbitMQ's stream protocol?"),
+                    ));
+                }
+                need = len + 4;
+                if self.pending.len() >= need {
+                    let rest = self.pending.split_off(need);
+                    return Ok(Frame(std::mem::replace(&mut self.pending, rest)));
+                }
+            }
+            self.pending.reserve(need - self.pending.len());
+            // `read_buf` is cancel-safe: dropped before it returns, it read nothing.
+            if self.inner.read_buf(&mut self.pending).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
 }
 
 /// The code and reason of a Close request's body (correlation id, code, string).
@@ -704,5 +741,61 @@ impl<'a> Chunk<'a> {
                 entry.ok_or_else(|| anyhow!("the entry at offset {offset} runs past its chunk")),
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A read given up in the middle of a frame (a timeout, a dropped
+    /// request) leaves the next read at that frame, whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_given_up_half_way_loses_no_byte() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut r = FrameReader::new(Box::new(rx));
+        let first = frame(b"0123456789abcdef");
+        let second = frame(b"next");
+        tx.write_all(&first[..9]).await.unwrap();
+        let given_up = tokio::time::timeout(Duration::from_secs(1), r.next()).await;
+        assert!(given_up.is_err(), "half a frame is not a frame");
+        tx.write_all(&first[9..]).await.unwrap();
+        tx.write_all(&second).await.unwrap();
+        assert_eq!(r.next().await.unwrap().0, first);
+        assert_eq!(r.next().await.unwrap().0, second);
+        // Half a length, given up, then the rest.
+        let third = frame(b"third");
+        tx.write_all(&third[..2]).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(1), r.next())
+            .await
+            .is_err());
+        tx.write_all(&third[2..]).await.unwrap();
+        assert_eq!(r.next().await.unwrap().0, third);
+    }
+
+    #[tokio::test]
+    async fn a_length_out_of_bounds_is_not_the_stream_protocol() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(Box::new(rx));
+        tx.write_all(b"HTTP/1.1 400").await.unwrap();
+        let e = r.next().await.unwrap_err();
+        assert!(
+            e.to_string().contains("not RabbitMQ's stream protocol"),
+            "{e}"
+        );
+        drop(tx);
+        let (tx, rx) = tokio::io::duplex(64);
+        let mut r = FrameReader::new(Box::new(rx));
+        drop(tx);
+        assert_eq!(
+            r.next().await.unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
     }
 }
