@@ -353,6 +353,7 @@ impl From<DlqFilter> for crate::dlq::Filter {
             since_ms: f.since,
             until_ms: f.until,
             ids: None,
+            before_id: None,
         }
     }
 }

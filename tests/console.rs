@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use browser::{free_port, Browser};
 use common::*;
+use imattr::amqp::deadletter::{dead_letter_properties, Failure, Reason};
+use imattr::amqp::topology;
 use imattr::config::{Config, Secret};
+use imattr::publish::{update_properties, Publisher};
 
 /// `imattr console` on a free loopback port, as a child; its base URL.
 async fn console_alone(config: &Config) -> (tokio::process::Child, String) {
@@ -349,6 +352,28 @@ async fn a_non_loopback_listener_needs_authentication() {
 }
 
 /// The dead letters' rows in the table now.
+/// Stores an `invalid-message` dead letter for `account` as the worker
+/// does (into the stream by name, confirmed), failed at Unix ms 1.
+async fn store_dead_letter_failed_long_ago(c: &Config, account: &str) {
+    let conn = topology::connect(&c.amqp, "test dead letter")
+        .await
+        .unwrap();
+    let mut p = Publisher::new(&conn, "").await.unwrap();
+    let f = Failure {
+        reason: Reason::InvalidMessage,
+        code: 0,
+        error: "stored late".into(),
+        account: Some(account.into()),
+        attempts: 1,
+    };
+    let props = dead_letter_properties(&update_properties(), &f, &[], &c.amqp.queue, account, 1);
+    p.publish(&c.amqp.dead_letter_queue, b"{late", props)
+        .await
+        .unwrap();
+    p.finish().await.unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
 async fn rows(b: &Browser) -> Vec<String> {
     let v = b
         .js(
@@ -503,14 +528,17 @@ async fn dead_letters_are_filtered_shown_replayed_and_deleted() {
     .await;
     click(&b, "#delete-matching").await;
     assert_eq!(b.text("#confirm-count").await, "2");
+    // Stored after the count, though it failed long before: the deletion
+    // confirmed for 2 leaves it.
+    store_dead_letter_failed_long_ago(&sb.config, "late").await;
     click(&b, "#confirm-delete").await;
     assert_eq!(b.text("#deleted-count").await, "2");
     b.goto(&format!("{base}/console/dead-letters")).await;
-    assert_eq!(rows(&b).await, ["bad3"]);
+    assert_eq!(rows(&b).await, ["bad3", "late"]);
 
     // The grouped view counts what is left, then what comes after.
     b.goto(&format!("{base}/console/dead-letters/groups")).await;
-    assert_eq!(b.text("#group-total").await, "1");
+    assert_eq!(b.text("#group-total").await, "2");
     sb.publish(b"{still not json".as_slice()).await.unwrap();
     sb.confirm().await.unwrap();
     until(
@@ -521,15 +549,15 @@ async fn dead_letters_are_filtered_shown_replayed_and_deleted() {
                 return false;
             };
             let v: serde_json::Value = r.json().await.unwrap_or_default();
-            v["total"] == 2
+            v["total"] == 3
         },
     )
     .await;
     b.goto(&format!("{base}/console/dead-letters/groups")).await;
-    assert_eq!(b.text("#group-total").await, "2");
+    assert_eq!(b.text("#group-total").await, "3");
     let by_reason = b.text("#by-reason").await;
     assert!(
-        by_reason.contains("rejected 1") && by_reason.contains("invalid-message 1"),
+        by_reason.contains("rejected 1") && by_reason.contains("invalid-message 2"),
         "{by_reason}"
     );
     let logs = worker.logs();

@@ -636,6 +636,37 @@ async fn delete_and_purge_resolve_only_what_they_name() {
     cleanup(sb).await;
 }
 
+/// The store's end, taken when a console confirmation counts, bounds the
+/// action: what is stored after it is left, whatever its failure time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_bounded_by_the_end_leaves_what_came_after() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    let q = open(&c).await;
+    assert_eq!(q.end().await.unwrap(), 0, "an empty store");
+    fill(&c, 4).await;
+    let end = q.end().await.unwrap();
+    assert_eq!(end, ids(&peek_all(&c).await)[3] + 1);
+    // Later, failed at the same (long past) time as the first four.
+    fill(&c, 3).await;
+    let bounded = |f: Filter| Filter {
+        before_id: Some(end),
+        ..f
+    };
+    let by_account = bounded(Filter {
+        account: Some("a".into()),
+        ..Filter::default()
+    });
+    assert_eq!(q.stats(&by_account).await.unwrap().total, 4);
+    assert_eq!(
+        q.delete(&bounded(Filter::default()), "test").await.unwrap(),
+        4
+    );
+    assert_eq!(ns(&peek_all(&c).await), ["0", "1", "2"]);
+    q.close().await;
+    cleanup(sb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_that_comes_back_shows_its_replays() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;

@@ -60,12 +60,21 @@ impl Store {
         }
     }
 
-    /// How many match `filter`, as [`Store::groups`].
-    pub(crate) async fn count(&self, filter: &Filter) -> anyhow::Result<u64> {
-        match self.summarised(filter, Summary::count).await? {
-            Some(n) => Ok(n),
-            None => Ok(self.full(filter).await?.total),
+    /// How many match `filter`, and the end of what was counted (the ids
+    /// below it): an action bounded by it takes nothing the count did not
+    /// see, whatever arrives meanwhile.
+    pub(crate) async fn count_to_end(&self, filter: &Filter) -> anyhow::Result<(u64, u64)> {
+        if Summary::reads(filter) {
+            let mut s = self.summary.lock().await;
+            self.refresh(&mut s).await?;
+            if let Some(n) = s.count(filter) {
+                return Ok((n, s.upto()));
+            }
         }
+        let end = self.with(|d| async move { d.end().await }).await?;
+        let mut f = filter.clone();
+        f.before_id = Some(f.before_id.map_or(end, |b| b.min(end)));
+        Ok((self.full(&f).await?.total, end))
     }
 
     /// A read of the whole store.
@@ -201,6 +210,7 @@ impl FilterQuery {
             since_ms: time(&self.since, "since")?,
             until_ms: time(&self.until, "until")?,
             ids: None,
+            before_id: None,
         })
     }
 
@@ -342,6 +352,10 @@ impl Target {
             }
             _ => return Err("scope must be selected or matching".into()),
         };
+        let mut filter = filter;
+        if let Some(b) = get("before") {
+            filter.before_id = Some(b.parse::<u64>().map_err(|_| format!("not an id: {b}"))?);
+        }
         Ok(Target {
             filter,
             query,
@@ -362,7 +376,9 @@ impl Target {
     }
 
     /// Hidden inputs repeating what the confirmation acts on.
-    fn hidden(&self, asof: i64) -> Markup {
+    /// The confirmation repeats the bounds its count had: the page's `asof`
+    /// and the store's end (`before`).
+    fn hidden(&self) -> Markup {
         html! {
             input type="hidden" name="scope" value=(self.scope);
             @for (k, v) in self.query.pairs() {
@@ -373,7 +389,12 @@ impl Target {
                     input type="hidden" name="ids" value=(id);
                 }
             }
-            input type="hidden" name="asof" value=(asof);
+            @if let Some(asof) = self.get("asof") {
+                input type="hidden" name="asof" value=(asof);
+            }
+            @if let Some(before) = self.filter.before_id {
+                input type="hidden" name="before" value=(before);
+            }
             input type="hidden" name="confirm" value="yes";
         }
     }
@@ -931,12 +952,13 @@ async fn target_and_count(
         return Ok((t, None));
     }
     // The store's count, selected rows too: one may have been replayed or
-    // deleted meanwhile.
-    let n = c
+    // deleted meanwhile. What it covered bounds the action (the form
+    // carries it), so a dead letter stored after the count is left alone.
+    let (n, end) = c
         .inner
         .dead_letters
         .store
-        .count(&t.filter)
+        .count_to_end(&t.filter)
         .await
         .map_err(|e| {
             failure(
@@ -946,6 +968,8 @@ async fn target_and_count(
                 format!("{e:#}"),
             )
         })?;
+    let mut t = t;
+    t.filter.before_id = Some(t.filter.before_id.map_or(end, |b| b.min(end)));
     Ok((t, Some(n)))
 }
 
@@ -967,7 +991,7 @@ pub(crate) async fn delete(
             p #confirm-text { "Delete " strong #confirm-count { (n) } " dead letter(s) (" (t.scope) ")? There is no undo." }
             form method="post" action="/console/dead-letters/delete" {
                 input type="hidden" name="csrf" value=(ctx.csrf);
-                (t.hidden(now_ms()))
+                (t.hidden())
                 input type="hidden" name="expected" value=(n);
                 button.danger type="submit" #confirm-delete { "Delete " (n) }
                 " "
@@ -1022,7 +1046,7 @@ pub(crate) async fn replay(
             p #confirm-text { "Send " strong #confirm-count { (n) } " dead letter(s) (" (t.scope) ") back to the updates exchange." }
             form method="post" action="/console/dead-letters/replay" {
                 input type="hidden" name="csrf" value=(ctx.csrf);
-                (t.hidden(now_ms()))
+                (t.hidden())
                 p { label { "At most " input type="number" name="rate" min="0.1" step="any" placeholder="no limit" #rate; " per second" } }
                 p { label { input type="checkbox" name="whole" value="yes"; " whole messages (not only the failed accounts' entries)" } }
                 button type="submit" #confirm-replay { "Replay " (n) }
@@ -1233,6 +1257,37 @@ mod tests {
         let t = Target::from_form(b"scope=matching&asof=4000").unwrap();
         assert_eq!(t.filter.until_ms, Some(4000));
         assert!(Target::from_form(b"ids=1").is_err());
+        assert!(Target::from_form(b"scope=matching&before=x").is_err());
+    }
+
+    /// The inputs of `form` as a posted body.
+    fn posted(form: &str) -> String {
+        let attr = |input: &str, name: &str| {
+            let at = input.find(&format!("{name}=\"")).unwrap() + name.len() + 2;
+            input[at..at + input[at..].find('"').unwrap()].to_string()
+        };
+        form.split("<input")
+            .skip(1)
+            .map(|i| format!("{}={}", attr(i, "name"), attr(i, "value")))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// A confirmation carries the bounds it counted with: the page's time and
+    /// the store's end, so the action takes nothing the count did not.
+    #[test]
+    fn a_confirmation_repeats_the_bounds_of_its_count() {
+        let mut t = Target::from_form(b"scope=matching&reason=rejected&asof=4000").unwrap();
+        t.filter.before_id = Some(17);
+        let again = Target::from_form(posted(&t.hidden().into_string()).as_bytes()).unwrap();
+        assert!(again.confirmed());
+        assert_eq!(again.filter, t.filter);
+        assert_eq!(again.filter.until_ms, Some(4000));
+        assert_eq!(again.filter.before_id, Some(17));
+        let mut t = Target::from_form(b"scope=selected&ids=3&ids=20").unwrap();
+        t.filter.before_id = Some(10);
+        let again = Target::from_form(posted(&t.hidden().into_string()).as_bytes()).unwrap();
+        assert_eq!(again.filter, t.filter);
     }
 
     #[test]

@@ -176,6 +176,9 @@ impl Snapshot {
             from = from.max(lo);
             until = until.min(hi);
         }
+        if let Some(b) = filter.before_id {
+            until = until.min(b.checked_sub(1)?);
+        }
         (from <= until).then_some((from, until))
     }
 }
@@ -407,6 +410,16 @@ impl Dlq {
         Ok(out)
     }
 
+    /// The id the next dead letter will get (0 for an empty store, or one
+    /// that did not answer in time): a console confirmation bounds its
+    /// action by it, so that the action takes nothing it did not count.
+    pub async fn end(&self) -> anyhow::Result<u64> {
+        let mut r = self.reader.lock().await;
+        Ok(r.last_offset(self.dlq())
+            .await?
+            .map_or(0, |l| l.saturating_add(1)))
+    }
+
     /// One dead letter by id, resolved or not (`resolved` says how).
     pub async fn show(&self, id: u64) -> anyhow::Result<Option<DeadLetterView>> {
         let mut r = self.reader.lock().await;
@@ -463,8 +476,13 @@ impl Dlq {
                 None if summary.upto() > 0 => r.last_offset_within(self.dlq(), LEDGER_WAIT).await?,
                 last => last,
             };
+            // The first chunk may sit in an old segment the broker reads
+            // from disk: wait as for the ledger before giving up.
             let first = match last {
-                Some(_) => r.first_offset(self.dlq()).await?,
+                Some(_) => match r.first_offset(self.dlq()).await? {
+                    Some(first) => Some(first),
+                    None => r.first_offset_within(self.dlq(), LEDGER_WAIT).await?,
+                },
                 None => None,
             };
             (snap, last, first)
@@ -829,6 +847,19 @@ mod tests {
             "never past the start's end"
         );
         assert_eq!(s.bounds(&ids, 8), Some((8, 100)));
+        let before = |b: u64| Filter {
+            before_id: Some(b),
+            ..Filter::default()
+        };
+        assert_eq!(s.bounds(&before(50), 0), Some((0, 49)));
+        assert_eq!(s.bounds(&before(500), 0), Some((0, 100)));
+        assert_eq!(s.bounds(&before(0), 0), None, "nothing was counted");
+        assert_eq!(s.bounds(&before(50), 50), None);
+        let both = Filter {
+            before_id: Some(5),
+            ..ids
+        };
+        assert_eq!(s.bounds(&both, 0), Some((3, 4)));
         let empty = Snapshot {
             resolved: Resolved::default(),
             last: None,

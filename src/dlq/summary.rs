@@ -202,6 +202,7 @@ struct Plan {
     until_ms: Option<i64>,
     /// Sorted.
     ids: Option<Vec<u64>>,
+    before_id: Option<u64>,
 }
 
 impl Plan {
@@ -219,6 +220,7 @@ impl Plan {
                 .ids
                 .as_ref()
                 .is_none_or(|ids| ids.binary_search(&r.id).is_ok())
+            && self.before_id.is_none_or(|b| r.id < b)
     }
 }
 
@@ -362,6 +364,7 @@ impl Summary {
                 ids.sort_unstable();
                 ids
             }),
+            before_id: f.before_id,
         })
     }
 
@@ -523,6 +526,18 @@ mod tests {
         });
         out.push(Filter {
             since_ms: Some(i64::MIN),
+            ..Filter::default()
+        });
+        for b in [0, 1, 60, 2_000, u64::MAX] {
+            out.push(Filter {
+                before_id: Some(b),
+                ..Filter::default()
+            });
+        }
+        out.push(Filter {
+            reason: Some("rejected".into()),
+            ids: Some(vec![3, 40, 120]),
+            before_id: Some(41),
             ..Filter::default()
         });
         out

@@ -192,6 +192,9 @@ pub struct Filter {
     pub until_ms: Option<i64>,
     /// Only these ids (stream offsets).
     pub ids: Option<Vec<u64>>,
+    /// Only ids below this one: what was in the store when a console
+    /// confirmation counted, so that the action takes no more.
+    pub before_id: Option<u64>,
 }
 
 impl Filter {
@@ -213,6 +216,7 @@ impl Filter {
     /// time already falling back to the chunk's) and its body.
     pub(crate) fn matches(&self, id: u64, m: &Meta, body: &[u8]) -> bool {
         self.ids.as_ref().is_none_or(|ids| ids.contains(&id))
+            && self.before_id.is_none_or(|b| id < b)
             && self.code.is_none_or(|c| m.code == Some(c))
             && self
                 .reason
@@ -722,6 +726,11 @@ mod tests {
             ..Filter::default()
         };
         assert!(ids.matches(3, &m, b"") && !ids.matches(4, &m, b""));
+        let before = Filter {
+            before_id: Some(5),
+            ..Filter::default()
+        };
+        assert!(before.matches(4, &m, b"") && !before.matches(5, &m, b""));
         assert_eq!(ids.id_range(), Some((3, 7)));
         assert!(!ids.is_empty());
         assert_eq!(Filter::default().id_range(), None);
