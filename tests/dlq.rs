@@ -522,6 +522,43 @@ async fn replay_acts_only_on_what_was_present_at_the_start() {
     cleanup(sb).await;
 }
 
+/// A paced replay holds the reader only while it reads: the console's pages
+/// and counts, which share it, are served while the replay runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_replay_lets_pages_be_read_meanwhile() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 6).await;
+    let q = Arc::new(open(&c).await);
+    let moved = Arc::new(AtomicU64::new(0));
+    let m = moved.clone();
+    // Two a second: three seconds in all.
+    let o = ReplayOptions {
+        rate_per_sec: Some(2.0),
+        ..replay_all(Default::default())
+    };
+    let task = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.replay(&o, &move |p| m.store(p.moved, Ordering::SeqCst))
+                .await
+                .unwrap()
+        })
+    };
+    eventually_async(|| async { moved.load(Ordering::SeqCst) > 0 }).await;
+    let page = q.page(&Filter::default(), None, 10).await.unwrap();
+    assert!(
+        moved.load(Ordering::SeqCst) < 6 && !task.is_finished(),
+        "the page was read only once the replay had ended"
+    );
+    assert!(!page.items.is_empty());
+    let report = task.await.unwrap();
+    assert_eq!((report.moved, report.left, report.failed), (6, 0, 0));
+    assert!(q.peek(None).await.unwrap().is_empty());
+    Arc::try_unwrap(q).unwrap().close().await;
+    cleanup(sb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_replay_loses_nothing_and_duplicates_at_most_a_batch() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;

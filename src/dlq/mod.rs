@@ -689,6 +689,8 @@ impl Dlq {
         o: &ReplayOptions,
         progress: &(dyn Fn(&Progress) + Send + Sync),
     ) -> anyhow::Result<ReplayReport> {
+        // The reader is held for each read, not for the whole replay: a paced
+        // replay from the console must not hold up its pages and counts.
         let mut r = self.reader.lock().await;
         let snap = self.snapshot(&mut r).await?;
         let Some((from, until)) = snap.bounds(&o.filter, 0) else {
@@ -706,6 +708,7 @@ impl Dlq {
             ControlFlow::Continue(())
         })
         .await?;
+        drop(r);
         let total = o.limit.map_or(matching, |l| matching.min(l as u64));
         let Some(conn) = conn.filter(|_| !o.dry_run) else {
             return Ok(ReplayReport {
@@ -738,6 +741,7 @@ impl Dlq {
             let mut batch: Vec<(u64, replay::Outgoing)> = Vec::with_capacity(want);
             let mut last_seen = None;
             let now = now_ms();
+            let mut r = self.reader.lock().await;
             self.scan(&mut r, cursor, until, |l| {
                 last_seen = Some(l.id);
                 if unresolved_match(&l) {
@@ -750,6 +754,7 @@ impl Dlq {
                 ControlFlow::Continue(())
             })
             .await?;
+            drop(r);
             let Some(seen) = last_seen else { break };
             cursor = seen.saturating_add(1);
             if seen == u64::MAX {
