@@ -450,8 +450,8 @@ impl StreamReader {
                 if offset > until {
                     return Ok(seen);
                 }
-                let message = amqp10::decode(entry)
-                    .with_context(|| format!("decoding the entry at offset {offset}"))?;
+                let message =
+                    amqp10::decode(entry).unwrap_or_else(|e| unreadable(offset, entry, e));
                 seen += 1;
                 let flow = f(StreamMessage {
                     offset,
@@ -658,6 +658,25 @@ impl FrameReader {
     }
 }
 
+/// An entry this reader cannot decode, delivered rather than failing the
+/// read: one odd entry must not keep every command from the rest of the
+/// store. Its raw bytes are the body; the error header says what went wrong.
+fn unreadable(offset: u64, entry: &[u8], e: amqp10::Amqp10Error) -> amqp10::Decoded {
+    tracing::warn!(offset, error = %e, "Stream entry not decodable; delivered as raw bytes");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        crate::amqp::deadletter::H_ERROR.into(),
+        lapin::types::AMQPValue::LongString(
+            format!("the store could not decode this entry (AMQP 1.0): {e}").into(),
+        ),
+    );
+    amqp10::Decoded {
+        headers,
+        properties: BasicProperties::default(),
+        body: entry.to_vec(),
+    }
+}
+
 /// The code and reason of a Close request's body (correlation id, code, string).
 fn close_reason(body: &[u8]) -> String {
     let code = body.get(4..6).map(|b| u16::from_be_bytes([b[0], b[1]]));
@@ -777,6 +796,25 @@ mod tests {
             .is_err());
         tx.write_all(&third[2..]).await.unwrap();
         assert_eq!(r.next().await.unwrap().0, third);
+    }
+
+    /// An entry the decoder refuses is delivered as its raw bytes with an
+    /// error header the dead-letter commands show, not as a failed read.
+    #[test]
+    fn an_undecodable_entry_is_delivered_raw_with_its_error() {
+        let raw = b"\x00\x53\x99not amqp 1.0";
+        let e = amqp10::decode(raw).unwrap_err();
+        let m = unreadable(7, raw, e);
+        assert_eq!(m.body, raw);
+        let error = m
+            .headers
+            .inner()
+            .get(crate::amqp::deadletter::H_ERROR)
+            .cloned();
+        assert!(
+            matches!(&error, Some(lapin::types::AMQPValue::LongString(s)) if s.to_string().starts_with("the store could not decode this entry")),
+            "{error:?}"
+        );
     }
 
     #[tokio::test]
