@@ -522,6 +522,26 @@ async fn replay_acts_only_on_what_was_present_at_the_start() {
     cleanup(sb).await;
 }
 
+/// With the first node of `amqp.url` down, the commands read the store
+/// from the next one (over AMQP and over the stream protocol alike).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_first_in_the_list_is_passed_over() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let mut c = sb.config.clone();
+    fill(&c, 3).await;
+    let live = std::env::var("IMATTR_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    // A host that does not resolve: the stream port is one setting for all
+    // nodes, so a dead port on the same host would still reach the broker.
+    c.amqp.url = imattr::config::AmqpUrl::new(format!(
+        "amqp://guest:guest@node-down.invalid:5672/%2f,{live}"
+    ));
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ns(&out), ["0", "1", "2"]);
+    cleanup(sb).await;
+}
+
 /// A paced replay holds the reader only while it reads: the console's pages
 /// and counts, which share it, are served while the replay runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,15 +121,43 @@ impl Frame {
 }
 
 impl StreamReader {
-    /// Connects to the first node of `cfg.url` (same user, password, vhost,
-    /// host and TLS settings) on port `cfg.stream_port` (0: the broker's default).
-    /// `name` is the connection name shown in the management UI (client property connection_name).
+    /// Connects to the first node of `cfg.url` that answers, in the listed
+    /// order (same user, password, vhost, host and TLS settings as its URL),
+    /// on port `cfg.stream_port` (0: the broker's default): with a node down,
+    /// the dead letters are still read from another. `name` is the
+    /// connection name shown in the management UI (client property connection_name).
     pub async fn connect(cfg: &AmqpConfig, name: &str) -> anyhow::Result<StreamReader> {
-        let node = cfg
-            .nodes()
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("amqp.url holds no URL"))?;
+        let nodes = cfg.nodes();
+        let count = nodes.len();
+        let mut last = None;
+        for (index, node) in nodes.iter().enumerate() {
+            match StreamReader::connect_node(cfg, node, name).await {
+                Ok(reader) => return Ok(reader),
+                Err(e) => {
+                    tracing::debug!(
+                        node = index,
+                        error = format!("{e:#}"),
+                        "Stream protocol not reached on this broker node; trying the next"
+                    );
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) if count > 1 => Err(e.context(format!(
+                "none of the {count} nodes of amqp.url answered over the stream protocol (the last one's error follows)"
+            ))),
+            Some(e) => Err(e),
+            None => bail!("amqp.url holds no URL"),
+        }
+    }
+
+    /// [`StreamReader::connect`] to one node, `node` (a configuration of one URL).
+    async fn connect_node(
+        cfg: &AmqpConfig,
+        node: &AmqpConfig,
+        name: &str,
+    ) -> anyhow::Result<StreamReader> {
         let uri: AMQPUri =
             node.url.expose().parse().map_err(|_: String| {
                 anyhow!("amqp.url is not a valid AMQP URL (got {})", node.url)
