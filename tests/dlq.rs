@@ -293,6 +293,25 @@ fn replay_all(cancel: tokio_util::sync::CancellationToken) -> ReplayOptions {
     }
 }
 
+/// A replay running in a task, and how many it has moved so far.
+fn spawn_replay(
+    q: &Arc<Dlq>,
+    o: ReplayOptions,
+) -> (
+    tokio::task::JoinHandle<imattr::dlq::ReplayReport>,
+    Arc<AtomicU64>,
+) {
+    let moved = Arc::new(AtomicU64::new(0));
+    let m = moved.clone();
+    let q = q.clone();
+    let task = tokio::spawn(async move {
+        q.replay(&o, &move |p| m.store(p.moved, Ordering::SeqCst))
+            .await
+            .unwrap()
+    });
+    (task, moved)
+}
+
 /// `moved M, left L, failed F` from a replay's stdout.
 fn final_line(out: &str) -> (u64, u64, u64) {
     let line = out
@@ -484,20 +503,13 @@ async fn replay_acts_only_on_what_was_present_at_the_start() {
     }
     dl.confirm().await;
     let q = Arc::new(open(&c).await);
-    let moved = Arc::new(AtomicU64::new(0));
-    let m = moved.clone();
-    let o = ReplayOptions {
-        rate_per_sec: Some(1000.0),
-        ..replay_all(Default::default())
-    };
-    let task = {
-        let q = q.clone();
-        tokio::spawn(async move {
-            q.replay(&o, &move |p| m.store(p.moved, Ordering::SeqCst))
-                .await
-                .unwrap()
-        })
-    };
+    let (task, moved) = spawn_replay(
+        &q,
+        ReplayOptions {
+            rate_per_sec: Some(1000.0),
+            ..replay_all(Default::default())
+        },
+    );
     // More dead letters arrive once the replay is under way.
     eventually_async(|| async { moved.load(Ordering::SeqCst) > 0 }).await;
     let mut dl = DeadLetters::new(&c).await;
@@ -550,21 +562,14 @@ async fn a_paced_replay_lets_pages_be_read_meanwhile() {
     let c = sb.config.clone();
     fill(&c, 6).await;
     let q = Arc::new(open(&c).await);
-    let moved = Arc::new(AtomicU64::new(0));
-    let m = moved.clone();
     // Two a second: three seconds in all.
-    let o = ReplayOptions {
-        rate_per_sec: Some(2.0),
-        ..replay_all(Default::default())
-    };
-    let task = {
-        let q = q.clone();
-        tokio::spawn(async move {
-            q.replay(&o, &move |p| m.store(p.moved, Ordering::SeqCst))
-                .await
-                .unwrap()
-        })
-    };
+    let (task, moved) = spawn_replay(
+        &q,
+        ReplayOptions {
+            rate_per_sec: Some(2.0),
+            ..replay_all(Default::default())
+        },
+    );
     eventually_async(|| async { moved.load(Ordering::SeqCst) > 0 }).await;
     let page = q.page(&Filter::default(), None, 10).await.unwrap();
     assert!(

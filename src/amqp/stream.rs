@@ -387,16 +387,8 @@ impl StreamReader {
         stream: &str,
         wait: Duration,
     ) -> anyhow::Result<Option<u64>> {
-        let sub = self.subscribe(stream, OffsetSpecification::Last, 1).await?;
-        let found = match tokio::time::timeout(wait, self.next_chunk(sub)).await {
-            Err(_) => Ok(None),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| c.last_offset()),
-        };
-        let unsubscribed = self.unsubscribe(sub).await;
-        let found = found?;
-        unsubscribed?;
-        Ok(found)
+        self.probe(stream, OffsetSpecification::Last, wait, |c| c.last_offset())
+            .await
     }
 
     /// Offset of the first entry still in `stream` (retention drops whole
@@ -411,13 +403,26 @@ impl StreamReader {
         stream: &str,
         wait: Duration,
     ) -> anyhow::Result<Option<u64>> {
-        let sub = self
-            .subscribe(stream, OffsetSpecification::First, 1)
-            .await?;
+        self.probe(stream, OffsetSpecification::First, wait, |c| {
+            Some(c.first_offset)
+        })
+        .await
+    }
+
+    /// `offset_of` the one chunk delivered from `at`; None when none comes
+    /// within `wait` (an empty stream delivers nothing).
+    async fn probe(
+        &mut self,
+        stream: &str,
+        at: OffsetSpecification,
+        wait: Duration,
+        offset_of: impl Fn(&Chunk) -> Option<u64>,
+    ) -> anyhow::Result<Option<u64>> {
+        let sub = self.subscribe(stream, at, 1).await?;
         let found = match tokio::time::timeout(wait, self.next_chunk(sub)).await {
             Err(_) => Ok(None),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| Some(c.first_offset)),
+            Ok(Ok(frame)) => Chunk::parse(&frame).map(|c| offset_of(&c)),
         };
         let unsubscribed = self.unsubscribe(sub).await;
         let found = found?;
