@@ -534,6 +534,74 @@ async fn replay_acts_only_on_what_was_present_at_the_start() {
     cleanup(sb).await;
 }
 
+/// Stores `entry` in `stream` as it is, not the AMQP 1.0 RabbitMQ writes.
+async fn store_raw(c: &Config, stream: &str, entry: &[u8]) {
+    let mut r = imattr::amqp::stream::StreamReader::connect(&c.amqp, "test raw entry")
+        .await
+        .unwrap();
+    r.publish_raw(stream, &[entry]).await.unwrap();
+    r.close().await;
+}
+
+/// An entry the reader cannot decode is listed with its error, never
+/// replayed (counted as failed), and the rest of the store is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_dead_letter_is_shown_and_never_replayed() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    open(&c).await.close().await;
+    fill(&c, 2).await;
+    store_raw(
+        &c,
+        &c.amqp.dead_letter_queue,
+        b"\x00\x53\x75\xee not AMQP 1.0",
+    )
+    .await;
+    fill(&c, 1).await;
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(
+        out.contains("the store could not decode this entry"),
+        "{out}"
+    );
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
+    assert_eq!(code, 1, "one not replayed: {out}{err}");
+    assert_eq!(final_line(&out), (3, 0, 1), "{out}");
+    assert_eq!(body_ns(&drain(&c, &c.amqp.queue).await), ["0", "1", "0"]);
+    let left = peek_all(&c).await;
+    assert_eq!(left.len(), 1, "the undecodable one stays");
+    cleanup(sb).await;
+}
+
+/// A ledger entry the reader cannot decode stops the commands: skipping it
+/// would show what it resolved as unresolved again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_ledger_entry_stops_the_commands() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 3).await;
+    let all = peek_all(&c).await;
+    let (code, _, err) = imattr_output(&c, &["dlq", "delete", &all[0].id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    let ledger = format!("{}.ledger", c.amqp.dead_letter_queue);
+    store_raw(&c, &ledger, b"\x00\x53\x75\xee not AMQP 1.0").await;
+    for cmd in [&["dlq", "list"][..], &["dlq", "stats"], &["dlq", "replay"]] {
+        let (code, out, err) = imattr_output(&c, cmd).await;
+        assert_ne!(code, 0, "{cmd:?}: {out}");
+        assert!(
+            err.contains("cannot decode") && err.contains(&ledger),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert_eq!(
+        sb.depth(&c.amqp.queue).await.unwrap(),
+        0,
+        "nothing replayed"
+    );
+    cleanup(sb).await;
+}
+
 /// With the first node of `amqp.url` down, the commands read the store
 /// from the next one (over AMQP and over the stream protocol alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,8 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::BasicProperties;
 use rabbitmq_stream_protocol::codec::{Decoder, Encoder};
 use rabbitmq_stream_protocol::commands::{
-    close::CloseRequest, credit::CreditCommand, generic::GenericResponse,
+    close::CloseRequest, credit::CreditCommand, declare_publisher::DeclarePublisherCommand,
+    delete_publisher::DeletePublisherCommand, generic::GenericResponse,
     heart_beat::HeartBeatCommand, open::OpenResponse, peer_properties::PeerPropertiesCommand,
     sasl_authenticate::SaslAuthenticateCommand, sasl_handshake::SaslHandshakeCommand,
     subscribe::OffsetSpecification, subscribe::SubscribeCommand, tune::TunesCommand,
@@ -67,6 +68,8 @@ const KEY_TUNE: u16 = 20;
 const KEY_CLOSE: u16 = 22;
 const KEY_HEARTBEAT: u16 = 23;
 const KEY_METADATA_UPDATE: u16 = 16;
+const KEY_PUBLISH_CONFIRM: u16 = 3;
+const KEY_PUBLISH_ERROR: u16 = 4;
 
 /// One entry of a stream, as the AMQP 0-9-1 message it was published as.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +86,10 @@ pub struct StreamMessage {
     pub properties: BasicProperties,
     /// The body (the data section(s), concatenated).
     pub body: Vec<u8>,
+    /// Set when this reader could not decode the entry: the error. The body
+    /// is then the raw entry and `headers` holds only the error
+    /// (`x-imattr-error`), for showing; it is not a message to act on.
+    pub undecodable: Option<String>,
 }
 
 /// A connection to RabbitMQ's stream protocol, reading one stream at a time.
@@ -483,8 +490,10 @@ impl StreamReader {
                 if offset > until {
                     return Ok(seen);
                 }
-                let message =
-                    amqp10::decode(entry).unwrap_or_else(|e| unreadable(offset, entry, e));
+                let (message, undecodable) = match amqp10::decode(entry) {
+                    Ok(m) => (m, None),
+                    Err(e) => (unreadable(offset, entry, &e), Some(e.to_string())),
+                };
                 seen += 1;
                 let flow = f(StreamMessage {
                     offset,
@@ -492,12 +501,71 @@ impl StreamReader {
                     headers: message.headers,
                     properties: message.properties,
                     body: message.body,
+                    undecodable,
                 });
                 if flow.is_break() || offset == until {
                     return Ok(seen);
                 }
             }
         }
+    }
+
+    /// Appends `entries` to `stream` as they are, bytes the broker does not
+    /// look into (the stream protocol's Publish): how a test stores an
+    /// entry that is not the AMQP 1.0 RabbitMQ writes. Waits for the
+    /// broker's confirm of each.
+    #[doc(hidden)]
+    pub async fn publish_raw(&mut self, stream: &str, entries: &[&[u8]]) -> anyhow::Result<()> {
+        const PUBLISHER: u8 = 0;
+        let id = self.correlation();
+        self.send(DeclarePublisherCommand::new(
+            id,
+            PUBLISHER,
+            None,
+            stream.to_string(),
+        ))
+        .await?;
+        let answer = self.response(id).await?;
+        match answer.get::<GenericResponse>() {
+            Some(r) if r.is_ok() => {}
+            Some(r) => bail!(
+                "declaring a publisher on {stream:?} failed ({:?})",
+                r.code()
+            ),
+            None => bail!("unexpected answer to declaring a publisher on {stream:?}"),
+        }
+        // Publish: key 2, version 1, publisher id, [publishing id, bytes].
+        let mut body = vec![0, 2, 0, 1, PUBLISHER];
+        body.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for (i, e) in entries.iter().enumerate() {
+            body.extend_from_slice(&(i as u64).to_be_bytes());
+            body.extend_from_slice(&(e.len() as u32).to_be_bytes());
+            body.extend_from_slice(e);
+        }
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.writer.lock().await.write_all(&frame).await?;
+        let mut confirmed = 0usize;
+        while confirmed < entries.len() {
+            let frame = self.read_frame().await?;
+            match frame.key() {
+                // PublishConfirm: publisher id, then an array of publishing ids.
+                KEY_PUBLISH_CONFIRM => {
+                    let n = frame
+                        .0
+                        .get(9..13)
+                        .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                    confirmed += n as usize;
+                }
+                KEY_PUBLISH_ERROR => bail!("the broker refused a raw entry for {stream:?}"),
+                _ => {}
+            }
+        }
+        let id = self.correlation();
+        self.send(DeletePublisherCommand::new(id, PUBLISHER))
+            .await?;
+        self.response(id).await?;
+        Ok(())
     }
 
     /// Closes cleanly (Close command), best effort.
@@ -694,8 +762,9 @@ impl FrameReader {
 /// An entry this reader cannot decode, delivered rather than failing the
 /// read: one odd entry must not keep every command from the rest of the
 /// store. Its raw bytes are the body; the error header says what went wrong.
-fn unreadable(offset: u64, entry: &[u8], e: amqp10::Amqp10Error) -> amqp10::Decoded {
-    tracing::warn!(offset, error = %e, "Stream entry not decodable; delivered as raw bytes");
+fn unreadable(offset: u64, entry: &[u8], e: &amqp10::Amqp10Error) -> amqp10::Decoded {
+    // Debug: every read of the store meets it again, and it is shown with its error.
+    tracing::debug!(offset, error = %e, "Stream entry not decodable; delivered as raw bytes");
     let mut headers = FieldTable::default();
     headers.insert(
         crate::amqp::deadletter::H_ERROR.into(),
@@ -837,7 +906,7 @@ mod tests {
     fn an_undecodable_entry_is_delivered_raw_with_its_error() {
         let raw = b"\x00\x53\x99not amqp 1.0";
         let e = amqp10::decode(raw).unwrap_err();
-        let m = unreadable(7, raw, e);
+        let m = unreadable(7, raw, &e);
         assert_eq!(m.body, raw);
         let error = m
             .headers

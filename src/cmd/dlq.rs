@@ -201,9 +201,9 @@ async fn command(
             }
             if r.failed > 0 {
                 anyhow::bail!(
-                    "{} dead letter(s) were refused by exchange {} and stay in the store",
-                    r.failed,
-                    "amqp.exchange"
+                    "{} dead letter(s) were not replayed and stay in the store: refused by \
+                     amqp.exchange (unroutable or nacked), or not decodable; the log names each",
+                    r.failed
                 );
             }
         }

@@ -132,6 +132,8 @@ struct Letter {
     meta: Meta,
     properties: BasicProperties,
     body: Vec<u8>,
+    /// The reader could not decode it: shown, never replayed.
+    undecodable: bool,
 }
 
 impl Letter {
@@ -148,6 +150,7 @@ impl Letter {
             meta,
             properties: m.properties.with_headers(headers),
             body: m.body,
+            undecodable: m.undecodable.is_some(),
         }
     }
 
@@ -306,7 +309,14 @@ impl Dlq {
         };
         {
             let last = ledger_last;
+            // An entry the reader cannot decode may record what was resolved:
+            // skipping it would bring those dead letters back, so stop.
+            let mut undecodable = None;
             r.read(&ledger, 0, last, |m| {
+                if let Some(e) = m.undecodable {
+                    undecodable = Some((m.offset, e));
+                    return ControlFlow::Break(());
+                }
                 match serde_json::from_slice::<ledger::Entry>(&m.body) {
                     Ok(e) => resolved.add(&e),
                     Err(e) => {
@@ -316,6 +326,12 @@ impl Dlq {
                 ControlFlow::Continue(())
             })
             .await?;
+            if let Some((offset, e)) = undecodable {
+                anyhow::bail!(
+                    "the ledger {ledger} holds an entry this version cannot decode (offset {offset}: {e}); \
+                     reading on could show replayed or deleted dead letters as unresolved, so nothing is read"
+                );
+            }
         }
         let last = r.last_offset(self.dlq()).await?;
         tracing::debug!(spans = resolved.spans(), last = ?last, "Dead-letter store snapshot");
@@ -741,13 +757,24 @@ impl Dlq {
             let mut batch: Vec<(u64, replay::Outgoing)> = Vec::with_capacity(want);
             let mut last_seen = None;
             let now = now_ms();
+            // What the reader could not decode is not the message that
+            // failed: it is counted as failed and stays, never sent.
+            let mut undecodable = 0u64;
             let mut r = self.reader.lock().await;
             self.scan(&mut r, cursor, until, |l| {
                 last_seen = Some(l.id);
                 if unresolved_match(&l) {
-                    let out = replay::outgoing(&l.meta, &l.properties, &l.body, o.whole, now);
-                    batch.push((l.id, out));
-                    if batch.len() >= want {
+                    if l.undecodable {
+                        tracing::warn!(
+                            id = l.id,
+                            "Dead letter not decodable; not replayed, it stays"
+                        );
+                        undecodable += 1;
+                    } else {
+                        let out = replay::outgoing(&l.meta, &l.properties, &l.body, o.whole, now);
+                        batch.push((l.id, out));
+                    }
+                    if batch.len() as u64 + undecodable >= want as u64 {
                         return ControlFlow::Break(());
                     }
                 }
@@ -755,6 +782,7 @@ impl Dlq {
             })
             .await?;
             drop(r);
+            p.failed += undecodable;
             let Some(seen) = last_seen else { break };
             cursor = seen.saturating_add(1);
             if seen == u64::MAX {

@@ -173,6 +173,7 @@ impl AmqpReader {
                     properties: d.properties.clone().with_headers(headers.clone()),
                     headers,
                     body: d.data,
+                    undecodable: None,
                 };
                 if f(m).is_break() || offset >= until {
                     return Ok(());
