@@ -356,6 +356,15 @@ impl Target {
         if let Some(b) = get("before") {
             filter.before_id = Some(b.parse::<u64>().map_err(|_| format!("not an id: {b}"))?);
         }
+        // Without its count's bound, a confirmation could take dead letters
+        // stored after the count: refuse it and count again.
+        if get("confirm") == Some("yes") && filter.before_id.is_none() {
+            return Err(
+                "this confirmation does not carry what it counted (a page from an older \
+                 version?): go back and choose the action again"
+                    .into(),
+            );
+        }
         Ok(Target {
             filter,
             query,
@@ -1248,9 +1257,10 @@ mod tests {
         assert!(Target::from_form(b"scope=selected").is_err());
         assert!(Target::from_form(b"scope=selected&ids=x").is_err());
         // Everything matching, bounded by the confirmation's time.
-        let t =
-            Target::from_form(b"scope=matching&reason=rejected&until=5000&asof=4000&confirm=yes")
-                .unwrap();
+        let t = Target::from_form(
+            b"scope=matching&reason=rejected&until=5000&asof=4000&before=9&confirm=yes",
+        )
+        .unwrap();
         assert_eq!(t.filter.reason.as_deref(), Some("rejected"));
         assert_eq!(t.filter.until_ms, Some(4000));
         assert!(t.confirmed());
@@ -1258,6 +1268,9 @@ mod tests {
         assert_eq!(t.filter.until_ms, Some(4000));
         assert!(Target::from_form(b"ids=1").is_err());
         assert!(Target::from_form(b"scope=matching&before=x").is_err());
+        // A confirmation must carry its count's end.
+        assert!(Target::from_form(b"scope=matching&asof=4000&confirm=yes").is_err());
+        assert!(Target::from_form(b"scope=selected&ids=3&confirm=yes").is_err());
     }
 
     /// The inputs of `form` as a posted body.
