@@ -602,6 +602,43 @@ async fn an_undecodable_ledger_entry_stops_the_commands() {
     cleanup(sb).await;
 }
 
+/// Reads given up half-way, hundreds of times (a console request whose
+/// client went away), leave the reader able to read: no subscription they
+/// opened is left to collide with a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_given_up_half_way_leave_the_reader_whole() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 50).await;
+    let dlq = c.amqp.dead_letter_queue.clone();
+    let mut r = imattr::amqp::stream::StreamReader::connect(&c.amqp, "test given up")
+        .await
+        .unwrap();
+    let last = r.last_offset(&dlq).await.unwrap().unwrap();
+    let mut given_up = 0;
+    for _ in 0..300 {
+        let read = r.read(&dlq, 0, last, |_| std::ops::ControlFlow::Continue(()));
+        if tokio::time::timeout(Duration::from_micros(1), read)
+            .await
+            .is_err()
+        {
+            given_up += 1;
+        }
+    }
+    assert!(given_up > 256, "only {given_up} reads were given up");
+    let mut seen = 0;
+    let n = r
+        .read(&dlq, 0, last, |_| {
+            seen += 1;
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .unwrap();
+    assert_eq!((n, seen), (50, 50));
+    r.close().await;
+    cleanup(sb).await;
+}
+
 /// With the first node of `amqp.url` down, the commands read the store
 /// from the next one (over AMQP and over the stream protocol alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

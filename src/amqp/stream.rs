@@ -101,6 +101,10 @@ pub struct StreamReader {
     vhost: String,
     next_correlation: u32,
     next_subscription: u8,
+    /// Subscriptions asked for and not yet closed. One is left when a read
+    /// is given up half-way (a dropped request): the next subscribe closes
+    /// it, as only one read runs at a time.
+    live: Vec<u8>,
     /// No frame for this long means the broker is gone (it sends heartbeats).
     silence_limit: Option<Duration>,
     /// Stops the heartbeat task.
@@ -240,6 +244,7 @@ impl StreamReader {
             vhost: uri.vhost.clone(),
             next_correlation: 1,
             next_subscription: 0,
+            live: Vec::new(),
             silence_limit: None,
             stop: CancellationToken::new(),
         };
@@ -587,8 +592,18 @@ impl StreamReader {
         offset: OffsetSpecification,
         credit: u16,
     ) -> anyhow::Result<u8> {
+        while let Some(&stale) = self.live.first() {
+            // It may never have reached the broker: its answer does not matter.
+            let id = self.correlation();
+            self.send(UnSubscribeCommand::new(id, stale)).await?;
+            self.response(id).await?;
+            self.live.retain(|&s| s != stale);
+        }
         let sub = self.next_subscription;
         self.next_subscription = self.next_subscription.wrapping_add(1);
+        // Live from before it is asked for: given up before the answer, it
+        // may exist on the broker.
+        self.live.push(sub);
         let id = self.correlation();
         self.send(SubscribeCommand::new(
             id,
@@ -599,8 +614,11 @@ impl StreamReader {
             HashMap::new(),
         ))
         .await?;
-        let answer = self.response(id).await?;
-        match answer.get::<GenericResponse>() {
+        let answer = self.response(id).await?.get::<GenericResponse>();
+        if !answer.as_ref().is_some_and(|r| r.is_ok()) {
+            self.live.retain(|&s| s != sub);
+        }
+        match answer {
             Some(r) if r.is_ok() => Ok(sub),
             Some(r) => match r.code() {
                 ResponseCode::StreamDoesNotExist => bail!(
@@ -625,6 +643,7 @@ impl StreamReader {
         let id = self.correlation();
         self.send(UnSubscribeCommand::new(id, sub)).await?;
         self.response(id).await?;
+        self.live.retain(|&s| s != sub);
         Ok(())
     }
 
@@ -686,13 +705,15 @@ impl StreamReader {
         }
     }
 
+    /// Writes a frame whole even when the caller is dropped mid-way (a
+    /// frame cut short would garble everything written after it).
     async fn send(&self, request: impl Into<Request>) -> anyhow::Result<()> {
         let bytes = encode(request)?;
-        self.writer
-            .lock()
+        let writer = self.writer.clone();
+        let write = tokio::spawn(async move { writer.lock().await.write_all(&bytes).await });
+        write
             .await
-            .write_all(&bytes)
-            .await
+            .map_err(|e| anyhow!("the write task failed: {e}"))?
             .with_context(|| format!("writing to {}", self.peer))
     }
 
