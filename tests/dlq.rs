@@ -810,10 +810,15 @@ async fn an_action_bounded_by_the_end_leaves_what_came_after() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
     let q = open(&c).await;
-    assert_eq!(q.end().await.unwrap(), 0, "an empty store");
+    let all = Filter::default();
+    assert_eq!(
+        q.count_to_end(&all).await.unwrap(),
+        (0, 0),
+        "an empty store"
+    );
     fill(&c, 4).await;
-    let end = q.end().await.unwrap();
-    assert_eq!(end, ids(&peek_all(&c).await)[3] + 1);
+    let (n, end) = q.count_to_end(&all).await.unwrap();
+    assert_eq!((n, end), (4, ids(&peek_all(&c).await)[3] + 1));
     // Later, failed at the same (long past) time as the first four.
     fill(&c, 3).await;
     let bounded = |f: Filter| Filter {
@@ -825,6 +830,11 @@ async fn an_action_bounded_by_the_end_leaves_what_came_after() {
         ..Filter::default()
     });
     assert_eq!(q.stats(&by_account).await.unwrap().total, 4);
+    let now = Filter {
+        account: Some("a".into()),
+        ..Filter::default()
+    };
+    assert_eq!(q.count_to_end(&now).await.unwrap(), (7, end + 3));
     assert_eq!(
         q.delete(&bounded(Filter::default()), "test").await.unwrap(),
         4

@@ -71,10 +71,8 @@ impl Store {
                 return Ok((n, s.upto()));
             }
         }
-        let end = self.with(|d| async move { d.end().await }).await?;
-        let mut f = filter.clone();
-        f.before_id = Some(f.before_id.map_or(end, |b| b.min(end)));
-        Ok((self.full(&f).await?.total, end))
+        let f = filter.clone();
+        self.with(|d| async move { d.count_to_end(&f).await }).await
     }
 
     /// A read of the whole store.

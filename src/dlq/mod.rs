@@ -426,14 +426,25 @@ impl Dlq {
         Ok(out)
     }
 
-    /// The id the next dead letter will get (0 for an empty store, or one
-    /// that did not answer in time): a console confirmation bounds its
-    /// action by it, so that the action takes nothing it did not count.
-    pub async fn end(&self) -> anyhow::Result<u64> {
+    /// How many unresolved dead letters match `filter`, and the end of
+    /// what was read (the ids below it; 0 for an empty store): a console
+    /// confirmation bounds its action by it, so that the action takes
+    /// nothing the count did not see.
+    pub async fn count_to_end(&self, filter: &Filter) -> anyhow::Result<(u64, u64)> {
         let mut r = self.reader.lock().await;
-        Ok(r.last_offset(self.dlq())
-            .await?
-            .map_or(0, |l| l.saturating_add(1)))
+        let snap = self.snapshot(&mut r).await?;
+        let end = snap.last.map_or(0, |l| l.saturating_add(1));
+        let mut n = 0u64;
+        if let Some((from, until)) = snap.bounds(filter, 0) {
+            self.scan(&mut r, from, until, |l| {
+                if snap.resolved.get(l.id).is_none() && filter.matches(l.id, &l.meta, &l.body) {
+                    n += 1;
+                }
+                ControlFlow::Continue(())
+            })
+            .await?;
+        }
+        Ok((n, end))
     }
 
     /// One dead letter by id, resolved or not (`resolved` says how).
@@ -854,6 +865,7 @@ mod tests {
         send(&q.page(f, None, 10));
         send(&q.show(1));
         send(&q.stats(f));
+        send(&q.count_to_end(f));
         send(&q.refresh_summary(&mut Summary::new()));
         send(&q.delete(f, "x"));
         send(&q.replay(o, &|_| {}));
