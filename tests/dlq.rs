@@ -550,14 +550,14 @@ async fn an_undecodable_dead_letter_is_shown_and_never_replayed() {
     let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
     let c = sb.config.clone();
     open(&c).await.close().await;
-    fill(&c, 2).await;
+    // First in the store: it must not take the place of one that can be sent.
     store_raw(
         &c,
         &c.amqp.dead_letter_queue,
         b"\x00\x53\x75\xee not AMQP 1.0",
     )
     .await;
-    fill(&c, 1).await;
+    fill(&c, 3).await;
     let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 4, "{out}");
@@ -565,41 +565,59 @@ async fn an_undecodable_dead_letter_is_shown_and_never_replayed() {
         out.contains("the store could not decode this entry"),
         "{out}"
     );
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay", "--dry-run"]).await;
+    assert_eq!((code, out.trim()), (0, "would replay 3"), "{err}");
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay", "--limit", "1"]).await;
+    assert_eq!(code, 1, "one not replayed: {out}{err}");
+    assert_eq!(final_line(&out), (1, 2, 1), "{out}");
     let (code, out, err) = imattr_output(&c, &["dlq", "replay"]).await;
     assert_eq!(code, 1, "one not replayed: {out}{err}");
-    assert_eq!(final_line(&out), (3, 0, 1), "{out}");
-    assert_eq!(body_ns(&drain(&c, &c.amqp.queue).await), ["0", "1", "0"]);
+    assert_eq!(final_line(&out), (2, 0, 1), "{out}");
+    assert_eq!(body_ns(&drain(&c, &c.amqp.queue).await), ["0", "1", "2"]);
     let left = peek_all(&c).await;
     assert_eq!(left.len(), 1, "the undecodable one stays");
     cleanup(sb).await;
 }
 
-/// A ledger entry the reader cannot decode stops the commands: skipping it
-/// would show what it resolved as unresolved again.
+/// A ledger entry this version cannot read (not decodable, or an action it
+/// does not know) stops the commands: skipping it would show what it
+/// resolved as unresolved again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecodable_ledger_entry_stops_the_commands() {
-    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
-    let c = sb.config.clone();
-    fill(&c, 3).await;
-    let all = peek_all(&c).await;
-    let (code, _, err) = imattr_output(&c, &["dlq", "delete", &all[0].id.to_string()]).await;
-    assert_eq!(code, 0, "{err}");
-    let ledger = format!("{}.ledger", c.amqp.dead_letter_queue);
-    store_raw(&c, &ledger, b"\x00\x53\x75\xee not AMQP 1.0").await;
-    for cmd in [&["dlq", "list"][..], &["dlq", "stats"], &["dlq", "replay"]] {
-        let (code, out, err) = imattr_output(&c, cmd).await;
-        assert_ne!(code, 0, "{cmd:?}: {out}");
-        assert!(
-            err.contains("cannot decode") && err.contains(&ledger),
-            "{cmd:?}: {err}"
+async fn an_unreadable_ledger_entry_stops_the_commands() {
+    for newer in [false, true] {
+        let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+        let c = sb.config.clone();
+        fill(&c, 3).await;
+        let all = peek_all(&c).await;
+        let (code, _, err) = imattr_output(&c, &["dlq", "delete", &all[0].id.to_string()]).await;
+        assert_eq!(code, 0, "{err}");
+        let ledger = format!("{}.ledger", c.amqp.dead_letter_queue);
+        if newer {
+            let mut dl = DeadLetters::new(&c).await;
+            let entry = br#"{"action":"archived","at_ms":1,"by":"newer","ranges":[[1,2]]}"#;
+            dl.publisher
+                .publish(&ledger, entry, BasicProperties::default())
+                .await
+                .unwrap();
+            dl.confirm().await;
+        } else {
+            store_raw(&c, &ledger, b"\x00\x53\x75\xee not AMQP 1.0").await;
+        }
+        for cmd in [&["dlq", "list"][..], &["dlq", "stats"], &["dlq", "replay"]] {
+            let (code, out, err) = imattr_output(&c, cmd).await;
+            assert_ne!(code, 0, "{cmd:?}: {out}");
+            assert!(
+                err.contains("cannot read") && err.contains(&ledger),
+                "{cmd:?}: {err}"
+            );
+        }
+        assert_eq!(
+            sb.depth(&c.amqp.queue).await.unwrap(),
+            0,
+            "nothing replayed"
         );
+        cleanup(sb).await;
     }
-    assert_eq!(
-        sb.depth(&c.amqp.queue).await.unwrap(),
-        0,
-        "nothing replayed"
-    );
-    cleanup(sb).await;
 }
 
 /// Reads given up half-way, hundreds of times (a console request whose

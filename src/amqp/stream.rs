@@ -549,7 +549,7 @@ impl StreamReader {
         }
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
-        self.writer.lock().await.write_all(&frame).await?;
+        self.write_frame(frame).await?;
         let mut confirmed = 0usize;
         while confirmed < entries.len() {
             let frame = self.read_frame().await?;
@@ -705,15 +705,23 @@ impl StreamReader {
         }
     }
 
-    /// Writes a frame whole even when the caller is dropped mid-way (a
-    /// frame cut short would garble everything written after it).
     async fn send(&self, request: impl Into<Request>) -> anyhow::Result<()> {
-        let bytes = encode(request)?;
-        let writer = self.writer.clone();
-        let write = tokio::spawn(async move { writer.lock().await.write_all(&bytes).await });
+        self.write_frame(encode(request)?).await
+    }
+
+    /// Writes a frame whole even when the caller is dropped mid-way (a
+    /// frame cut short would garble everything written after it): the
+    /// writer is taken here, in call order, and the write runs in its own
+    /// task, bounded in time.
+    async fn write_frame(&self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let mut writer = self.writer.clone().lock_owned().await;
+        let write = tokio::spawn(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, writer.write_all(&bytes)).await
+        });
         write
             .await
             .map_err(|e| anyhow!("the write task failed: {e}"))?
+            .map_err(|_| anyhow!("{} took no data for {CONNECT_TIMEOUT:?}", self.peer))?
             .with_context(|| format!("writing to {}", self.peer))
     }
 

@@ -309,27 +309,34 @@ impl Dlq {
         };
         {
             let last = ledger_last;
-            // An entry the reader cannot decode may record what was resolved:
-            // skipping it would bring those dead letters back, so stop.
-            let mut undecodable = None;
+            // An entry this version cannot read (not decodable, or not a
+            // ledger entry it knows: a newer imattr's) may record what was
+            // resolved: skipping it would bring those dead letters back, so stop.
+            let mut unreadable = None;
             r.read(&ledger, 0, last, |m| {
-                if let Some(e) = m.undecodable {
-                    undecodable = Some((m.offset, e));
-                    return ControlFlow::Break(());
-                }
-                match serde_json::from_slice::<ledger::Entry>(&m.body) {
-                    Ok(e) => resolved.add(&e),
+                let entry = match m.undecodable {
+                    Some(e) => Err(e),
+                    None => {
+                        serde_json::from_slice::<ledger::Entry>(&m.body).map_err(|e| e.to_string())
+                    }
+                };
+                match entry {
+                    Ok(e) => {
+                        resolved.add(&e);
+                        ControlFlow::Continue(())
+                    }
                     Err(e) => {
-                        tracing::warn!(ledger = %ledger, offset = m.offset, error = %e, "Unreadable ledger entry skipped");
+                        unreadable = Some((m.offset, e));
+                        ControlFlow::Break(())
                     }
                 }
-                ControlFlow::Continue(())
             })
             .await?;
-            if let Some((offset, e)) = undecodable {
+            if let Some((offset, e)) = unreadable {
                 anyhow::bail!(
-                    "the ledger {ledger} holds an entry this version cannot decode (offset {offset}: {e}); \
-                     reading on could show replayed or deleted dead letters as unresolved, so nothing is read"
+                    "the ledger {ledger} holds an entry this version cannot read (offset {offset}: {e}); \
+                     reading on could show replayed or deleted dead letters as unresolved, so nothing \
+                     is read: use the imattr version that wrote it"
                 );
             }
         }
@@ -432,7 +439,12 @@ impl Dlq {
     /// nothing the count did not see.
     pub async fn count_to_end(&self, filter: &Filter) -> anyhow::Result<(u64, u64)> {
         let mut r = self.reader.lock().await;
-        let snap = self.snapshot(&mut r).await?;
+        let mut snap = self.snapshot(&mut r).await?;
+        // "Empty" after a second may be a slow broker: a count of 0 there
+        // would name nothing for an action to take. Wait as for the ledger.
+        if snap.last.is_none() {
+            snap.last = r.last_offset_within(self.dlq(), LEDGER_WAIT).await?;
+        }
         let end = snap.last.map_or(0, |l| l.saturating_add(1));
         let mut n = 0u64;
         if let Some((from, until)) = snap.bounds(filter, 0) {
@@ -726,11 +738,18 @@ impl Dlq {
         let unresolved_match = |l: &Letter| {
             snap.resolved.get(l.id).is_none() && o.filter.matches(l.id, &l.meta, &l.body)
         };
-        // Counted first: the progress bar's length and what is left.
+        // Counted first: the progress bar's length and what is left. What
+        // the reader could not decode is not the message that failed: it is
+        // never sent, takes no place under `--limit`, and is reported failed.
         let mut matching = 0u64;
+        let mut unreadable = 0u64;
         self.scan(&mut r, from, until, |l| {
             if unresolved_match(&l) {
-                matching += 1;
+                if l.undecodable {
+                    unreadable += 1;
+                } else {
+                    matching += 1;
+                }
             }
             ControlFlow::Continue(())
         })
@@ -759,18 +778,19 @@ impl Dlq {
         progress(&p);
         let mut cursor = from;
         let mut cancelled = false;
-        while p.moved + p.failed < total && cursor <= until {
+        // Refused by the broker (the progress's `failed`); the report adds
+        // the unreadable ones.
+        let mut refused = 0u64;
+        let mut unreadable_passed = 0u64;
+        while p.moved + refused < total && cursor <= until {
             if o.cancel.is_cancelled() {
                 cancelled = true;
                 break;
             }
-            let want = batch_size.min((total - p.moved - p.failed) as usize);
+            let want = batch_size.min((total - p.moved - refused) as usize);
             let mut batch: Vec<(u64, replay::Outgoing)> = Vec::with_capacity(want);
             let mut last_seen = None;
             let now = now_ms();
-            // What the reader could not decode is not the message that
-            // failed: it is counted as failed and stays, never sent.
-            let mut undecodable = 0u64;
             let mut r = self.reader.lock().await;
             self.scan(&mut r, cursor, until, |l| {
                 last_seen = Some(l.id);
@@ -780,20 +800,19 @@ impl Dlq {
                             id = l.id,
                             "Dead letter not decodable; not replayed, it stays"
                         );
-                        undecodable += 1;
+                        unreadable_passed += 1;
                     } else {
                         let out = replay::outgoing(&l.meta, &l.properties, &l.body, o.whole, now);
                         batch.push((l.id, out));
-                    }
-                    if batch.len() as u64 + undecodable >= want as u64 {
-                        return ControlFlow::Break(());
+                        if batch.len() >= want {
+                            return ControlFlow::Break(());
+                        }
                     }
                 }
                 ControlFlow::Continue(())
             })
             .await?;
             drop(r);
-            p.failed += undecodable;
             let Some(seen) = last_seen else { break };
             cursor = seen.saturating_add(1);
             if seen == u64::MAX {
@@ -830,23 +849,32 @@ impl Dlq {
                     Confirmation::Ack(None) => done.push(id),
                     _ => {
                         tracing::warn!(id, exchange = %exchange, "Replay refused by the broker (unroutable or nacked); the dead letter stays");
-                        p.failed += 1;
+                        refused += 1;
                     }
                 }
             }
             self.record(conn, Action::Replayed, &o.by, &done).await?;
             p.moved += done.len() as u64;
+            p.failed = refused;
             progress(&p);
             if cancelled {
                 break;
             }
         }
         let _ = updates.close(200, "done".into()).await;
+        let cancelled = cancelled || (o.cancel.is_cancelled() && p.moved + refused < total);
+        // A whole replay passes every unreadable one, even those after the
+        // last it sent; one cut short by --limit or SIGINT only those it read.
+        let unreadable = if o.limit.is_none() && !cancelled {
+            unreadable
+        } else {
+            unreadable_passed
+        };
         Ok(ReplayReport {
             moved: p.moved,
-            left: matching - p.moved - p.failed,
-            failed: p.failed,
-            cancelled: cancelled || (o.cancel.is_cancelled() && p.moved + p.failed < total),
+            left: matching - p.moved - refused,
+            failed: refused + unreadable,
+            cancelled,
         })
     }
 }
