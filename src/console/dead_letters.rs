@@ -1152,7 +1152,7 @@ pub(crate) async fn job_page(
             dl.fields {
                 dt { "state" } dd #job-state data-job-field="state" { (v.state) }
                 dt { "replayed" } dd #job-moved data-job-field="moved" { (v.moved) }
-                dt { "refused by the broker" } dd #job-failed data-job-field="failed" { (v.failed) }
+                dt { "not replayed (refused by the broker, or not decodable)" } dd #job-failed data-job-field="failed" { (v.failed) }
                 dt { "to do" } dd #job-total data-job-field="total" { (v.total) }
                 dt { "left" } dd #job-left data-job-field="left" { (v.left.map_or("–".to_string(), |l| l.to_string())) }
                 dt { "error" } dd #job-error data-job-field="error" { (v.error.as_deref().unwrap_or("–")) }
