@@ -557,6 +557,10 @@ async fn an_undecodable_dead_letter_is_shown_and_never_replayed() {
         b"\x00\x53\x75\xee not AMQP 1.0",
     )
     .await;
+    // Nothing else to send: still reported, not a silent success.
+    let (code, out, err) = imattr_output(&c, &["dlq", "replay", "--limit", "5"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(final_line(&out), (0, 0, 1), "{out}");
     fill(&c, 3).await;
     let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json"]).await;
     assert_eq!(code, 0, "{err}");
@@ -581,7 +585,8 @@ async fn an_undecodable_dead_letter_is_shown_and_never_replayed() {
 
 /// A ledger entry this version cannot read (not decodable, or an action it
 /// does not know) stops the commands: skipping it would show what it
-/// resolved as unresolved again.
+/// resolved as unresolved again. Something that is no ledger entry at all
+/// is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_ledger_entry_stops_the_commands() {
     for newer in [false, true] {
@@ -618,6 +623,56 @@ async fn an_unreadable_ledger_entry_stops_the_commands() {
         );
         cleanup(sb).await;
     }
+    // A stray publish to the ledger by name resolves nothing and stops nothing.
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 3).await;
+    let all = peek_all(&c).await;
+    let (code, _, err) = imattr_output(&c, &["dlq", "delete", &all[0].id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    let mut dl = DeadLetters::new(&c).await;
+    let ledger = format!("{}.ledger", c.amqp.dead_letter_queue);
+    dl.publisher
+        .publish(
+            &ledger,
+            b"hello from the management UI",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    dl.confirm().await;
+    assert_eq!(ns(&peek_all(&c).await), ["1", "2"]);
+    cleanup(sb).await;
+}
+
+/// A ledger declared but left without its first entry (a command stopped
+/// in between) is given one: reads do not wait for its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_ledger_is_given_its_first_entry() {
+    let sb = sandbox(&["n"], Faults::default(), |_| {}).await;
+    let c = sb.config.clone();
+    fill(&c, 2).await;
+    let conn = topology::connect(&c.amqp, "test empty ledger")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        format!("{}.ledger", c.amqp.dead_letter_queue)
+            .as_str()
+            .into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        topology::dead_letter_queue_arguments(&c.amqp),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    let (code, out, err) = imattr_output(&c, &["dlq", "list", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json_ns(&out), ["0", "1"]);
+    cleanup(sb).await;
 }
 
 /// Reads given up half-way, hundreds of times (a console request whose

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +110,9 @@ pub struct StreamReader {
     silence_limit: Option<Duration>,
     /// Stops the heartbeat task.
     stop: CancellationToken,
+    /// A write failed or timed out, possibly half-way through a frame:
+    /// nothing more may be written or trusted on this connection.
+    broken: Arc<AtomicBool>,
 }
 
 impl Drop for StreamReader {
@@ -247,6 +251,7 @@ impl StreamReader {
             live: Vec::new(),
             silence_limit: None,
             stop: CancellationToken::new(),
+            broken: Arc::new(AtomicBool::new(false)),
         };
         let user = uri.authority.userinfo.username.clone();
         let password = uri.authority.userinfo.password.clone();
@@ -368,6 +373,7 @@ impl StreamReader {
         let every = Duration::from_millis(u64::from(heartbeat_secs) * 500);
         let writer = self.writer.clone();
         let stop = self.stop.clone();
+        let broken = self.broken.clone();
         let frame = encode(HeartBeatCommand::default());
         tokio::spawn(async move {
             let Ok(frame) = frame else { return };
@@ -377,7 +383,9 @@ impl StreamReader {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
-                        if writer.lock().await.write_all(&frame).await.is_err() {
+                        let write = async { writer.lock().await.write_all(&frame).await };
+                        if !matches!(tokio::time::timeout(CONNECT_TIMEOUT, write).await, Ok(Ok(()))) {
+                            broken.store(true, Ordering::Relaxed);
                             return;
                         }
                     }
@@ -681,6 +689,7 @@ impl StreamReader {
 
     /// Reads one frame; heartbeats are skipped, a Close from the broker is an error.
     async fn read_frame(&mut self) -> anyhow::Result<Frame> {
+        self.check_whole()?;
         loop {
             let frame = match self.silence_limit {
                 Some(limit) => tokio::time::timeout(limit, self.reader.next())
@@ -714,15 +723,36 @@ impl StreamReader {
     /// writer is taken here, in call order, and the write runs in its own
     /// task, bounded in time.
     async fn write_frame(&self, bytes: Vec<u8>) -> anyhow::Result<()> {
-        let mut writer = self.writer.clone().lock_owned().await;
+        self.check_whole()?;
+        let took_nothing = || anyhow!("{} took no data for {CONNECT_TIMEOUT:?}", self.peer);
+        let mut writer = tokio::time::timeout(CONNECT_TIMEOUT, self.writer.clone().lock_owned())
+            .await
+            .map_err(|_| took_nothing())?;
+        let broken = self.broken.clone();
         let write = tokio::spawn(async move {
-            tokio::time::timeout(CONNECT_TIMEOUT, writer.write_all(&bytes)).await
+            let written = tokio::time::timeout(CONNECT_TIMEOUT, writer.write_all(&bytes)).await;
+            if !matches!(written, Ok(Ok(()))) {
+                broken.store(true, Ordering::Relaxed);
+            }
+            written
         });
         write
             .await
             .map_err(|e| anyhow!("the write task failed: {e}"))?
-            .map_err(|_| anyhow!("{} took no data for {CONNECT_TIMEOUT:?}", self.peer))?
+            .map_err(|_| took_nothing())?
             .with_context(|| format!("writing to {}", self.peer))
+    }
+
+    /// Fails once a write failed or timed out: what follows it on the wire
+    /// may be read by the broker as the rest of a cut frame.
+    fn check_whole(&self) -> anyhow::Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            bail!(
+                "the stream connection to {} failed on an earlier write; run the command again",
+                self.peer
+            );
+        }
+        Ok(())
     }
 
     fn correlation(&mut self) -> u32 {

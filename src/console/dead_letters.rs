@@ -445,11 +445,15 @@ impl Job {
             Some(Ok(r)) => ("done", Some(r.left), None),
             Some(Err(e)) => ("failed", None, Some(e.clone())),
         };
-        let (moved, failed) = match &end {
-            Some(Ok(r)) => (r.moved, r.failed),
+        // Once ended, the report's numbers, which add up: its failed count
+        // holds the dead letters that could not be decoded, which the
+        // progress leaves out.
+        let (moved, failed, total) = match &end {
+            Some(Ok(r)) => (r.moved, r.failed, r.moved + r.failed + r.left),
             _ => (
                 self.moved.load(Ordering::Relaxed),
                 self.failed.load(Ordering::Relaxed),
+                self.total.load(Ordering::Relaxed),
             ),
         };
         JobView {
@@ -460,7 +464,7 @@ impl Job {
             state,
             moved,
             failed,
-            total: self.total.load(Ordering::Relaxed),
+            total,
             left,
             error,
         }

@@ -50,6 +50,14 @@ pub(crate) struct Entry {
     pub(crate) ranges: Vec<(u64, u64)>,
 }
 
+/// Whether `body` is a JSON object with the fields of an [`Entry`]: one
+/// this version cannot read (an action it does not know) rather than
+/// something else published to the ledger.
+pub(crate) fn looks_like_entry(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|v| v.get("action").is_some() && v.get("ranges").is_some())
+}
+
 /// Sorted offsets as inclusive ranges of consecutive ones.
 pub(crate) fn ranges_of(offsets: &[u64]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -188,6 +196,16 @@ mod tests {
             by: "t".into(),
             ranges: ranges.to_vec(),
         }
+    }
+
+    #[test]
+    fn what_looks_like_an_entry() {
+        assert!(looks_like_entry(
+            br#"{"action":"archived","at_ms":1,"ranges":[[1,2]]}"#
+        ));
+        assert!(!looks_like_entry(b"hello"));
+        assert!(!looks_like_entry(br#"{"action":"x"}"#));
+        assert!(!looks_like_entry(br#"[1,2]"#));
     }
 
     #[test]

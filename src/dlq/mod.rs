@@ -269,7 +269,10 @@ impl Dlq {
             config: config.clone(),
             reader: tokio::sync::Mutex::new(reader),
         };
-        if !existed {
+        // A ledger declared but left without its first entry (a command
+        // stopped in between) would make every read wait for its end.
+        let empty = existed && q.reader.lock().await.last_offset(&ledger).await?.is_none();
+        if !existed || empty {
             let first = ledger::Entry {
                 action: Action::Deleted,
                 at_ms: now_ms(),
@@ -316,9 +319,16 @@ impl Dlq {
             r.read(&ledger, 0, last, |m| {
                 let entry = match m.undecodable {
                     Some(e) => Err(e),
-                    None => {
-                        serde_json::from_slice::<ledger::Entry>(&m.body).map_err(|e| e.to_string())
-                    }
+                    None => match serde_json::from_slice::<ledger::Entry>(&m.body) {
+                        Ok(e) => Ok(e),
+                        // Not a ledger entry at all (a stray publish to the
+                        // ledger by name): it resolves nothing.
+                        Err(e) if !ledger::looks_like_entry(&m.body) => {
+                            tracing::warn!(ledger = %ledger, offset = m.offset, error = %e, "Ledger entry that is not imattr's skipped");
+                            return ControlFlow::Continue(());
+                        }
+                        Err(e) => Err(e.to_string()),
+                    },
                 };
                 match entry {
                     Ok(e) => {
@@ -863,9 +873,10 @@ impl Dlq {
         }
         let _ = updates.close(200, "done".into()).await;
         let cancelled = cancelled || (o.cancel.is_cancelled() && p.moved + refused < total);
-        // A whole replay passes every unreadable one, even those after the
-        // last it sent; one cut short by --limit or SIGINT only those it read.
-        let unreadable = if o.limit.is_none() && !cancelled {
+        // A replay of every match passes every unreadable one, even those
+        // after the last it sent; one cut short by --limit or SIGINT only
+        // those it read.
+        let unreadable = if total == matching && !cancelled {
             unreadable
         } else {
             unreadable_passed
