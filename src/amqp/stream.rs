@@ -600,12 +600,10 @@ impl StreamReader {
         offset: OffsetSpecification,
         credit: u16,
     ) -> anyhow::Result<u8> {
+        // A stale one may never have reached the broker: `unsubscribe` does
+        // not look at the answer.
         while let Some(&stale) = self.live.first() {
-            // It may never have reached the broker: its answer does not matter.
-            let id = self.correlation();
-            self.send(UnSubscribeCommand::new(id, stale)).await?;
-            self.response(id).await?;
-            self.live.retain(|&s| s != stale);
+            self.unsubscribe(stale).await?;
         }
         let sub = self.next_subscription;
         self.next_subscription = self.next_subscription.wrapping_add(1);

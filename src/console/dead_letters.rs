@@ -957,7 +957,7 @@ async fn target_and_count(
     body: &[u8],
     nothing: &str,
 ) -> Result<(Target, Option<u64>), Response> {
-    let t =
+    let mut t =
         Target::from_form(body).map_err(|e| failure(ctx, StatusCode::BAD_REQUEST, nothing, e))?;
     if t.confirmed() {
         return Ok((t, None));
@@ -979,7 +979,6 @@ async fn target_and_count(
                 format!("{e:#}"),
             )
         })?;
-    let mut t = t;
     t.filter.before_id = Some(t.filter.before_id.map_or(end, |b| b.min(end)));
     Ok((t, Some(n)))
 }

@@ -448,25 +448,10 @@ impl Dlq {
     /// confirmation bounds its action by it, so that the action takes
     /// nothing the count did not see.
     pub async fn count_to_end(&self, filter: &Filter) -> anyhow::Result<(u64, u64)> {
-        let mut r = self.reader.lock().await;
-        let mut snap = self.snapshot(&mut r).await?;
         // "Empty" after a second may be a slow broker: a count of 0 there
         // would name nothing for an action to take. Wait as for the ledger.
-        if snap.last.is_none() {
-            snap.last = r.last_offset_within(self.dlq(), LEDGER_WAIT).await?;
-        }
-        let end = snap.last.map_or(0, |l| l.saturating_add(1));
-        let mut n = 0u64;
-        if let Some((from, until)) = snap.bounds(filter, 0) {
-            self.scan(&mut r, from, until, |l| {
-                if snap.resolved.get(l.id).is_none() && filter.matches(l.id, &l.meta, &l.body) {
-                    n += 1;
-                }
-                ControlFlow::Continue(())
-            })
-            .await?;
-        }
-        Ok((n, end))
+        let (stats, end) = self.tally(filter, 10, Some(LEDGER_WAIT)).await?;
+        Ok((stats.total, end))
     }
 
     /// One dead letter by id, resolved or not (`resolved` says how).
@@ -495,8 +480,24 @@ impl Dlq {
 
     /// [`Dlq::stats`] with the `top` most frequent accounts.
     pub async fn stats_top(&self, filter: &Filter, top: usize) -> anyhow::Result<Stats> {
+        Ok(self.tally(filter, top, None).await?.0)
+    }
+
+    /// The counts of the unresolved dead letters matching `filter`, and the
+    /// end of what was read (the ids below it; 0 for an empty store). A
+    /// store that looks empty is asked again for up to `empty_wait`.
+    async fn tally(
+        &self,
+        filter: &Filter,
+        top: usize,
+        empty_wait: Option<std::time::Duration>,
+    ) -> anyhow::Result<(Stats, u64)> {
         let mut r = self.reader.lock().await;
-        let snap = self.snapshot(&mut r).await?;
+        let mut snap = self.snapshot(&mut r).await?;
+        if let (None, Some(wait)) = (snap.last, empty_wait) {
+            snap.last = r.last_offset_within(self.dlq(), wait).await?;
+        }
+        let end = snap.last.map_or(0, |l| l.saturating_add(1));
         let mut tally = stats::Tally::default();
         if let Some((from, until)) = snap.bounds(filter, 0) {
             self.scan(&mut r, from, until, |l| {
@@ -507,7 +508,7 @@ impl Dlq {
             })
             .await?;
         }
-        Ok(tally.report(top))
+        Ok((tally.report(top), end))
     }
 
     /// Brings `summary` up to date: reads the ledger, then only the dead
